@@ -1,0 +1,107 @@
+"""EDICT: exactly invertible DDIM sampling with two coupled latents (Wallace et al., CVPR 2023).
+
+Each step is two additive coupling half-steps and a mixing layer (Eq. 5); `edict_unstep` is its exact
+mirror (Eq. 6). Every function here is a pure function of a noise predictor `eps(latents, t)`, so the
+same code samples, inverts real images and rebuilds inputs during the reversible backward pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from diffusers import DDIMScheduler
+
+from doodl.pipeline import NoisePredictor
+
+Pair = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class EdictSchedule:
+    """Timesteps and the DDIM coefficients a_t, b_t of every step, computed once."""
+
+    timesteps: tuple[int, ...]  # descending: the order of denoising
+    a: tuple[float, ...]  # sqrt(abar_prev / abar_t)
+    b: tuple[float, ...]  # sqrt(1 - abar_prev) - sqrt(abar_prev (1 - abar_t) / abar_t)
+    p: float  # mixing weight
+    leapfrog: bool  # alternate which latent of the pair is updated first
+
+    def __len__(self) -> int:
+        return len(self.timesteps)
+
+    def swapped(self, i: int) -> bool:
+        """Whether step i updates y before x (the official EDICT code alternates on odd steps)."""
+        return self.leapfrog and i % 2 == 1
+
+
+def edict_schedule(
+    scheduler: DDIMScheduler, steps: int = 50, p: float = 0.93, leapfrog: bool = True
+) -> EdictSchedule:
+    """The EDICT schedule for `steps` denoising steps of a DDIM noise schedule."""
+    if not isinstance(steps, int) or steps <= 0:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    if not 0 < p <= 1:
+        raise ValueError(f"the mixing weight p must be in (0, 1], got {p}")
+    if steps > scheduler.config.num_train_timesteps:
+        raise ValueError(f"steps must be at most {scheduler.config.num_train_timesteps}, got {steps}")
+    # A private copy: set_timesteps mutates the scheduler, which the caller may share.
+    ddim = DDIMScheduler.from_config(scheduler.config)
+    ddim.set_timesteps(steps)
+    abar = ddim.alphas_cumprod.double()
+    stride = ddim.config.num_train_timesteps // steps
+    timesteps = tuple(int(t) for t in ddim.timesteps)
+    a, b = [], []
+    for t in timesteps:
+        abar_t = abar[t]
+        abar_prev = (
+            abar[t - stride] if t - stride >= 0 else torch.as_tensor(ddim.final_alpha_cumprod).double()
+        )
+        a.append(float((abar_prev / abar_t).sqrt()))
+        b.append(float((1 - abar_prev).sqrt() - (abar_prev * (1 - abar_t) / abar_t).sqrt()))
+    return EdictSchedule(timesteps=timesteps, a=tuple(a), b=tuple(b), p=p, leapfrog=leapfrog)
+
+
+def mix(x: torch.Tensor, y: torch.Tensor, p: float) -> Pair:
+    """The mixing layer that keeps the two latents close."""
+    x = p * x + (1 - p) * y
+    return x, p * y + (1 - p) * x
+
+
+def unmix(x: torch.Tensor, y: torch.Tensor, p: float) -> Pair:
+    y = (y - (1 - p) * x) / p
+    return (x - (1 - p) * y) / p, y
+
+
+def edict_step(eps: NoisePredictor, x: torch.Tensor, y: torch.Tensor, s: EdictSchedule, i: int) -> Pair:
+    """Denoise step i of the schedule (Eq. 5): two coupling half-steps, then mixing."""
+    t, a, b = s.timesteps[i], s.a[i], s.b[i]
+    first, second = (y, x) if s.swapped(i) else (x, y)
+    first = a * first + b * eps(second, t)
+    second = a * second + b * eps(first, t)
+    x, y = (second, first) if s.swapped(i) else (first, second)
+    return mix(x, y, s.p)
+
+
+def edict_unstep(eps: NoisePredictor, x: torch.Tensor, y: torch.Tensor, s: EdictSchedule, i: int) -> Pair:
+    """The exact inverse of `edict_step` (Eq. 6): unmix, then undo the half-steps in reverse order."""
+    t, a, b = s.timesteps[i], s.a[i], s.b[i]
+    x, y = unmix(x, y, s.p)
+    first, second = (y, x) if s.swapped(i) else (x, y)
+    second = (second - b * eps(first, t)) / a
+    first = (first - b * eps(second, t)) / a
+    return (second, first) if s.swapped(i) else (first, second)
+
+
+def edict_denoise(eps: NoisePredictor, x: torch.Tensor, y: torch.Tensor, s: EdictSchedule) -> Pair:
+    """Run the whole chain from (x_T, y_T) to (x_0, y_0)."""
+    for i in range(len(s)):
+        x, y = edict_step(eps, x, y, s, i)
+    return x, y
+
+
+def edict_invert(eps: NoisePredictor, x: torch.Tensor, y: torch.Tensor, s: EdictSchedule) -> Pair:
+    """Run the chain backwards from (x_0, y_0) to the (x_T, y_T) that regenerates them."""
+    for i in reversed(range(len(s))):
+        x, y = edict_unstep(eps, x, y, s, i)
+    return x, y

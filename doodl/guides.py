@@ -1,0 +1,403 @@
+"""Guidance models: turn a name or a path into a frozen, differentiable model of images in [0, 1].
+
+Every loader resolves the same kinds of names: a hub id, a local folder, or (for CLIP) a built-in
+open_clip architecture with a pretrained tag. Failures to find a model are raised as
+`GuideNotFoundError` with a message saying what to download and how to pass a local copy instead.
+Nothing is cached here: callers keep the models they load.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import tempfile
+import urllib.request
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import open_clip
+import torch
+import torch.nn.functional as F
+
+# ImageNet statistics: the fallback normalization of classifiers that ship no image processor.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# Defaults of the DOODL paper's text guidance (LAION CLIP) and of LAION's aesthetic predictor v1,
+# a linear head trained on the image embeddings of OpenAI's ViT-L-14.
+TEXT_CLIP = ("ViT-L-14", "laion2b_s32b_b82k")
+AESTHETIC_CLIP = ("ViT-L-14", "openai")
+AESTHETIC_HEAD_FILE = "sa_0_4_vit_l_14_linear.pth"
+AESTHETIC_HEAD_URL = (
+    f"https://github.com/LAION-AI/aesthetic-predictor/blob/main/{AESTHETIC_HEAD_FILE}?raw=true"
+)
+
+_HF_HUB = "hf-hub:"
+_LOCAL_DIR = "local-dir:"
+_CLIP_CONFIG = "open_clip_config.json"
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
+
+
+class GuideNotFoundError(OSError):
+    """A guidance model could not be found locally nor downloaded."""
+
+
+def resize_center_crop(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Resize the shorter side to `size` and crop the center square, differentiably (CLIP's preprocessing).
+
+    Antialiased bilinear filtering has non-negative weights, so values in [0, 1] stay in [0, 1].
+    """
+    height, width = images.shape[-2:]
+    side = min(height, width)
+    top, left = (height - side) // 2, (width - side) // 2
+    square = images[..., top : top + side, left : left + side]
+    if side == size:
+        return square
+    return F.interpolate(square, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+
+
+def _normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    mean_t = torch.tensor(mean, device=images.device, dtype=images.dtype).view(-1, 1, 1)
+    std_t = torch.tensor(std, device=images.device, dtype=images.dtype).view(-1, 1, 1)
+    return (images - mean_t) / std_t
+
+
+def _square_size(size: int | Sequence[int]) -> int:
+    if isinstance(size, int):
+        return size
+    height, width = size
+    if height != width:
+        raise ValueError(f"only square model inputs are supported, got {height}x{width}")
+    return int(height)
+
+
+def _first_parameter(module: torch.nn.Module) -> torch.Tensor:
+    return next(module.parameters())
+
+
+def _freeze(module: torch.nn.Module, device: str | torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    return module.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+# --- CLIP ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Clip:
+    """A frozen open_clip model with the preprocessing its image tower expects."""
+
+    model: torch.nn.Module
+    tokenizer: Callable[[list[str]], torch.Tensor]
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    @property
+    def device(self) -> torch.device:
+        return _first_parameter(self.model).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return _first_parameter(self.model).dtype
+
+    def embed_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Unit-norm embeddings (float32) of images (B, 3, H, W) in [0, 1]; differentiable."""
+        pixels = _normalize(resize_center_crop(images, self.image_size), self.mean, self.std)
+        features = self.model.encode_image(pixels.to(self.device, self.dtype))
+        return F.normalize(features.float(), dim=-1)
+
+    def embed_texts(self, texts: list[str]) -> torch.Tensor:
+        """Unit-norm embeddings (float32) of the texts."""
+        tokens = self.tokenizer(texts).to(self.device)
+        return F.normalize(self.model.encode_text(tokens).float(), dim=-1)
+
+
+def _clip_model_name(name: str) -> str:
+    """Resolve `name` to what open_clip's factory reads: a schema-prefixed id or a built-in name."""
+    if name.startswith(_HF_HUB):
+        return name
+    if name.startswith(_LOCAL_DIR):
+        folder = Path(name[len(_LOCAL_DIR) :]).expanduser()
+    elif Path(name).expanduser().is_dir():
+        folder = Path(name).expanduser()
+    elif name.replace("/", "-") in open_clip.list_models():
+        return name.replace("/", "-")  # OpenAI spells architectures "ViT-L/14"
+    else:
+        close = difflib.get_close_matches(name, open_clip.list_models(), n=5)
+        raise GuideNotFoundError(
+            f"CLIP model {name!r} is neither a folder nor a built-in open_clip architecture"
+            + (f" (close names: {', '.join(close)})" if close else "")
+            + ". Pass a folder holding open_clip_config.json and weights, 'local-dir:/path', "
+            "'hf-hub:org/repo', or an architecture such as 'ViT-L-14' with a pretrained tag."
+        )
+    _check_clip_folder(name, folder)
+    return _LOCAL_DIR + str(folder)
+
+
+def _check_clip_folder(name: str, folder: Path) -> None:
+    # open_clip silently builds a random model from a folder without weights; refuse instead.
+    if not folder.is_dir():
+        raise GuideNotFoundError(f"CLIP model {name!r}: folder {folder} does not exist.")
+    if not (folder / _CLIP_CONFIG).is_file():
+        raise GuideNotFoundError(f"CLIP model {name!r}: folder {folder} holds no {_CLIP_CONFIG}.")
+    if not any(path.suffix in _WEIGHT_SUFFIXES for path in folder.iterdir()):
+        raise GuideNotFoundError(f"CLIP model {name!r}: folder {folder} holds no weights file.")
+
+
+def load_clip(
+    name: str,
+    pretrained: str | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> Clip:
+    """Load a frozen open_clip model.
+
+    `name` is a built-in architecture (then `pretrained` names its weights: a tag such as
+    "laion2b_s32b_b82k" or a checkpoint file), "hf-hub:org/repo", "local-dir:/path", or a path to a
+    folder holding open_clip_config.json and weights.
+    """
+    model_name = _clip_model_name(name)
+    builtin = not model_name.startswith((_HF_HUB, _LOCAL_DIR))
+    if builtin and pretrained is None:
+        tags = open_clip.list_pretrained_tags_by_model(model_name)
+        raise ValueError(
+            f"CLIP architecture {name!r} needs `pretrained` weights (a tag or a file); "
+            f"known tags: {', '.join(tags) or 'none'}."
+        )
+    # open_clip builds an architecture as configured, even when the tag's weights were trained with
+    # QuickGELU (OpenAI's, which LAION's aesthetic head expects): match the weights, not the config.
+    quick_gelu = builtin and bool(open_clip.get_pretrained_cfg(model_name, pretrained).get("quick_gelu"))
+    try:
+        model = open_clip.create_model(
+            model_name,
+            pretrained=pretrained if builtin else None,
+            device=device,
+            force_quick_gelu=quick_gelu,
+        )
+    except (RuntimeError, OSError) as error:
+        if model_name.startswith(_LOCAL_DIR):
+            raise  # the folder was checked: its files are there but do not load
+        raise GuideNotFoundError(
+            f"CLIP model {name!r}"
+            + (f" with pretrained={pretrained!r}" if builtin else "")
+            + " could not be found locally nor downloaded. Connect once to let open_clip cache it, or "
+            "save it to a folder (open_clip_config.json with 'model_cfg' and 'preprocess_cfg', plus "
+            "open_clip_model.safetensors) and pass that folder's path."
+            f" Cause: {error}"
+        ) from error
+    preprocess = open_clip.get_model_preprocess_cfg(model)
+    return Clip(
+        model=_freeze(model, device, dtype),
+        tokenizer=open_clip.get_tokenizer(model_name),
+        image_size=_square_size(preprocess["size"]),
+        mean=tuple(preprocess["mean"]),
+        std=tuple(preprocess["std"]),
+    )
+
+
+# --- image classifiers ----------------------------------------------------------------------------
+
+
+def _label_key(label: str) -> str:
+    # "Scarlet Red", "scarlet_red" and "scarlet-red" name the same class.
+    return re.sub(r"[\s_\-]+", " ", label).strip().casefold()
+
+
+@dataclass(frozen=True)
+class Classifier:
+    """A frozen image classifier, its class names and the preprocessing it expects."""
+
+    module: torch.nn.Module
+    labels: tuple[str, ...]
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    @property
+    def device(self) -> torch.device:
+        return _first_parameter(self.module).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return _first_parameter(self.module).dtype
+
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        """Class logits (float32) of images (B, 3, H, W) in [0, 1]; differentiable."""
+        pixels = _normalize(resize_center_crop(images, self.image_size), self.mean, self.std)
+        output = self.module(pixels.to(self.device, self.dtype))
+        return getattr(output, "logits", output).float()  # transformers wraps logits in a ModelOutput
+
+    def class_index(self, target: int | str) -> int:
+        """The index of a class given by index or by name (case, spaces and underscores ignored)."""
+        if isinstance(target, int):
+            if not 0 <= target < len(self.labels):
+                raise ValueError(
+                    f"class index {target} is out of range: the classifier has {len(self.labels)}"
+                )
+            return target
+        keys = [_label_key(label) for label in self.labels]
+        if _label_key(target) in keys:
+            return keys.index(_label_key(target))
+        close = difflib.get_close_matches(_label_key(target), keys, n=5, cutoff=0.5)
+        suggestion = ", ".join(repr(self.labels[keys.index(key)]) for key in close)
+        raise ValueError(
+            f"class {target!r} is not a label of this classifier"
+            + (f"; close labels: {suggestion}" if suggestion else f" ({len(self.labels)} labels)")
+        )
+
+
+def _classifier_source(model: str | Path) -> str:
+    """A local folder, or else a hub id; a name that can only be a path must exist."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return str(path)
+    name = str(model)
+    # Hub ids are "repo" or "org/repo": anything else that looks like a path is a missing folder.
+    if isinstance(model, Path) or name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise GuideNotFoundError(f"image classifier {name!r}: folder {path} does not exist.")
+    return name
+
+
+def _processor_input_size(processor) -> int | None:
+    """The side of the square a transformers image processor feeds its model."""
+    crop = getattr(processor, "crop_size", None) if getattr(processor, "do_center_crop", False) else None
+    size = crop or getattr(processor, "size", None)
+    if size is None:
+        return None
+    size = dict(size)
+    return size.get("height") or size.get("shortest_edge")
+
+
+def _transformers_classifier(source: str) -> Classifier:
+    """A transformers classifier with the preprocessing of its image processor (ImageNet's if none)."""
+    from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+    try:
+        module = AutoModelForImageClassification.from_pretrained(source)
+    except (OSError, ValueError) as error:
+        raise GuideNotFoundError(
+            f"image classifier {source!r} could not be found locally nor downloaded. Connect once to let "
+            "transformers cache it, or pass the path of a folder written by `save_pretrained` "
+            f"(config.json, weights and preprocessor_config.json). Cause: {error}"
+        ) from error
+    id2label = module.config.id2label
+    classifier = Classifier(
+        module=module,
+        labels=tuple(str(id2label[i]) for i in range(len(id2label))),
+        image_size=getattr(module.config, "image_size", None) or 224,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+    )
+    try:
+        processor = AutoImageProcessor.from_pretrained(source)
+    except (OSError, ValueError):  # no preprocessor_config.json beside the model
+        return classifier
+    normalizes = getattr(processor, "do_normalize", True)
+    return replace(
+        classifier,
+        image_size=_processor_input_size(processor) or classifier.image_size,
+        mean=tuple(processor.image_mean) if normalizes else (0.0, 0.0, 0.0),
+        std=tuple(processor.image_std) if normalizes else (1.0, 1.0, 1.0),
+    )
+
+
+def load_classifier(
+    model: str | Path | torch.nn.Module,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    labels: Sequence[str] | None = None,
+    image_size: int | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+) -> Classifier:
+    """Load a frozen image classifier.
+
+    `model` is a transformers image-classification hub id or folder (labels from its config, input
+    size and normalization from its image processor), or a torch module mapping normalized images
+    to logits (then `labels` is required, and size and normalization default to ImageNet's 224 px
+    and statistics). Explicit arguments override what the model ships with.
+    """
+    if isinstance(model, torch.nn.Module):
+        if labels is None:
+            raise ValueError("`labels` is required when the classifier is a torch module")
+        classifier = Classifier(model, tuple(labels), 224, IMAGENET_MEAN, IMAGENET_STD)
+    else:
+        classifier = _transformers_classifier(_classifier_source(model))
+    return replace(
+        classifier,
+        module=_freeze(classifier.module, device, dtype),
+        labels=classifier.labels if labels is None else tuple(labels),
+        image_size=image_size or classifier.image_size,
+        mean=classifier.mean if mean is None else tuple(mean),
+        std=classifier.std if std is None else tuple(std),
+    )
+
+
+# --- LAION aesthetic predictor --------------------------------------------------------------------
+
+
+def default_cache_dir() -> Path:
+    """Where downloaded guidance files are kept: $XDG_CACHE_HOME/doodl, by default ~/.cache/doodl."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "doodl"
+
+
+def _download(url: str, destination: Path, timeout: float = 20.0) -> None:
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        data = response.read()
+    # Write beside the target and rename, so an interrupted download never leaves a truncated file.
+    with tempfile.NamedTemporaryFile(dir=destination.parent, delete=False) as partial:
+        partial.write(data)
+    Path(partial.name).replace(destination)
+
+
+def _default_aesthetic_head() -> Path:
+    path = default_cache_dir() / AESTHETIC_HEAD_FILE
+    if path.is_file():
+        return path
+    try:
+        _download(AESTHETIC_HEAD_URL, path)
+    except OSError as error:  # urllib's URLError and timeouts are OSErrors
+        raise GuideNotFoundError(
+            f"the LAION aesthetic predictor head {AESTHETIC_HEAD_FILE} is not in {path.parent} and could "
+            f"not be downloaded ({error}). Download it from {AESTHETIC_HEAD_URL} and save it as {path}, "
+            "or pass its location as `path`."
+        ) from error
+    return path
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    if path.suffix in (".pth", ".pt", ".bin"):
+        return torch.load(path, map_location="cpu", weights_only=True)
+    raise ValueError(f"aesthetic head {path}: expected a .pth, .pt or .safetensors file")
+
+
+def load_aesthetic_head(path: str | Path | None = None, embed_dim: int | None = None) -> torch.nn.Linear:
+    """A frozen linear aesthetic scorer on unit-norm CLIP image embeddings (LAION aesthetic predictor v1).
+
+    With no `path`, the ViT-L-14 head is read from the cache dir, downloaded there on first use.
+    The embedding width is read from the file; `embed_dim`, when given, is checked against it.
+    """
+    if path is None:
+        path = _default_aesthetic_head()
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise GuideNotFoundError(f"aesthetic head file {path} does not exist")
+    state = _read_state_dict(path)
+    weight, bias = state.get("weight"), state.get("bias")
+    if weight is None or bias is None or weight.ndim != 2 or weight.shape[0] != 1 or bias.shape != (1,):
+        raise ValueError(
+            f"aesthetic head {path}: expected tensors weight [1, D] and bias [1], found "
+            + ", ".join(f"{key} {list(value.shape)}" for key, value in state.items())
+        )
+    if embed_dim is not None and weight.shape[1] != embed_dim:
+        raise ValueError(f"aesthetic head {path} scores {weight.shape[1]}-d embeddings, not {embed_dim}-d")
+    head = torch.nn.Linear(weight.shape[1], 1)
+    head.load_state_dict({"weight": weight, "bias": bias})
+    return head.eval().requires_grad_(False)

@@ -1,0 +1,273 @@
+"""Differentiable guidance losses on decoded images.
+
+A loss maps images (B, 3, H, W) with values in [0, 1] to a scalar to minimize, the mean over the
+batch, and is differentiable w.r.t. the pixels: every resize and normalization is done in torch.
+Model-based losses score random crops ("cutouts") rather than the whole image, as in the DOODL
+paper: averaging over crops keeps the optimization from fooling the guidance model with
+adversarial pixel patterns tuned to one fixed view.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from types import MappingProxyType
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torchvision.transforms.functional import pil_to_tensor
+
+from doodl.guides import Classifier, Clip, resize_center_crop
+
+Loss = Callable[[torch.Tensor], torch.Tensor]
+
+# Defaults of the DOODL paper's multi-crop augmentation: 16 crops, sizes biased towards large ones.
+CUTOUTS = 16
+CUT_POWER = 0.3
+
+# LAION's aesthetic predictor scores on a 1-10 scale.
+AESTHETIC_RANGE = (1.0, 10.0)
+
+
+# --- augmentation ---------------------------------------------------------------------------------
+
+
+def _random(generator: torch.Generator | None, *shape: int) -> torch.Tensor:
+    device = generator.device if generator is not None else "cpu"
+    return torch.rand(shape, generator=generator, device=device).cpu()
+
+
+def cutouts(
+    images: torch.Tensor,
+    n: int = CUTOUTS,
+    size: int = 224,
+    cut_power: float = CUT_POWER,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """`n` random square crops of every image, each resized to `size`: (B * n, 3, size, size).
+
+    Crop sides are `rand ** cut_power * (max - min) + min`, between the model input size (or the
+    image, if smaller) and the image's shorter side. Row `b * n + k` is crop k of image b. The
+    crops are the same for all images of the batch. With n=0, the whole image is resized once
+    (shorter side to `size`, center square).
+    """
+    if n == 0:
+        return resize_center_crop(images, size)
+    height, width = images.shape[-2:]
+    max_side = min(height, width)
+    min_side = min(max_side, size)
+    sides = (_random(generator, n) ** cut_power * (max_side - min_side) + min_side).long().tolist()
+    offsets = _random(generator, n, 2)
+    crops = []
+    for side, (dy, dx) in zip(sides, offsets.tolist(), strict=True):
+        top, left = int(dy * (height - side + 1)), int(dx * (width - side + 1))
+        crops.append(resize_center_crop(images[..., top : top + side, left : left + side], size))
+    return torch.stack(crops, dim=1).flatten(0, 1)
+
+
+_cutouts = cutouts  # the loss factories' `cutouts` argument shadows the function inside them
+
+
+def _per_image(values: torch.Tensor, batch: int) -> torch.Tensor:
+    """Average per-crop values (B * n,) into per-image values (B,)."""
+    return values.view(batch, -1).mean(dim=1)
+
+
+# --- CLIP -----------------------------------------------------------------------------------------
+
+
+def spherical_distance(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Squared great-circle distance between unit vectors, over the last dim (DOODL's CLIP loss)."""
+    return (x - y).norm(dim=-1).div(2).arcsin().pow(2).mul(2)
+
+
+def _clip_target_loss(
+    clip: Clip, target: torch.Tensor, n: int, cut_power: float, generator: torch.Generator | None
+) -> Loss:
+    def loss(images: torch.Tensor) -> torch.Tensor:
+        crops = _cutouts(images, n, clip.image_size, cut_power, generator)
+        return spherical_distance(clip.embed_images(crops), target).mean()
+
+    return loss
+
+
+def clip_text_loss(
+    clip: Clip,
+    prompt: str,
+    *,
+    cutouts: int = CUTOUTS,
+    cut_power: float = CUT_POWER,
+    generator: torch.Generator | None = None,
+) -> Loss:
+    """Spherical distance between CLIP embeddings of image crops (values in [0, 1]) and a prompt."""
+    if not prompt.strip():
+        raise ValueError("clip_text_loss needs a non-empty prompt")
+    with torch.no_grad():
+        target = clip.embed_texts([prompt])
+    return _clip_target_loss(clip, target, cutouts, cut_power, generator)
+
+
+def _reference_tensor(reference: Image.Image | torch.Tensor) -> torch.Tensor:
+    """A reference image as a (1, 3, H, W) float tensor in [0, 1]."""
+    if isinstance(reference, Image.Image):
+        return pil_to_tensor(reference.convert("RGB")).float().div(255).unsqueeze(0)
+    return reference.float().unsqueeze(0) if reference.ndim == 3 else reference.float()
+
+
+def clip_image_loss(
+    clip: Clip,
+    references: Sequence[Image.Image | torch.Tensor],
+    *,
+    cutouts: int = CUTOUTS,
+    cut_power: float = CUT_POWER,
+    generator: torch.Generator | None = None,
+) -> Loss:
+    """Spherical distance between CLIP embeddings of image crops (values in [0, 1]) and references.
+
+    The target is the renormalized mean of the references' unit embeddings (PIL images, or tensors
+    (3, H, W) / (B, 3, H, W) in [0, 1]), each embedded once, whole (shorter side resized, center crop).
+    """
+    if len(references) == 0:
+        raise ValueError("clip_image_loss needs at least one reference image")
+    with torch.no_grad():
+        embeddings = torch.cat(
+            [clip.embed_images(_reference_tensor(ref).to(clip.device)) for ref in references]
+        )
+        target = F.normalize(embeddings.mean(dim=0, keepdim=True), dim=-1)
+    return _clip_target_loss(clip, target, cutouts, cut_power, generator)
+
+
+@torch.no_grad()
+def clip_similarity(clip: Clip, images: torch.Tensor, texts: Sequence[str]) -> torch.Tensor:
+    """Cosine similarity (B, T) between whole images in [0, 1] and texts; no gradient."""
+    return clip.embed_images(images) @ clip.embed_texts(list(texts)).T
+
+
+# --- classifier -----------------------------------------------------------------------------------
+
+
+def classifier_loss(
+    classifier: Classifier,
+    target: int | str,
+    *,
+    cutouts: int = CUTOUTS,
+    cut_power: float = CUT_POWER,
+    generator: torch.Generator | None = None,
+) -> Loss:
+    """Cross-entropy of image crops (values in [0, 1]) to a target class, given by index or label."""
+    index = classifier.class_index(target)
+
+    def loss(images: torch.Tensor) -> torch.Tensor:
+        crops = _cutouts(images, cutouts, classifier.image_size, cut_power, generator)
+        logits = classifier.logits(crops)
+        return F.cross_entropy(logits, torch.full((len(logits),), index, device=logits.device))
+
+    return loss
+
+
+@torch.no_grad()
+def class_probability(classifier: Classifier, images: torch.Tensor, target: int | str) -> torch.Tensor:
+    """Probability (B,) the classifier gives the target class on whole images in [0, 1]; no gradient."""
+    return classifier.logits(images).softmax(dim=-1)[:, classifier.class_index(target)]
+
+
+# --- aesthetics -----------------------------------------------------------------------------------
+
+
+def _aesthetic(clip: Clip, head: torch.nn.Linear, images: torch.Tensor) -> torch.Tensor:
+    """Per-image predicted aesthetic score (B,) of LAION's linear head on unit CLIP embeddings."""
+    embeddings = clip.embed_images(images)
+    # The head is tiny: bring the embeddings to it rather than require it on the CLIP model's device.
+    scores = head(embeddings.to(head.weight.device, head.weight.dtype)).squeeze(-1)
+    return scores.to(embeddings.device, torch.float32)
+
+
+def aesthetic_loss(
+    clip: Clip,
+    head: torch.nn.Linear,
+    target: float | None = None,
+    *,
+    cutouts: int = CUTOUTS,
+    cut_power: float = CUT_POWER,
+    generator: torch.Generator | None = None,
+) -> Loss:
+    """Minus the predicted aesthetic score of images in [0, 1], or its distance to `target` if given.
+
+    Scores are averaged over the crops of each image and clamped to the predictor's 1-10 scale, so
+    the optimization has nothing to gain from pushing the linear head past what it was trained on.
+    """
+    low, high = AESTHETIC_RANGE
+    if target is not None and not low <= target <= high:
+        raise ValueError(f"aesthetic target must be in [{low:g}, {high:g}], got {target}")
+
+    def loss(images: torch.Tensor) -> torch.Tensor:
+        crops = _cutouts(images, cutouts, clip.image_size, cut_power, generator)
+        scores = _per_image(_aesthetic(clip, head, crops), len(images)).clamp(low, high)
+        return -scores.mean() if target is None else (scores - target).abs().mean()
+
+    return loss
+
+
+@torch.no_grad()
+def aesthetic_score(clip: Clip, head: torch.nn.Linear, images: torch.Tensor) -> torch.Tensor:
+    """Predicted aesthetic score (B,) of whole images in [0, 1], unclamped; no gradient."""
+    return _aesthetic(clip, head, images)
+
+
+# --- model-free and composite losses --------------------------------------------------------------
+
+
+def symmetry_loss() -> Loss:
+    """Mean squared difference between images in [0, 1] and their mirror images (left-right symmetry)."""
+
+    def loss(images: torch.Tensor) -> torch.Tensor:
+        return F.mse_loss(images, images.flip(-1))
+
+    return loss
+
+
+def weighted_sum(terms: Sequence[tuple[float, Loss]]) -> Loss:
+    """The loss sum(weight * loss(images)) over (weight, loss) terms, e.g. text plus aesthetics."""
+    if len(terms) == 0:
+        raise ValueError("weighted_sum needs at least one (weight, loss) term")
+    terms = list(terms)
+
+    def loss(images: torch.Tensor) -> torch.Tensor:
+        return sum(weight * term(images) for weight, term in terms)
+
+    return loss
+
+
+# --- registry -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """A loss factory and what it needs: `guide` is the kind of guidance model its first arguments are."""
+
+    name: str
+    description: str
+    factory: Callable[..., Loss]
+    guide: str | None  # "clip", "classifier", "clip+aesthetic" (a Clip and a head) or None
+
+
+LOSSES: Mapping[str, LossSpec] = MappingProxyType(
+    {
+        spec.name: spec
+        for spec in (
+            LossSpec("clip-text", "CLIP similarity to a text prompt", clip_text_loss, "clip"),
+            LossSpec("clip-image", "CLIP similarity to reference images", clip_image_loss, "clip"),
+            LossSpec(
+                "classifier", "cross-entropy to a classifier's target class", classifier_loss, "classifier"
+            ),
+            LossSpec("aesthetic", "LAION aesthetic predictor score", aesthetic_loss, "clip+aesthetic"),
+            LossSpec("symmetry", "left-right mirror symmetry", symmetry_loss, None),
+        )
+    }
+)
+
+
+def loss_names() -> list[str]:
+    """Names of the registered losses."""
+    return list(LOSSES)

@@ -1,0 +1,197 @@
+"""The DOODL loop: gradient descent on the initial noise through the whole EDICT chain (paper, Sec. 4)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+from PIL import Image
+
+from doodl.edict import EdictSchedule, Pair, edict_denoise, edict_invert, edict_schedule
+from doodl.gradient import MODES, latent_grad
+from doodl.pipeline import LatentDiffusion, NoisePredictor, to_pil, to_tensor
+
+# A guidance loss: images (B, 3, H, W) in [0, 1] -> scalar to minimize.
+Loss = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class DoodlSettings:
+    """Defaults are the paper's (Sec. 4) and the official code's `gen()`."""
+
+    steps: int = 50  # DDIM / EDICT steps (paper: 50)
+    iterations: int = 50  # optimization steps (official: num_traversal_steps=50)
+    learning_rate: float = 1.0  # loss multiplier before clipping (official: grad_scale=1)
+    momentum: float = 0.9  # SGD momentum; Nesterov did not help (paper)
+    clip: float = 1e-3  # element-wise gradient clip (official: clip_grad_val)
+    perturbation: float = 1e-4  # std of the noise added to the latent each step (official)
+    p: float = 0.93  # EDICT mixing weight (paper)
+    guidance_scale: float = 7.5  # classifier-free guidance (official: sd_guidance_scale)
+    leapfrog: bool = True  # alternate the update order of the pair (official EDICT)
+    renormalize: bool = True  # keep the latent's norm, on the Gaussian shell (paper)
+    tied: bool = True  # average x_T and y_T into one latent after each step (paper)
+    mode: str = "reversible"  # how the gradient is computed: reversible, checkpoint or autograd
+    seed: int = 0
+    height: int | None = None  # default: the model's resolution
+    width: int | None = None
+    precision: torch.dtype = torch.float64  # of the coupling arithmetic (official EDICT: float64)
+
+    def __post_init__(self) -> None:
+        check = {
+            "steps": self.steps >= 1,
+            "iterations": self.iterations >= 1,
+            "learning_rate": self.learning_rate > 0,
+            "momentum": 0 <= self.momentum < 1,
+            "clip": self.clip > 0,
+            "perturbation": self.perturbation >= 0,
+            "p": 0 < self.p <= 1,
+            "guidance_scale": self.guidance_scale >= 0,
+        }
+        for name, ok in check.items():
+            if not ok:
+                raise ValueError(f"setting {name}={getattr(self, name)!r} is out of range")
+        if self.mode not in MODES:
+            raise ValueError(f"unknown gradient mode {self.mode!r}: choose one of {', '.join(MODES)}")
+
+    def schedule(self, model: LatentDiffusion) -> EdictSchedule:
+        return edict_schedule(model.scheduler, self.steps, self.p, self.leapfrog)
+
+
+@dataclass(frozen=True)
+class Step:
+    """One optimization iteration, reported as it happens."""
+
+    iteration: int
+    loss: float
+    image: Image.Image  # decoded x_0 of the latent this loss belongs to
+    seconds: float  # since the optimization started
+    latents: Pair  # the (x_T, y_T) that produced this image
+
+
+@dataclass(frozen=True)
+class Result:
+    best: Step
+    last: Step
+    losses: list[float] = field(default_factory=list)
+
+    @property
+    def image(self) -> Image.Image:
+        return self.best.image
+
+
+def conditioning(model: LatentDiffusion, prompt: str, settings: DoodlSettings) -> NoisePredictor:
+    """The guided noise predictor for a prompt; an empty prompt is refused (it would be unguided)."""
+    if not prompt or not prompt.strip():
+        raise ValueError("the prompt is empty: describe the image to generate")
+    return model.noise_predictor(model.encode_prompt(prompt), settings.guidance_scale)
+
+
+def initial_latents(model: LatentDiffusion, settings: DoodlSettings) -> Pair:
+    """x_T = y_T ~ N(0, I), drawn on the CPU so a seed gives the same noise on every device."""
+    generator = torch.Generator().manual_seed(settings.seed)
+    shape = model.latent_shape(settings.height, settings.width)
+    z = torch.randn(shape, generator=generator, dtype=torch.float64)
+    z = z.to(model.device, settings.precision)
+    return z, z.clone()
+
+
+def invert_image(
+    model: LatentDiffusion, image: Image.Image, prompt: str, settings: DoodlSettings = DoodlSettings()
+) -> Pair:
+    """The (x_T, y_T) from which EDICT regenerates `image` (resized to the model's resolution)."""
+    if not isinstance(image, Image.Image):
+        raise TypeError(f"expected a PIL image, got {type(image).__name__}")
+    _, _, h, w = model.latent_shape(settings.height, settings.width)
+    pixels = to_tensor(image, (w * model.vae_scale, h * model.vae_scale))
+    z = model.encode(pixels).to(settings.precision)
+    with torch.no_grad():
+        return edict_invert(conditioning(model, prompt, settings), z, z.clone(), settings.schedule(model))
+
+
+def doodl(
+    model: LatentDiffusion,
+    prompt: str,
+    loss: Loss,
+    settings: DoodlSettings = DoodlSettings(),
+    init: Pair | None = None,
+) -> Iterator[Step]:
+    """Optimize the initial noise so that the generated image lowers `loss`; yield every iteration.
+
+    Iteration 0 reports the unguided image of the initial latents. Stop early by leaving the loop.
+    `init` starts from given latents, e.g. those of `invert_image` for a real photo.
+    """
+    eps = conditioning(model, prompt, settings)
+    schedule = settings.schedule(model)
+    x, y = initial_latents(model, settings) if init is None else (v.to(settings.precision) for v in init)
+    norms = (x.norm(), y.norm())
+    velocity = (torch.zeros_like(x), torch.zeros_like(y))
+    generator = torch.Generator().manual_seed(settings.seed + 1)
+
+    def loss_of_final(x0: torch.Tensor, y0: torch.Tensor) -> torch.Tensor:
+        # Both latents of the pair are decoded and judged, as in the official code.
+        return loss(model.decode(torch.cat([x0, y0])))
+
+    start = time.perf_counter()
+    for iteration in range(settings.iterations):
+        result = latent_grad(eps, x, y, schedule, loss_of_final, settings.mode)
+        with torch.no_grad():
+            image = to_pil(model.decode(result.final[0]))[0]
+        yield Step(iteration, result.loss, image, time.perf_counter() - start, (x, y))
+        if iteration + 1 < settings.iterations:
+            x, y, velocity = _sgd_step((x, y), result.grad, velocity, norms, settings, generator)
+
+
+def _sgd_step(
+    latents: Pair, grad: Pair, velocity: Pair, norms: Pair, s: DoodlSettings, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, Pair]:
+    """SGD with momentum on clipped gradients, a small perturbation, then tying and renormalizing."""
+    if s.tied:
+        grad = ((grad[0] + grad[1]) / 2,) * 2
+    noise = torch.randn(latents[0].shape, generator=generator, dtype=torch.float64)
+    noise = s.perturbation * noise.to(latents[0])
+    velocity = tuple(
+        s.momentum * v + (-s.learning_rate * g).clamp(-s.clip, s.clip) for v, g in zip(velocity, grad)
+    )
+    new = [z + v + noise for z, v in zip(latents, velocity)]
+    if s.tied:
+        new = [(new[0] + new[1]) / 2] * 2
+    if s.renormalize:
+        new = [z * norm / z.norm() for z, norm in zip(new, norms)]
+    return new[0], new[1], velocity
+
+
+def optimize(
+    model: LatentDiffusion,
+    prompt: str,
+    loss: Loss,
+    settings: DoodlSettings = DoodlSettings(),
+    init: Pair | None = None,
+    callback: Callable[[Step], bool | None] | None = None,
+) -> Result:
+    """Run `doodl` to the end, or until `callback(step)` returns False; keep the best and last images."""
+    steps = []
+    for step in doodl(model, prompt, loss, settings, init):
+        steps.append(step)
+        if callback is not None and callback(step) is False:
+            break
+    return result_of(steps)
+
+
+def result_of(steps: list[Step]) -> Result:
+    if not steps:
+        raise ValueError("no iteration finished")
+    best = min(steps, key=lambda s: s.loss)
+    return Result(best=best, last=steps[-1], losses=[s.loss for s in steps])
+
+
+def sample(
+    model: LatentDiffusion, prompt: str, settings: DoodlSettings = DoodlSettings(), init: Pair | None = None
+) -> Image.Image:
+    """One unguided EDICT sample: the image iteration 0 of `doodl` shows."""
+    eps = conditioning(model, prompt, settings)
+    x, y = initial_latents(model, settings) if init is None else init
+    with torch.no_grad():
+        x, _ = edict_denoise(eps, x, y, settings.schedule(model))
+        return to_pil(model.decode(x))[0]

@@ -1,0 +1,164 @@
+"""Loading a Stable Diffusion model and the three calls DOODL makes of it.
+
+This is the only module that imports diffusers and transformers for the generator. It turns a hub id
+or a local folder into a `LatentDiffusion`: a noise predictor with classifier-free guidance, and the
+VAE's encoder and decoder. The sampler only ever sees the noise predictor, a plain callable.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from PIL import Image
+from transformers import CLIPTextModel, CLIPTokenizer
+
+# eps(latents, t) -> predicted noise, in the latents' dtype. The EDICT sampler is written against this.
+NoisePredictor = Callable[[torch.Tensor, int], torch.Tensor]
+
+
+class ModelLoadError(RuntimeError):
+    """A Stable Diffusion model could not be loaded; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class LatentDiffusion:
+    """The parts of a Stable-Diffusion-style pipeline that DOODL needs, frozen for inference."""
+
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    text_encoder: CLIPTextModel
+    tokenizer: CLIPTokenizer
+    scheduler: DDIMScheduler
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.dtype
+
+    @property
+    def vae_scale(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def resolution(self) -> int:
+        """The image side the UNet was trained for."""
+        return self.unet.config.sample_size * self.vae_scale
+
+    def latent_shape(self, height: int | None = None, width: int | None = None) -> tuple[int, int, int, int]:
+        height, width = height or self.resolution, width or self.resolution
+        if height % self.vae_scale or width % self.vae_scale:
+            raise ValueError(f"image size {width}x{height} must be a multiple of {self.vae_scale}")
+        return (1, self.unet.config.in_channels, height // self.vae_scale, width // self.vae_scale)
+
+    @torch.no_grad()
+    def encode_prompt(self, prompt: str, negative_prompt: str = "") -> torch.Tensor:
+        """Text embeddings stacked as [unconditional, conditional], shape (2, tokens, width)."""
+        tokens = self.tokenizer(
+            [negative_prompt, prompt],
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(self.device)
+        return self.text_encoder(tokens)[0].to(self.dtype)
+
+    def noise_predictor(self, prompt_embeds: torch.Tensor, guidance_scale: float) -> NoisePredictor:
+        """eps(latents, t) with classifier-free guidance, in ONE batched UNet call per evaluation."""
+        alphas_cumprod = self.scheduler.alphas_cumprod.double()
+        v_prediction = self.scheduler.config.prediction_type == "v_prediction"
+        uncond, cond = prompt_embeds.chunk(2)
+
+        def eps(latents: torch.Tensor, t: int) -> torch.Tensor:
+            n = latents.shape[0]
+            unet_in = torch.cat([latents, latents]).to(self.dtype)
+            context = torch.cat([uncond.expand(n, -1, -1), cond.expand(n, -1, -1)])
+            out = self.unet(unet_in, t, encoder_hidden_states=context).sample.to(latents.dtype)
+            if v_prediction:  # SD 2.x predicts v = sqrt(abar) eps - sqrt(1 - abar) x; EDICT needs eps.
+                abar = alphas_cumprod[t].to(latents.dtype)
+                out = abar.sqrt() * out + (1 - abar).sqrt() * torch.cat([latents, latents])
+            out_uncond, out_cond = out.chunk(2)
+            return out_uncond + guidance_scale * (out_cond - out_uncond)
+
+        return eps
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents to images in [0, 1], differentiable."""
+        scaled = latents.to(self.dtype) / self.vae.config.scaling_factor
+        # At least float32, so that half-precision models give guidance models full-precision pixels.
+        images = self.vae.decode(scaled).sample.to(torch.promote_types(self.dtype, torch.float32))
+        return (images / 2 + 0.5).clamp(0, 1)
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1] to latents: the posterior mean, so a real image has one inversion."""
+        moments = self.vae.encode((images * 2 - 1).to(self.device, self.dtype)).latent_dist
+        return moments.mean * self.vae.config.scaling_factor
+
+
+def load_pipeline(
+    model: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> LatentDiffusion:
+    """Load a Stable-Diffusion-style diffusers model from a local folder or a hub id.
+
+    SD 1.x (epsilon prediction) and SD 2.x (v prediction) both work. Whatever scheduler the model
+    ships with, sampling uses DDIM coefficients built from its noise schedule.
+    """
+    model = str(model)
+    path = Path(model).expanduser()
+    if path.exists():
+        if not (path / "model_index.json").is_file():
+            raise ModelLoadError(
+                f"'{model}' is not a diffusers pipeline folder: it has no model_index.json. "
+                "Point to a folder saved with save_pretrained (one holding unet/, vae/, text_encoder/, "
+                "tokenizer/, scheduler/)."
+            )
+        pipeline_class = json.loads((path / "model_index.json").read_text()).get("_class_name", "")
+        if "StableDiffusion" not in pipeline_class:
+            raise ModelLoadError(f"'{model}' holds a {pipeline_class}, not a Stable Diffusion pipeline.")
+        model = str(path)
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(
+            model,
+            dtype=dtype,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(
+            f"could not load the Stable Diffusion model '{model}': it is not a local folder, and the hub "
+            "id is unknown or the hub cannot be reached. Download the model once (e.g. "
+            "`huggingface-cli download <id> --local-dir <folder>`) and pass the folder instead."
+            f"\n({type(error).__name__}: {error})"
+        ) from error
+    parts = [pipe.unet, pipe.vae, pipe.text_encoder]
+    for part in parts:
+        part.to(device).eval().requires_grad_(False)
+    return LatentDiffusion(
+        unet=pipe.unet,
+        vae=pipe.vae,
+        text_encoder=pipe.text_encoder,
+        tokenizer=pipe.tokenizer,
+        scheduler=DDIMScheduler.from_config(pipe.scheduler.config),
+    )
+
+
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """Images in [0, 1], shape (B, 3, H, W), to PIL images."""
+    array = (images.detach().float().clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(a) for a in array]
+
+
+def to_tensor(image: Image.Image, size: tuple[int, int]) -> torch.Tensor:
+    """A PIL image to a (1, 3, H, W) tensor in [0, 1], resized to size = (width, height)."""
+    image = image.convert("RGB").resize(size, Image.Resampling.LANCZOS)
+    return torch.from_numpy(np.asarray(image)).permute(2, 0, 1).unsqueeze(0).float().contiguous() / 255

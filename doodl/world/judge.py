@@ -1,0 +1,223 @@
+"""An independent judge of images of the shapes world: plain pixel analysis, no network.
+
+1. background: a linear color ramp fitted to the border pixels (robustly, as objects may touch the frame);
+2. foreground: pixels far from that ramp in RGB;
+3. blobs: each foreground pixel takes the nearest palette color, and connected pixels of one color form
+   a blob (so two touching objects of different colors stay apart); thin blended edges are dropped;
+4. each blob: color = its label, shape = nearest reference among circle / square / triangle / star in a
+   small space of shape features (bounding-box fill, convex-hull solidity, top-to-bottom taper), position
+   = centroid;
+5. against a caption: the requested objects are matched to blobs by color, then shapes and the relation
+   are checked.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from doodl.world.shapes import MIN_CONTRAST, PALETTE, SHAPES, Description, parse_caption
+
+FOREGROUND_DISTANCE = MIN_CONTRAST / 2  # half-way between background and the faintest object
+MIN_CORE_PIXELS = 8  # blobs with fewer pixels off their own edge are blending artefacts
+
+_SHADES = np.array([shade for shades in PALETTE.values() for shade in shades], np.float32)
+_SHADE_COLORS = [color for color, shades in PALETTE.items() for _ in shades]
+
+# Shape features (fill, solidity, taper) of each shape, measured on clean and blurred renders.
+SHAPE_REFERENCES = {
+    "circle": (0.78, 0.955, 1.00),
+    "square": (0.99, 0.995, 1.00),
+    "triangle": (0.56, 0.92, 0.24),
+    "star": (0.46, 0.63, 0.41),
+}
+FEATURE_SCALE = np.array([0.06, 0.05, 0.15])  # typical spread of each feature within one shape
+
+
+@dataclass(frozen=True)
+class Blob:
+    color: str
+    shape: str
+    center: tuple[float, float]  # (x, y)
+    area: int
+    features: tuple[float, float, float]
+
+
+@dataclass(frozen=True)
+class Verdict:
+    color_ok: bool
+    shape_ok: bool
+    relation_ok: bool | None  # None for single-object captions
+    blobs: tuple[Blob, ...]
+
+    @property
+    def ok(self) -> bool:
+        return self.color_ok and self.shape_ok and self.relation_ok is not False
+
+
+# --- segmentation ----------------------------------------------------------------------------------
+
+
+def fit_background(image: np.ndarray, border: int = 2) -> np.ndarray:
+    """Per-pixel background color: a plane in (x, y) per channel, fitted to the frame of the image."""
+    h, w, _ = image.shape
+    ys, xs = np.mgrid[0:h, 0:w]
+    frame = np.zeros((h, w), bool)
+    frame[:border], frame[-border:], frame[:, :border], frame[:, -border:] = True, True, True, True
+    design = np.stack([np.ones(h * w), xs.ravel() / w, ys.ravel() / h], 1)
+    pixels = image.reshape(-1, 3)
+    keep = frame.ravel()
+    for _ in range(3):  # refit without the frame pixels an object covers
+        coef, *_ = np.linalg.lstsq(design[keep], pixels[keep], rcond=None)
+        residual = np.linalg.norm(pixels - design @ coef, axis=1)
+        keep = frame.ravel() & (residual < max(20.0, 2 * np.median(residual[frame.ravel()])))
+        if keep.sum() < 3 * border * (h + w) // 4:
+            break
+    return (design @ coef).reshape(h, w, 3)
+
+
+def connected_components(mask: np.ndarray) -> np.ndarray:
+    """4-connected labels (0 = background) by repeated min-propagation: fine for 64x64 images."""
+    h, w = mask.shape
+    big = h * w + 1
+    labels = np.where(mask, np.arange(1, h * w + 1).reshape(h, w), big)
+    while True:
+        padded = np.pad(labels, 1, constant_values=big)
+        neighbours = np.minimum.reduce([padded[1:-1, 1:-1], padded[:-2, 1:-1], padded[2:, 1:-1],
+                                        padded[1:-1, :-2], padded[1:-1, 2:]])
+        updated = np.where(mask, neighbours, big)
+        if np.array_equal(updated, labels):
+            break
+        labels = updated
+    labels = np.where(mask, labels, 0)
+    _, dense = np.unique(labels, return_inverse=True)
+    return dense.reshape(h, w)  # 0 stays 0: it is the smallest value whenever the background exists
+
+
+def eroded(mask: np.ndarray) -> np.ndarray:
+    padded = np.pad(mask, 1)
+    return mask & padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
+
+
+# --- shape -----------------------------------------------------------------------------------------
+
+
+def hull_area(points: np.ndarray) -> float:
+    """Area of the convex hull of 2D points (monotone chain, then the shoelace formula)."""
+    points = np.unique(points, axis=0)
+    if len(points) < 3:
+        return 0.0
+
+    def half(pts: np.ndarray) -> list:
+        chain: list = []
+        for p in pts:
+            while len(chain) >= 2 and np.cross(chain[-1] - chain[-2], p - chain[-2]) <= 0:
+                chain.pop()
+            chain.append(p)
+        return chain
+
+    lower, upper = half(points), half(points[::-1])
+    hull = np.array(lower[:-1] + upper[:-1])
+    x, y = hull[:, 0], hull[:, 1]
+    return float(abs(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x, 1))) / 2)
+
+
+def shape_features(mask: np.ndarray) -> tuple[float, float, float]:
+    """(fill of the bounding box, solidity, taper = width of the top third / width of the bottom third)."""
+    ys, xs = np.nonzero(mask)
+    area = len(xs)
+    height, width = ys.max() - ys.min() + 1, xs.max() - xs.min() + 1
+    fill = area / (height * width)
+    # The hull of the pixels' outer boundary points; pixel centres alone would understate the hull.
+    boundary = mask & ~eroded(mask)
+    by, bx = np.nonzero(boundary)
+    corners = np.concatenate([np.stack([bx + dx, by + dy], 1) for dx in (0, 1) for dy in (0, 1)])
+    solidity = area / max(hull_area(corners.astype(np.float64)), 1.0)
+    rows = mask[ys.min() : ys.max() + 1].sum(1)
+    third = max(1, height // 3)
+    taper = rows[:third].mean() / max(rows[-third:].mean(), 1.0)
+    return float(fill), float(min(solidity, 1.0)), float(min(taper, 1.5))
+
+
+def classify_shape(features: tuple[float, float, float]) -> str:
+    distances = {
+        shape: float(np.linalg.norm((np.asarray(features) - np.asarray(ref)) / FEATURE_SCALE))
+        for shape, ref in SHAPE_REFERENCES.items()
+    }
+    return min(distances, key=distances.get)
+
+
+# --- blobs -----------------------------------------------------------------------------------------
+
+
+def as_array(image: np.ndarray | Image.Image) -> np.ndarray:
+    return np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image, np.float64)[..., :3]
+
+
+def find_blobs(image: np.ndarray | Image.Image) -> tuple[Blob, ...]:
+    """Every object-like blob in the image, largest first."""
+    pixels = as_array(image)
+    if pixels.max() <= 1.0:  # float images in [0, 1]
+        pixels = pixels * 255
+    foreground = np.linalg.norm(pixels - fit_background(pixels), axis=2) > FOREGROUND_DISTANCE
+    nearest = np.linalg.norm(pixels[..., None, :] - _SHADES, axis=3).argmin(2)
+    color_index = np.array([list(PALETTE).index(c) for c in _SHADE_COLORS])[nearest]
+    blobs = []
+    for k, color in enumerate(PALETTE):
+        labels = connected_components(foreground & (color_index == k))
+        for label in range(1, labels.max() + 1):
+            mask = labels == label
+            if eroded(mask).sum() < MIN_CORE_PIXELS:
+                continue
+            ys, xs = np.nonzero(mask)
+            features = shape_features(mask)
+            center = (float(xs.mean()), float(ys.mean()))
+            blobs.append(Blob(color, classify_shape(features), center, int(mask.sum()), features))
+    return tuple(sorted(blobs, key=lambda b: -b.area))
+
+
+# --- verdict ---------------------------------------------------------------------------------------
+
+
+def relation_holds(first: Blob, second: Blob, relation: str) -> bool:
+    """The relation's axis must dominate the displacement and point the right way."""
+    dx, dy = first.center[0] - second.center[0], first.center[1] - second.center[1]
+    vertical = abs(dy) > abs(dx)
+    return {
+        "above": vertical and dy < 0,
+        "below": vertical and dy > 0,
+        "left of": not vertical and dx < 0,
+        "right of": not vertical and dx > 0,
+    }[relation]
+
+
+def judge_description(image: np.ndarray | Image.Image, target: Description) -> Verdict:
+    blobs = find_blobs(image)
+    if not blobs:
+        return Verdict(False, False, None if len(target.objects) == 1 else False, blobs)
+    if len(target.objects) == 1:
+        (spec,) = target.objects
+        main = blobs[0]
+        return Verdict(main.color == spec.color, main.shape == spec.shape, None, blobs)
+    # Match each requested object to the largest blob of its color, else to the largest blob left.
+    matched: list[Blob | None] = []
+    for spec in target.objects:
+        same_color = [b for b in blobs if b.color == spec.color and b not in matched]
+        matched.append(same_color[0] if same_color else None)
+    color_ok = all(m is not None for m in matched)
+    leftovers = [b for b in blobs if b not in matched]
+    matched = [m if m is not None else (leftovers.pop(0) if leftovers else None) for m in matched]
+    if any(m is None for m in matched):
+        return Verdict(color_ok, False, False, blobs)
+    shape_ok = all(m.shape == spec.shape for m, spec in zip(matched, target.objects, strict=True))
+    return Verdict(color_ok, shape_ok, relation_holds(matched[0], matched[1], target.relation), blobs)
+
+
+def judge(image: np.ndarray | Image.Image, caption: str) -> Verdict:
+    """Does the image show what the caption says? Per-attribute verdicts."""
+    return judge_description(image, parse_caption(caption))
+
+
+__all__ = ["SHAPES", "Blob", "Verdict", "find_blobs", "judge", "judge_description"]

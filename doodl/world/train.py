@@ -1,0 +1,453 @@
+"""Train the embedded models of the shapes world on CPU.
+
+    python -m doodl.world.train                      # every stage, in order
+    python -m doodl.world.train --stage vae latents unet
+    python -m doodl.world.train --stage clip classifier aesthetic
+
+Stages: data (render the cached training set), vae, latents (encode the set once), unet (UNet and text
+encoder together, then save the Stable Diffusion folder), clip, classifier, aesthetic. The two chains
+(vae->latents->unet and clip->aesthetic, classifier) are independent after `data` and may run as two
+processes. Each stage also stops at a wall-clock cap; its learning-rate schedule follows whichever of
+steps or time runs out first, so a capped run still ends on a decayed learning rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from doodl.world import beauty, models, shapes
+
+STAGES = ("data", "vae", "latents", "unet", "clip", "classifier", "aesthetic")
+
+
+@dataclass
+class TrainSettings:
+    seed: int = 0
+    out: str = "assets/embedded"
+    cache: str = "out/world"  # rendered images, latents and the intermediate VAE (not shipped)
+    threads: int = 1  # one per process: two cores shared with other work, and spin-waiting threads thrash
+    n_images: int = 50_000
+    two_object_fraction: float = 0.5
+    # VAE: plain reconstruction with a whisper of KL, as in SD; the latents are rescaled afterwards anyway.
+    vae_steps: int = 2000
+    vae_batch: int = 32
+    vae_lr: float = 1e-3
+    vae_kl_weight: float = 1e-6
+    vae_minutes: float = 22.0
+    # UNet + text encoder, trained together from scratch.
+    unet_steps: int = 5000
+    unet_batch: int = 64
+    unet_lr: float = 1e-3
+    cfg_dropout: float = 0.1  # share of empty captions: the unconditional branch of classifier-free guidance
+    ema_decay: float = 0.998
+    unet_minutes: float = 45.0
+    # CLIP, contrastive on (image, caption or partial caption).
+    clip_steps: int = 2500
+    clip_batch: int = 128
+    clip_lr: float = 1e-3
+    clip_minutes: float = 22.0
+    # Shade classifier on single red objects.
+    classifier_steps: int = 600
+    classifier_batch: int = 64
+    classifier_lr: float = 2e-3
+    classifier_images: int = 12_000
+    classifier_minutes: float = 8.0
+    # Aesthetic head: ridge regression of the beauty score on CLIP image embeddings.
+    aesthetic_images: int = 12_000
+    aesthetic_ridge: float = 1e-3
+    warmup_steps: int = 100
+
+
+class Log:
+    """Appends to the shipped training log and echoes to stdout."""
+
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+
+    def __call__(self, message: str) -> None:
+        line = f"[{time.strftime('%H:%M:%S')}] {message}"
+        print(line, flush=True)
+        with self.path.open("a") as f:
+            f.write(line + "\n")
+
+
+class Progress:
+    """Fraction of a stage done, by steps or by wall time, whichever is further along."""
+
+    def __init__(self, steps: int, minutes: float):
+        self.steps, self.seconds, self.start = steps, minutes * 60, time.time()
+
+    def __call__(self, step: int) -> float:
+        return max(step / self.steps, self.elapsed() / self.seconds)
+
+    def elapsed(self) -> float:
+        return time.time() - self.start
+
+
+def learning_rate(base: float, step: int, progress: float, warmup: int) -> float:
+    """Linear warmup, then cosine decay to zero over the stage's progress."""
+    return base * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 NHWC -> float NCHW in [-1, 1]."""
+    return torch.from_numpy(np.array(images)).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+
+
+def random_blur(images: torch.Tensor, generator: torch.Generator, max_sigma: float = 1.2) -> torch.Tensor:
+    """Blur half the batch by a random amount: generated images are softer than renders."""
+    sigma = float(torch.rand((), generator=generator)) * max_sigma
+    if sigma < 0.2:
+        return images
+    radius = 2
+    x = torch.arange(-radius, radius + 1, dtype=images.dtype)
+    kernel = torch.exp(-(x**2) / (2 * sigma**2))
+    kernel = kernel / kernel.sum()
+    c = images.shape[1]
+    images = F.pad(images, (radius,) * 4, mode="replicate")
+    images = F.conv2d(images, kernel.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
+    return F.conv2d(images, kernel.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
+
+
+# --- data ------------------------------------------------------------------------------------------
+
+
+def stage_data(s: TrainSettings, log: Log) -> None:
+    start = time.time()
+    scenes = shapes.random_scenes(s.seed, s.n_images, s.two_object_fraction)
+    images = shapes.render_dataset(scenes)
+    cache = Path(s.cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    np.save(cache / "images.npy", images)
+    (cache / "captions.json").write_text(json.dumps([shapes.caption(sc) for sc in scenes]))
+    log(f"data: {len(scenes)} images rendered in {time.time() - start:.0f}s")
+
+
+def load_data(s: TrainSettings) -> tuple[np.ndarray, list[str]]:
+    cache = Path(s.cache)
+    return np.load(cache / "images.npy", mmap_mode="r"), json.loads((cache / "captions.json").read_text())
+
+
+# --- VAE -------------------------------------------------------------------------------------------
+
+
+def stage_vae(s: TrainSettings, log: Log) -> None:
+    torch.manual_seed(s.seed)
+    images, _ = load_data(s)
+    vae = models.tiny_vae()
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=s.vae_lr, weight_decay=0.0)
+    rng = np.random.default_rng(s.seed + 1)
+    progress, running = Progress(s.vae_steps, s.vae_minutes), []
+    step = 0
+    while progress(step) < 1:
+        batch = to_tensor(images[np.sort(rng.choice(len(images), s.vae_batch, replace=False))])
+        posterior = vae.encode(batch).latent_dist
+        recon = vae.decode(posterior.sample()).sample
+        # L1 keeps edges crisp, MSE keeps colors right.
+        loss = F.mse_loss(recon, batch) + 0.5 * F.l1_loss(recon, batch) + s.vae_kl_weight * posterior.kl().mean()
+        set_lr(optimizer, learning_rate(s.vae_lr, step, progress(step), s.warmup_steps))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        running.append(loss.item())
+        step += 1
+        if step % 100 == 0:
+            log(f"vae step {step} loss {np.mean(running):.5f} ({progress.elapsed():.0f}s)")
+            running = []
+    vae.save_pretrained(Path(s.cache) / "vae")
+    log(f"vae: {step} steps in {progress.elapsed() / 60:.1f} min")
+
+
+@torch.no_grad()
+def stage_latents(s: TrainSettings, log: Log) -> None:
+    """Encode the whole set once (posterior means), and fix the scaling factor to give unit std."""
+    from diffusers import AutoencoderKL
+
+    start = time.time()
+    images, _ = load_data(s)
+    vae = AutoencoderKL.from_pretrained(Path(s.cache) / "vae").eval()
+    latents = torch.cat([vae.encode(to_tensor(images[i : i + 500])).latent_dist.mean for i in range(0, len(images), 500)])
+    scaling = float(1 / latents.std())
+    vae.register_to_config(scaling_factor=scaling)
+    vae.save_pretrained(Path(s.cache) / "vae")
+    torch.save(latents, Path(s.cache) / "latents.pt")
+    recon = vae.decode(latents[:256]).sample
+    error = F.mse_loss(recon, to_tensor(images[:256])).item()
+    log(f"latents: {tuple(latents.shape)}, std {latents.std():.3f} -> scaling_factor {scaling:.5f}, "
+        f"reconstruction mse {error:.5f}, {time.time() - start:.0f}s")
+
+
+# --- UNet + text encoder -----------------------------------------------------------------------------
+
+
+def caption_tokens(captions: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Token ids of every distinct caption, each image's index into them, and the empty prompt's ids."""
+    from doodl.tokenizer import clip_tokenizer
+
+    tokenizer = clip_tokenizer()
+    distinct = sorted(set(captions))
+    index = {c: i for i, c in enumerate(distinct)}
+
+    def encode(texts: list[str]) -> torch.Tensor:
+        return tokenizer(texts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+
+    return encode(distinct), torch.tensor([index[c] for c in captions]), encode([""])[0]
+
+
+@torch.no_grad()
+def ema_update(average: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    for a, p in zip(average.parameters(), model.parameters(), strict=True):
+        a.lerp_(p, 1 - decay)
+
+
+def stage_unet(s: TrainSettings, log: Log) -> None:
+    from diffusers import AutoencoderKL, StableDiffusionPipeline
+
+    from doodl.tokenizer import clip_tokenizer
+
+    torch.manual_seed(s.seed)
+    _, captions = load_data(s)
+    vae = AutoencoderKL.from_pretrained(Path(s.cache) / "vae")
+    latents = torch.load(Path(s.cache) / "latents.pt") * vae.config.scaling_factor
+    tokens, caption_index, empty = caption_tokens(captions)
+    unet, text_encoder, scheduler = models.tiny_unet(), models.tiny_text_encoder(), models.sd_scheduler()
+    ema_unet, ema_text = models.tiny_unet(), models.tiny_text_encoder()
+    ema_unet.load_state_dict(unet.state_dict())
+    ema_text.load_state_dict(text_encoder.state_dict())
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    optimizer = torch.optim.AdamW(params, lr=s.unet_lr, weight_decay=0.01)
+    alphas = scheduler.alphas_cumprod
+    generator = torch.Generator().manual_seed(s.seed + 2)
+    progress, running, step = Progress(s.unet_steps, s.unet_minutes), [], 0
+    while progress(step) < 1:
+        idx = torch.randint(len(latents), (s.unet_batch,), generator=generator)
+        x0 = latents[idx]
+        ids = tokens[caption_index[idx]]
+        dropped = torch.rand(s.unet_batch, generator=generator) < s.cfg_dropout
+        ids = torch.where(dropped[:, None], empty[None], ids)
+        t = torch.randint(scheduler.config.num_train_timesteps, (s.unet_batch,), generator=generator)
+        noise = torch.randn(x0.shape, generator=generator)
+        a = alphas[t].view(-1, 1, 1, 1)
+        noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        prediction = unet(noisy, t, text_encoder(ids)[0]).sample
+        loss = F.mse_loss(prediction, noise)
+        set_lr(optimizer, learning_rate(s.unet_lr, step, progress(step), s.warmup_steps))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        # Short runs: warm the average up quickly so early steps do not dominate it.
+        decay = min(s.ema_decay, (1 + step) / (10 + step))
+        ema_update(ema_unet, unet, decay)
+        ema_update(ema_text, text_encoder, decay)
+        running.append(loss.item())
+        step += 1
+        if step % 100 == 0:
+            log(f"unet step {step} loss {np.mean(running):.5f} ({progress.elapsed():.0f}s)")
+            running = []
+    pipeline = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=ema_text,
+        tokenizer=clip_tokenizer(),
+        unet=ema_unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipeline.save_pretrained(Path(s.out) / "sd", safe_serialization=True)
+    log(f"unet: {step} steps in {progress.elapsed() / 60:.1f} min; saved {Path(s.out) / 'sd'}")
+
+
+# --- CLIP ------------------------------------------------------------------------------------------
+
+
+def clip_text(caption: str, rng: np.random.Generator) -> str:
+    """The caption, or a partial paraphrase of it, so that CLIP also grounds single words."""
+    description = shapes.parse_caption(caption)
+    if len(description.objects) == 1:
+        (obj,) = description.objects
+        return str(rng.choice([caption, caption, caption, f"a {obj.color} shape", f"a {obj.shape}"]))
+    first, second = description.objects
+    return caption if rng.random() < 0.7 else f"{shapes.object_phrase(first)} and {shapes.object_phrase(second)}"
+
+
+def contrastive_loss(image_features: torch.Tensor, text_features: torch.Tensor, scale: torch.Tensor,
+                     texts: list[str]) -> torch.Tensor:
+    """Symmetric InfoNCE where every pair with the same text counts as a match (the world repeats itself)."""
+    logits = scale * image_features @ text_features.T
+    ids = {t: i for i, t in enumerate(texts)}
+    same = torch.tensor([ids[t] for t in texts])
+    targets = (same[:, None] == same[None, :]).float()
+    targets = targets / targets.sum(1, keepdim=True)
+    return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+
+
+def clip_dir(s: TrainSettings) -> Path:
+    return Path(s.out) / "clip"
+
+
+def stage_clip(s: TrainSettings, log: Log) -> None:
+    import open_clip
+
+    torch.manual_seed(s.seed)
+    images, captions = load_data(s)
+    config = models.clip_config()
+    model = open_clip.CLIP(**config["model_cfg"])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=s.clip_lr, weight_decay=0.1)
+    rng = np.random.default_rng(s.seed + 3)
+    generator = torch.Generator().manual_seed(s.seed + 3)
+    progress, running, step = Progress(s.clip_steps, s.clip_minutes), [], 0
+    while progress(step) < 1:
+        idx = np.sort(rng.choice(len(images), s.clip_batch, replace=False))
+        batch = random_blur(to_tensor(images[idx]), generator)  # mean = std = 0.5: [-1, 1] is the input
+        texts = [clip_text(captions[i], rng) for i in idx]
+        image_features, text_features, scale = model(batch, open_clip.tokenize(texts))
+        loss = contrastive_loss(image_features, text_features, scale, texts)
+        set_lr(optimizer, learning_rate(s.clip_lr, step, progress(step), s.warmup_steps))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+        running.append(loss.item())
+        step += 1
+        if step % 100 == 0:
+            log(f"clip step {step} loss {np.mean(running):.4f} ({progress.elapsed():.0f}s)")
+            running = []
+    folder = clip_dir(s)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "open_clip_config.json").write_text(json.dumps(config, indent=2))
+    state = {k: v.detach().half().contiguous() for k, v in model.state_dict().items()}  # fp16 on disk
+    save_file(state, folder / "open_clip_model.safetensors")
+    log(f"clip: {step} steps in {progress.elapsed() / 60:.1f} min; saved {folder}")
+
+
+# --- shade classifier ------------------------------------------------------------------------------
+
+
+def classifier_data(s: TrainSettings) -> tuple[np.ndarray, np.ndarray]:
+    """Single objects of the classifier's color in every shade, on the world's backgrounds."""
+    rng = np.random.default_rng(s.seed + 4)
+    scenes, labels = [], []
+    while len(scenes) < s.classifier_images:
+        scene = shapes.random_scene(rng, 1)
+        shade = int(rng.integers(4))
+        obj = dataclasses.replace(scene.objects[0], color=models.CLASSIFIER_COLOR, shade=shade)
+        color = shapes.PALETTE[obj.color][shade]
+        if shapes.contrast(color, scene.background) >= shapes.MIN_CONTRAST:
+            scenes.append(dataclasses.replace(scene, objects=(obj,)))
+            labels.append(shade)
+    return shapes.render_dataset(scenes), np.array(labels)
+
+
+def stage_classifier(s: TrainSettings, log: Log) -> None:
+    from transformers import ViTImageProcessor
+
+    torch.manual_seed(s.seed)
+    images, labels = classifier_data(s)
+    n_val = 1000
+    model = models.shade_classifier()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=s.classifier_lr, weight_decay=0.01)
+    generator = torch.Generator().manual_seed(s.seed + 4)
+    rng = np.random.default_rng(s.seed + 4)
+    progress, running, step = Progress(s.classifier_steps, s.classifier_minutes), [], 0
+    while progress(step) < 1:
+        idx = rng.choice(len(images) - n_val, s.classifier_batch, replace=False) + n_val
+        batch = random_blur(to_tensor(images[idx]), generator)
+        loss = F.cross_entropy(model(batch).logits, torch.from_numpy(labels[idx]))
+        set_lr(optimizer, learning_rate(s.classifier_lr, step, progress(step), s.warmup_steps))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        running.append(loss.item())
+        step += 1
+        if step % 100 == 0:
+            log(f"classifier step {step} loss {np.mean(running):.4f} ({progress.elapsed():.0f}s)")
+            running = []
+    model.eval()
+    with torch.no_grad():
+        predicted = model(to_tensor(images[:n_val])).logits.argmax(1).numpy()
+    accuracy = float((predicted == labels[:n_val]).mean())
+    folder = Path(s.out) / "classifier"
+    model.save_pretrained(folder, safe_serialization=True)
+    processor = ViTImageProcessor(
+        do_resize=True,
+        size={"height": shapes.IMAGE_SIZE, "width": shapes.IMAGE_SIZE},
+        do_rescale=True,
+        do_normalize=True,
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
+    )
+    processor.save_pretrained(folder)
+    log(f"classifier: {step} steps in {progress.elapsed() / 60:.1f} min; held-out accuracy {accuracy:.3f}")
+
+
+# --- aesthetic head --------------------------------------------------------------------------------
+
+
+def stage_aesthetic(s: TrainSettings, log: Log) -> None:
+    """Least squares (ridge) of the beauty score on L2-normalised CLIP image embeddings."""
+    import open_clip
+
+    start = time.time()
+    model, _, _ = open_clip.create_model_and_transforms(f"local-dir:{clip_dir(s)}")
+    model.eval()
+    rng = np.random.default_rng(s.seed + 5)
+    scenes = [beauty.random_composition(rng) for _ in range(s.aesthetic_images)]
+    scores = torch.tensor([beauty.beauty(sc) for sc in scenes], dtype=torch.float64)
+    images = shapes.render_dataset(scenes)
+    with torch.no_grad():
+        features = torch.cat([model.encode_image(to_tensor(images[i : i + 500]), normalize=True)
+                              for i in range(0, len(images), 500)]).double()
+    n_val = 1000
+    x = torch.cat([features, torch.ones(len(features), 1, dtype=torch.float64)], 1)
+    train_x, train_y = x[n_val:], scores[n_val:]
+    gram = train_x.T @ train_x + s.aesthetic_ridge * len(train_x) * torch.eye(x.shape[1], dtype=torch.float64)
+    solution = torch.linalg.solve(gram, train_x.T @ train_y)
+    predicted = x[:n_val] @ solution
+    correlation = float(np.corrcoef(predicted.numpy(), scores[:n_val].numpy())[0, 1])
+    folder = Path(s.out) / "aesthetic"
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({"weight": solution[None, :-1].float().contiguous(), "bias": solution[-1:].float().contiguous()},
+              folder / "aesthetic_head.safetensors")
+    log(f"aesthetic: {s.aesthetic_images} images, held-out correlation {correlation:.3f}, "
+        f"score range {scores.min():.2f}..{scores.max():.2f}, {time.time() - start:.0f}s")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--stage", nargs="+", choices=STAGES, default=list(STAGES))
+    for f in dataclasses.fields(TrainSettings):
+        parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
+    args = parser.parse_args()
+    settings = TrainSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainSettings)})
+    torch.set_num_threads(settings.threads)
+    log = Log(Path(settings.out) / "training_log.txt")
+    log(f"stages {args.stage} with {settings}")
+    stages = {name: globals()[f"stage_{name}"] for name in STAGES}
+    for name in args.stage:
+        start = time.time()
+        stages[name](settings, log)
+        log(f"stage {name} done: {(time.time() - start) / 60:.1f} min wall")
+
+
+if __name__ == "__main__":
+    main()

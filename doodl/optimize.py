@@ -25,7 +25,7 @@ class DoodlSettings:
     iterations: int = 50  # optimization steps (official: num_traversal_steps=50)
     learning_rate: float = 1.0  # loss multiplier before clipping (official: grad_scale=1)
     momentum: float = 0.9  # SGD momentum; Nesterov did not help (paper)
-    clip: float = 1e-3  # element-wise gradient clip (official: clip_grad_val)
+    grad_clip: float = 1e-3  # element-wise gradient clip (official: clip_grad_val)
     perturbation: float = 1e-4  # std of the noise added to the latent each step (official)
     p: float = 0.93  # EDICT mixing weight (paper)
     guidance_scale: float = 7.5  # classifier-free guidance (official: sd_guidance_scale)
@@ -44,7 +44,7 @@ class DoodlSettings:
             "iterations": self.iterations >= 1,
             "learning_rate": self.learning_rate > 0,
             "momentum": 0 <= self.momentum < 1,
-            "clip": self.clip > 0,
+            "grad_clip": self.grad_clip > 0,
             "perturbation": self.perturbation >= 0,
             "p": 0 < self.p <= 1,
             "guidance_scale": self.guidance_scale >= 0,
@@ -151,9 +151,8 @@ def _sgd_step(
         grad = ((grad[0] + grad[1]) / 2,) * 2
     noise = torch.randn(latents[0].shape, generator=generator, dtype=torch.float64)
     noise = s.perturbation * noise.to(latents[0])
-    velocity = tuple(
-        s.momentum * v + (-s.learning_rate * g).clamp(-s.clip, s.clip) for v, g in zip(velocity, grad)
-    )
+    step = [(-s.learning_rate * g).clamp(-s.grad_clip, s.grad_clip) for g in grad]
+    velocity = tuple(s.momentum * v + d for v, d in zip(velocity, step))
     new = [z + v + noise for z, v in zip(latents, velocity)]
     if s.tied:
         new = [(new[0] + new[1]) / 2] * 2

@@ -17,7 +17,8 @@ _NUM_MERGES = 49152 - 256 - 2
 
 def clip_tokenizer(max_length: int = 77) -> CLIPTokenizer:
     """Stable Diffusion 1.x's CLIP tokenizer (49408 tokens), built from open_clip's BPE file."""
-    lines = gzip.open(oc_tokenizer.default_bpe()).read().decode("utf-8").split("\n")
+    with gzip.open(oc_tokenizer.default_bpe(), "rt", encoding="utf-8") as bpe:
+        lines = bpe.read().split("\n")
     merges = [tuple(line.split()) for line in lines[1 : _NUM_MERGES + 1]]
     symbols = list(oc_tokenizer.bytes_to_unicode().values())
     vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]

@@ -328,7 +328,7 @@ def test_loader_errors_are_clear(tmp_path, monkeypatch):
         (dict(p=0.0), "p="),
         (dict(p=1.5), "p="),
         (dict(mode="magic"), "magic"),
-        (dict(clip=-1.0), "clip"),
+        (dict(grad_clip=-1.0), "grad_clip"),
     ],
 )
 def test_bad_settings_are_refused(bad, message):

@@ -1,0 +1,155 @@
+"""Command line: optimize one image and save it.
+
+    python -m doodl --prompt "a red circle above a blue square" --loss clip-text --out out.png
+    python -m doodl --prompt "a red circle" --loss classifier --target crimson --out crimson.png
+    python -m doodl --prompt "a photo" --loss clip-text --loss aesthetic=0.5 \
+        --model runwayml/stable-diffusion-v1-5 --clip ViT-L-14 --clip-pretrained laion2b_s32b_b82k \
+        --aesthetic-clip ViT-L-14 --aesthetic-pretrained openai --device cuda --out photo.png
+
+Every model defaults to the embedded one in assets/embedded, so the command works offline on a CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from doodl import embedded
+from doodl.baseline import one_step_guidance
+from doodl.guides import load_aesthetic_head, load_classifier, load_clip
+from doodl.losses import (
+    LOSSES,
+    Loss,
+    aesthetic_loss,
+    classifier_loss,
+    clip_image_loss,
+    clip_text_loss,
+    symmetry_loss,
+    weighted_sum,
+)
+from doodl.optimize import DoodlSettings, Step, invert_image, optimize
+from doodl.pipeline import ModelLoadError, load_pipeline
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m doodl", description=__doc__.split("\n")[0])
+    parser.add_argument("--prompt", required=True, help="what Stable Diffusion is asked to draw")
+    parser.add_argument("--out", default="doodl.png", help="where to save the best image")
+    parser.add_argument("--model", default=str(embedded.SD), help="diffusers SD folder or hub id")
+    parser.add_argument(
+        "--loss",
+        action="append",
+        metavar="NAME[=WEIGHT]",
+        help=f"guidance loss, repeatable for a weighted sum: {', '.join(LOSSES)} (default clip-text)",
+    )
+    guide = parser.add_argument_group("guidance models and targets")
+    guide.add_argument("--clip", default=str(embedded.CLIP), help="open_clip name, hf-hub:, or folder")
+    guide.add_argument("--clip-pretrained", help="open_clip weights tag, for a built-in architecture")
+    guide.add_argument("--text", help="text the CLIP loss aims at (default: the prompt)")
+    guide.add_argument("--reference", action="append", default=[], help="reference image (clip-image)")
+    guide.add_argument("--classifier", default=str(embedded.CLASSIFIER), help="transformers id or folder")
+    guide.add_argument("--target", help="the classifier's target class: a label or an index")
+    guide.add_argument("--aesthetic-clip", default=str(embedded.CLIP))
+    guide.add_argument("--aesthetic-pretrained")
+    guide.add_argument("--aesthetic-head", default=str(embedded.AESTHETIC_HEAD), help="'laion': download")
+    guide.add_argument("--aesthetic-target", type=float, help="aim at this score instead of maximizing")
+    guide.add_argument("--cutouts", type=int, default=16, help="random crops per image (paper: 16)")
+    guide.add_argument("--cut-power", type=float, default=0.3)
+    run = parser.add_argument_group("optimization (defaults: the paper's)")
+    for field in fields(DoodlSettings):
+        if field.type in ("int", "float", "str", "bool") and field.name not in ("height", "width"):
+            kind = {"int": int, "float": float, "str": str, "bool": _boolean}[field.type]
+            run.add_argument(f"--{field.name.replace('_', '-')}", type=kind, default=field.default)
+    run.add_argument("--init-image", help="start from this real image, EDICT-inverted, instead of noise")
+    run.add_argument("--baseline-scale", type=float, help="also save one-step guidance at this scale")
+    run.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return parser.parse_args(argv)
+
+
+def _boolean(text: str) -> bool:
+    if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return text.lower() in ("true", "1", "yes")
+
+
+def open_image(path: str) -> Image.Image:
+    try:
+        return Image.open(path).convert("RGB")
+    except (OSError, UnidentifiedImageError) as error:
+        raise ValueError(f"{path} is not a readable image ({error})") from error
+
+
+def build_loss(args: argparse.Namespace, device: str, generator: torch.Generator) -> Loss:
+    """The weighted sum of the named losses, each with its guidance model loaded."""
+    crops = dict(cutouts=args.cutouts, cut_power=args.cut_power, generator=generator)
+    terms = []
+    for item in args.loss or ["clip-text"]:
+        name, _, weight = item.partition("=")
+        if name not in LOSSES:
+            raise ValueError(f"unknown loss {name!r}: choose among {', '.join(LOSSES)}")
+        if name == "clip-text":
+            loss = clip_text_loss(
+                load_clip(args.clip, args.clip_pretrained, device), args.text or args.prompt, **crops
+            )
+        elif name == "clip-image":
+            if not args.reference:
+                raise ValueError("the clip-image loss needs at least one --reference image")
+            references = [open_image(path) for path in args.reference]
+            loss = clip_image_loss(load_clip(args.clip, args.clip_pretrained, device), references, **crops)
+        elif name == "classifier":
+            if args.target is None:
+                raise ValueError("the classifier loss needs a --target class")
+            target = int(args.target) if args.target.isdigit() else args.target
+            loss = classifier_loss(load_classifier(args.classifier, device), target, **crops)
+        elif name == "aesthetic":
+            clip = load_clip(args.aesthetic_clip, args.aesthetic_pretrained, device)
+            head = load_aesthetic_head(None if args.aesthetic_head == "laion" else args.aesthetic_head)
+            loss = aesthetic_loss(clip, head, args.aesthetic_target, **crops)
+        else:
+            loss = symmetry_loss()
+        terms.append((float(weight or 1.0), loss))
+    return terms[0][1] if len(terms) == 1 and terms[0][0] == 1.0 else weighted_sum(terms)
+
+
+def report(step: Step, total: int) -> None:
+    print(
+        f"iteration {step.iteration + 1:3d}/{total}  loss {step.loss:.5f}  {step.seconds:7.1f} s", flush=True
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        settings = DoodlSettings(
+            **{f.name: getattr(args, f.name) for f in fields(DoodlSettings) if hasattr(args, f.name)}
+        )
+        dtype = torch.float16 if args.device.startswith("cuda") else torch.float32
+        model = load_pipeline(args.model, args.device, dtype)
+        loss = build_loss(args, args.device, torch.Generator().manual_seed(settings.seed))
+        init = None
+        if args.init_image:
+            init = invert_image(model, open_image(args.init_image), args.prompt, settings)
+        result = optimize(
+            model, args.prompt, loss, settings, init, lambda step: report(step, settings.iterations)
+        )
+    except (ValueError, TypeError, OSError, ModelLoadError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    result.best.image.save(out)
+    print(f"best loss {result.best.loss:.5f} at iteration {result.best.iteration + 1}; saved {out}")
+    if args.baseline_scale is not None:
+        baseline = one_step_guidance(model, args.prompt, loss, args.baseline_scale, settings, init)
+        baseline_path = out.with_name(f"{out.stem}-one-step{out.suffix}")
+        baseline.save(baseline_path)
+        print(f"one-step guidance at scale {args.baseline_scale}: saved {baseline_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -129,15 +129,18 @@ def doodl(
     velocity = (torch.zeros_like(x), torch.zeros_like(y))
     generator = torch.Generator().manual_seed(settings.seed + 1)
 
+    decoded = []  # the image of x_0, kept from the loss's own decoding rather than decoded again
+
     def loss_of_final(x0: torch.Tensor, y0: torch.Tensor) -> torch.Tensor:
         # Both latents of the pair are decoded and judged, as in the official code.
-        return loss(model.decode(torch.cat([x0, y0])))
+        images = model.decode(torch.cat([x0, y0]))
+        decoded.append(images[:1].detach())
+        return loss(images)
 
     start = time.perf_counter()
     for iteration in range(settings.iterations):
         result = latent_grad(eps, x, y, schedule, loss_of_final, settings.mode)
-        with torch.no_grad():
-            image = to_pil(model.decode(result.final[0]))[0]
+        image = to_pil(decoded.pop())[0]
         yield Step(iteration, result.loss, image, time.perf_counter() - start, (x, y))
         if iteration + 1 < settings.iterations:
             x, y, velocity = _sgd_step((x, y), result.grad, velocity, norms, settings, generator)

@@ -5,6 +5,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler
@@ -247,7 +248,9 @@ def test_callback_can_stop_the_run(tiny):
 def test_iteration_zero_is_the_unguided_sample(tiny):
     settings = DoodlSettings(steps=6, iterations=1)
     result = optimize(tiny, PROMPT, mean_gray_loss, settings)
-    assert list(result.last.image.getdata()) == list(sample(tiny, PROMPT, settings).getdata())
+    # Decoded in a batch of two rather than alone: equal up to rounding of the last 8-bit level.
+    difference = np.asarray(result.last.image, float) - np.asarray(sample(tiny, PROMPT, settings), float)
+    assert np.abs(difference).max() <= 1
 
 
 def test_real_image_inversion_regenerates_it(tiny):

@@ -161,4 +161,4 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
 def to_tensor(image: Image.Image, size: tuple[int, int]) -> torch.Tensor:
     """A PIL image to a (1, 3, H, W) tensor in [0, 1], resized to size = (width, height)."""
     image = image.convert("RGB").resize(size, Image.Resampling.LANCZOS)
-    return torch.from_numpy(np.asarray(image)).permute(2, 0, 1).unsqueeze(0).float().contiguous() / 255
+    return torch.from_numpy(np.array(image)).permute(2, 0, 1).unsqueeze(0).float().contiguous() / 255

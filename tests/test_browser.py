@@ -1,0 +1,59 @@
+"""The app as a browser renders it: headless Chromium loads the page, the DOM and a screenshot are checked.
+
+Needs Debian's `chromium` (scripts/test.sh installs it); skipped when it is not installed.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.test_app import prepare_models, serve
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+pytestmark = pytest.mark.skipif(
+    CHROMIUM is None, reason="chromium is not installed (apt-get install chromium)"
+)
+
+TABS = ("Text guidance", "Vocabulary expansion", "Personalization", "Aesthetic improvement")
+
+# Headless, offline and quiet; the virtual-time budget lets the page's scripts finish before the dump.
+FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--virtual-time-budget=15000",
+)
+
+
+@pytest.fixture(scope="module")
+def url(tmp_path_factory):
+    demo, url = serve(prepare_models(tmp_path_factory.mktemp("models")))
+    yield url
+    demo.close()
+
+
+def chromium(profile: Path, *args: str) -> subprocess.CompletedProcess:
+    command = [CHROMIUM, *FLAGS, f"--user-data-dir={profile}", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120, check=True)
+
+
+def test_page_shows_the_four_tabs(url, tmp_path):
+    dom = chromium(tmp_path / "profile", "--dump-dom", url).stdout
+    for tab in TABS:
+        assert tab in dom, f"tab {tab!r} is not in the rendered page"
+
+
+def test_screenshot(url, tmp_path):
+    screenshot = tmp_path / "app.png"
+    chromium(tmp_path / "profile", f"--screenshot={screenshot}", "--window-size=1280,1000", url)
+    assert screenshot.read_bytes().startswith(b"\x89PNG")
+    assert screenshot.stat().st_size > 10_000  # a blank page compresses to far less

@@ -1,0 +1,326 @@
+"""Does DOODL steer better than one-step guidance? Four capabilities on the embedded model.
+
+    python -m benchmarks.quality                     # 30 prompts each, 20 steps, 10 iterations
+    python -m benchmarks.quality --n 100 --steps 50 --iterations 50 --matched-n 100
+    python -m benchmarks.quality --quick             # 1 prompt each, a few steps
+
+Per prompt, from the same initial latents: the unguided EDICT sample, one-step guidance, and DOODL (the
+image of lowest guidance loss over its iterations). Matched compute: one-step guidance on K initial
+latents, the one of lowest guidance loss kept, with K chosen so that it makes as many UNet calls as
+DOODL. Each guided method's strength (one-step scale, DOODL learning rate) is chosen per capability by
+its own guidance loss on pilot prompts. Every image is scored by a rule-based evaluator, never by the
+model that guided it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+from PIL import Image
+from torchvision.transforms.functional import pil_to_tensor
+
+from benchmarks.common import EMBEDDED, count_unet_calls, markdown_table, parser, start, write_report
+from benchmarks.evaluators import beauty_agreement, measured_shade, pixel_beauty
+from doodl import DoodlSettings, initial_latents, load_pipeline, one_step_guidance, optimize, sample
+from doodl.guides import load_aesthetic_head, load_classifier, load_clip
+from doodl.losses import Loss, aesthetic_loss, classifier_loss, clip_image_loss, clip_text_loss
+from doodl.pipeline import LatentDiffusion
+from doodl.world import judge, shapes
+
+METHODS = ("unguided", "one-step", "DOODL", "one-step best of K")
+ASSETS = ("sd/model_index.json", "clip", "classifier", "aesthetic/aesthetic_head.safetensors")
+# The guides see 64 px images whole: every crop of a 64 px image for a 64 px model is the whole image,
+# so multi-crop augmentation would only repeat it.
+CUTOUTS = 0
+
+
+@dataclass(frozen=True)
+class Task:
+    prompt: str
+    loss: Loss
+    score: Callable[[Image.Image], float]  # the evaluator: 1/0 for success, or a rating
+
+
+@dataclass(frozen=True)
+class Outcome:
+    score: float  # the evaluator's
+    loss: float  # the guidance loss of the final image: did the method do what it was asked?
+    calls: int  # UNet calls spent on the image
+
+
+@dataclass(frozen=True)
+class Capability:
+    name: str
+    evaluator: str
+    make_task: Callable[[dict, np.random.Generator], Task]  # (guides, rng) -> one task
+
+
+# --- the four capabilities -----------------------------------------------------------------------
+
+
+def text_task(guides: dict, rng: np.random.Generator) -> Task:
+    """A two-object caption (the compositional kind text models get wrong), guided by CLIP text."""
+    caption = shapes.caption(shapes.random_scene(rng, 2))
+    return Task(
+        caption,
+        clip_text_loss(guides["clip"], caption, cutouts=CUTOUTS),
+        lambda image: float(judge.judge(image, caption).ok),
+    )
+
+
+def vocabulary_task(guides: dict, rng: np.random.Generator) -> Task:
+    """A shade no caption names, reached by the shade classifier from 'a red <shape>'."""
+    shade = int(rng.integers(4))
+    label = shapes.SHADE_NAMES["red"][shade]
+    return Task(
+        f"a red {rng.choice(shapes.SHAPES)}",
+        classifier_loss(guides["classifier"], label, cutouts=CUTOUTS),
+        lambda image: float(measured_shade(image, "red") == shade),
+    )
+
+
+def personalization_task(guides: dict, rng: np.random.Generator) -> Task:
+    """The prompt names the shape only; three renders of one object give its color and shade (identity)."""
+    entity = shapes.random_scene(rng, 1).objects[0]
+    references = []
+    while len(references) < 3:
+        scene = shapes.random_scene(rng, 1)
+        obj = dataclasses.replace(
+            scene.objects[0], shape=entity.shape, color=entity.color, shade=entity.shade
+        )
+        if shapes.contrast(shapes.PALETTE[obj.color][obj.shade], scene.background) >= shapes.MIN_CONTRAST:
+            references.append(Image.fromarray(shapes.render(dataclasses.replace(scene, objects=(obj,)))))
+    target = shapes.Description((shapes.ObjectSpec(entity.color, entity.shape),))
+    return Task(
+        f"a {entity.shape}",
+        clip_image_loss(guides["clip"], references, cutouts=CUTOUTS),
+        lambda image: float(judge.judge_description(image, target).ok),
+    )
+
+
+def aesthetic_task(guides: dict, rng: np.random.Generator) -> Task:
+    """A one-object caption, guided by the aesthetic head; rated by the beauty rule on the pixels."""
+    caption = shapes.caption(shapes.random_scene(rng, 1))
+    return Task(caption, aesthetic_loss(guides["clip"], guides["head"], cutouts=CUTOUTS), pixel_beauty)
+
+
+CAPABILITIES = (
+    Capability("text", "rule-based judge: colors, shapes and relation right", text_task),
+    Capability("vocabulary", "shade measured from the pixels = the classifier's target", vocabulary_task),
+    Capability("personalization", "judge: color and shape = the reference's", personalization_task),
+    Capability("aesthetic", "beauty rule (1-10) on the scene read from the pixels", aesthetic_task),
+)
+
+
+# --- running the methods --------------------------------------------------------------------------
+
+
+def counted(model: LatentDiffusion, run: Callable[[], Image.Image]) -> tuple[Image.Image, int]:
+    with count_unet_calls(model.unet) as calls:
+        image = run()
+    return image, calls.calls
+
+
+def image_loss(task: Task, image: Image.Image) -> float:
+    with torch.no_grad():
+        return float(task.loss(pil_to_tensor(image).float().div(255).unsqueeze(0)))
+
+
+def one_step(model: LatentDiffusion, task: Task, settings: DoodlSettings, scale: float, init=None):
+    return one_step_guidance(model, task.prompt, task.loss, scale, settings, init)
+
+
+def doodl_image(model: LatentDiffusion, task: Task, settings: DoodlSettings, init=None) -> Image.Image:
+    return optimize(model, task.prompt, task.loss, settings, init).image
+
+
+def best_of(model: LatentDiffusion, task: Task, settings: DoodlSettings, scale: float, k: int):
+    """One-step guidance from k initial latents; the image of lowest guidance loss (not evaluator score)."""
+    seeds = range(settings.seed, settings.seed + 10_000 * k, 10_000)
+    images = [one_step(model, task, dataclasses.replace(settings, seed=seed), scale) for seed in seeds]
+    return min(images, key=lambda image: image_loss(task, image))
+
+
+def run_task(model: LatentDiffusion, task: Task, settings: DoodlSettings, scale: float, matched: bool):
+    """{method: Outcome} for one prompt; `settings` carries DOODL's learning rate."""
+    init = initial_latents(model, settings)
+    runs = {
+        "unguided": lambda: sample(model, task.prompt, settings, init),
+        "one-step": lambda: one_step(model, task, settings, scale, init),
+        "DOODL": lambda: doodl_image(model, task, settings, init),
+    }
+    results = {name: counted(model, run) for name, run in runs.items()}
+    if matched:
+        k = max(1, round(results["DOODL"][1] / results["one-step"][1]))
+        results[METHODS[3]] = counted(model, lambda: best_of(model, task, settings, scale, k))
+    return {
+        name: Outcome(task.score(image), image_loss(task, image), n) for name, (image, n) in results.items()
+    }
+
+
+def settings_for(args, index: int, i: int, learning_rate: float = 1.0) -> DoodlSettings:
+    """Settings of prompt i of capability `index`: its own initial latents."""
+    return DoodlSettings(
+        steps=args.steps, iterations=args.iterations, learning_rate=learning_rate, seed=1000 * index + i
+    )
+
+
+def tune(values: list[float], image_of: Callable, pilots: list) -> float:
+    """The value whose images have the lowest mean guidance loss over the pilot (task, settings)."""
+    if len(values) == 1:
+        return values[0]
+
+    def mean_loss(value: float) -> float:
+        return statistics.mean(image_loss(task, image_of(task, settings, value)) for task, settings in pilots)
+
+    return min(values, key=mean_loss)
+
+
+def tuned_strengths(model, guides, capability: Capability, index: int, args) -> tuple[float, float]:
+    """(one-step scale, DOODL learning rate), each chosen by its method's own guidance loss on pilot
+    prompts not used for scoring, never by the evaluator."""
+    rng = np.random.default_rng(args.seed + 100 + index)
+    pilots = [
+        (capability.make_task(guides, rng), settings_for(args, index, 500 + i)) for i in range(args.pilot)
+    ]
+    scale = tune(args.scales, lambda task, settings, v: one_step(model, task, settings, v), pilots)
+    lr = tune(
+        args.lrs,
+        lambda task, settings, v: doodl_image(model, task, dataclasses.replace(settings, learning_rate=v)),
+        pilots,
+    )
+    return scale, lr
+
+
+def run_capability(model, guides, capability: Capability, index: int, args) -> tuple[dict[str, list], str]:
+    """({method: [Outcome per prompt]}, the strengths chosen); prompts and latents are seeded."""
+    scale, lr = tuned_strengths(model, guides, capability, index, args)
+    print(capability.name, "one-step scale", scale, "DOODL learning rate", lr, flush=True)
+    rng = np.random.default_rng(args.seed + index)
+    scores: dict[str, list] = {method: [] for method in METHODS}
+    for i in range(args.n):
+        settings = settings_for(args, index, i, lr)
+        torch.manual_seed(settings.seed)  # anything random in a loss
+        task = capability.make_task(guides, rng)
+        for method, result in run_task(model, task, settings, scale, i < args.matched_n).items():
+            scores[method].append(result)
+        print(capability.name, i, task.prompt, {m: s[-1].score for m, s in scores.items() if s}, flush=True)
+    return scores, f"{capability.name}: scale {scale:g}, lr {lr:g}"
+
+
+# --- report ---------------------------------------------------------------------------------------
+
+
+def summary(outcomes: list[Outcome], field: str = "score") -> str:
+    """Mean ± standard error of one field of the outcomes."""
+    if not outcomes:
+        return "-"
+    values = [getattr(outcome, field) for outcome in outcomes]
+    error = statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.3g} ± {error:.2g} (n={len(values)})"
+
+
+def mean_calls(outcomes: list[Outcome]) -> str:
+    return f"{statistics.mean(o.calls for o in outcomes):.0f}" if outcomes else "-"
+
+
+def score_row(capability: Capability, scores: dict[str, list[Outcome]]) -> list[str]:
+    calls = "/".join(mean_calls(scores[m]) for m in METHODS)
+    return [capability.name, capability.evaluator, *(summary(scores[m]) for m in METHODS), calls]
+
+
+def verdict(name: str, scores: dict[str, list]) -> str:
+    """A plain sentence: does DOODL beat each baseline on the prompts both were run on?"""
+    parts = []
+    for method in ("unguided", "one-step", METHODS[3]):
+        pairs = list(zip(scores["DOODL"], scores[method]))
+        if pairs:
+            ours, theirs = (statistics.mean(pair[i].score for pair in pairs) for i in (0, 1))
+            word = "beats" if ours > theirs else "ties with" if ours == theirs else "does NOT beat"
+            parts.append(f"{word} {method} ({ours:.2f} vs {theirs:.2f}, {len(pairs)} prompts)")
+    return f"- **{name}**: DOODL " + "; ".join(parts) + "."
+
+
+def plot(all_scores: dict[str, dict[str, list]]) -> Figure:
+    figure = Figure(figsize=(3 * len(all_scores), 3.2))
+    for ax, (name, scores) in zip(np.atleast_1d(figure.subplots(1, len(all_scores))), all_scores.items()):
+        means = [statistics.mean(o.score for o in scores[m]) if scores[m] else 0 for m in METHODS]
+        ax.bar(range(len(METHODS)), means, color=["grey", "tab:blue", "tab:red", "tab:cyan"])
+        ax.set_xticks(range(len(METHODS)), ["unguided", "one-step", "DOODL", "1-step\nbest of K"], fontsize=7)
+        ax.set_title(name)
+    return figure
+
+
+def load_guides(assets: Path, device: str) -> dict:
+    return {
+        "clip": load_clip(str(assets / "clip"), device=device),
+        "classifier": load_classifier(assets / "classifier", device=device),
+        "head": load_aesthetic_head(assets / "aesthetic" / "aesthetic_head.safetensors"),
+    }
+
+
+def main() -> None:
+    p = parser(__doc__)
+    p.add_argument("--n", type=int, default=30, help="prompts per capability")
+    p.add_argument("--matched-n", type=int, default=10, help="prompts that also get the matched-compute run")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--iterations", type=int, default=10)
+    p.add_argument("--scales", type=float, nargs="+", default=[10, 100, 1000], help="one-step strengths")
+    p.add_argument("--lrs", type=float, nargs="+", default=[1, 100], help="DOODL rates (before the clip)")
+    p.add_argument("--pilot", type=int, default=3, help="prompts that choose the strengths")
+    p.add_argument("--seed", type=int, default=2024)
+    p.add_argument("--only", nargs="+", choices=[c.name for c in CAPABILITIES], help="capabilities to run")
+    p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--assets", type=Path, default=EMBEDDED, help="folder of sd/, clip/, classifier/, aesthetic/"
+    )
+    args = p.parse_args()
+    if args.quick:
+        args.n, args.matched_n, args.steps, args.iterations, args.scales, args.lrs = 1, 1, 3, 2, [100], [1]
+    missing = [a for a in ASSETS if not (args.assets / a).exists()]
+    if missing:
+        raise SystemExit(f"quality needs the embedded models; missing under {args.assets}: {missing}")
+    out = start(args)
+
+    model = load_pipeline(args.assets / "sd", args.device)
+    guides = load_guides(args.assets, args.device)
+    chosen = [c for c in CAPABILITIES if args.only is None or c.name in args.only]
+    runs = {c.name: run_capability(model, guides, c, i, args) for i, c in enumerate(chosen)}
+    all_scores = {name: scores for name, (scores, _) in runs.items()}
+    strengths = "; ".join(chosen for _, chosen in runs.values())
+
+    rows = [score_row(c, all_scores[c.name]) for c in chosen]
+    loss_rows = [
+        [name, *(summary(scores[m], "loss") for m in METHODS)] for name, scores in all_scores.items()
+    ]
+    notes = (
+        f"Embedded model, {args.steps} EDICT steps, DOODL {args.iterations} iterations (clip, momentum, "
+        "perturbation as the paper). Per capability, one-step guidance's scale (from "
+        f"{args.scales}) and DOODL's learning rate (from {args.lrs}) are chosen by each method's own "
+        f"guidance loss on {args.pilot} pilot prompts: {strengths}. "
+        f"{args.n} seeded prompts per capability (matched compute on the first {args.matched_n}). Scores: "
+        "mean ± standard error; success rates are 0-1. The pixel beauty estimate correlates "
+        f"{beauty_agreement(100):.2f} with the beauty of the true scene on rendered images."
+    )
+    verdicts = "\n".join(verdict(name, scores) for name, scores in all_scores.items())
+    losses = "Guidance loss of the final images (lower: the method did what its guide asked):\n\n"
+    losses += markdown_table(["capability", *METHODS], loss_rows)
+    table = markdown_table(["capability", "evaluator", *METHODS, "UNet calls per image"], rows)
+    write_report(
+        out,
+        "quality",
+        "Quality: DOODL vs one-step guidance",
+        [notes, verdicts, losses, table],
+        plot(all_scores),
+    )
+
+
+if __name__ == "__main__":
+    main()

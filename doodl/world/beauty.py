@@ -69,7 +69,10 @@ def random_composition(rng: np.random.Generator) -> Scene:
     objects = tuple(
         dataclasses.replace(
             o,
-            center=(centre + (o.center[0] - centre) * scale + shift[0], centre + (o.center[1] - centre) * scale + shift[1]),
+            center=(
+                centre + (o.center[0] - centre) * scale + shift[0],
+                centre + (o.center[1] - centre) * scale + shift[1],
+            ),
             size=o.size * scale,
         )
         for o in scene.objects

@@ -33,13 +33,18 @@ class EvalSettings:
     batch: int = 25  # captions per pipeline call; timing is measured separately at batch 1
     threads: int = 2
     save: str = ""  # optional path of a grid of the first samples
+    references: bool = False  # only print the judge's shape references measured on VAE reconstructions
 
 
 def load_pipeline(path: str):
     from diffusers import StableDiffusionPipeline
 
     pipeline = StableDiffusionPipeline.from_pretrained(
-        path, safety_checker=None, feature_extractor=None, requires_safety_checker=False, torch_dtype=torch.float32
+        path,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+        dtype=torch.float32,
     )
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
@@ -50,7 +55,11 @@ def generate(pipeline, captions: list[str], seeds: list[int], s: EvalSettings) -
     generators = [torch.Generator().manual_seed(seed) for seed in seeds]
     with torch.no_grad():
         images = pipeline(
-            captions, num_inference_steps=s.steps, guidance_scale=s.guidance, generator=generators, output_type="np"
+            captions,
+            num_inference_steps=s.steps,
+            guidance_scale=s.guidance,
+            generator=generators,
+            output_type="np",
         ).images
     return np.clip(np.rint(images * 255), 0, 255).astype(np.uint8)
 
@@ -63,13 +72,18 @@ def seconds_per_sample(pipeline, s: EvalSettings, repeats: int = 3) -> float:
     return (time.perf_counter() - start) / repeats
 
 
-def evaluate_kind(pipeline, n_objects: int, s: EvalSettings) -> tuple[list[str], np.ndarray, list[judge.Verdict]]:
+def evaluate_kind(
+    pipeline, n_objects: int, s: EvalSettings
+) -> tuple[list[str], np.ndarray, list[judge.Verdict]]:
     rng = np.random.default_rng(s.seed + n_objects)
     captions = [shapes.caption(shapes.random_scene(rng, n_objects)) for _ in range(s.n)]
     seeds = [s.seed * 1000 + 100 * n_objects + i for i in range(s.n)]
-    images = np.concatenate([
-        generate(pipeline, captions[i : i + s.batch], seeds[i : i + s.batch], s) for i in range(0, s.n, s.batch)
-    ])
+    images = np.concatenate(
+        [
+            generate(pipeline, captions[i : i + s.batch], seeds[i : i + s.batch], s)
+            for i in range(0, s.n, s.batch)
+        ]
+    )
     return captions, images, [judge.judge(image, text) for image, text in zip(images, captions, strict=True)]
 
 
@@ -78,6 +92,7 @@ def percent(flags: list[bool]) -> str:
 
 
 def save_grid(images: np.ndarray, captions: list[str], path: str, columns: int = 10) -> None:
+    columns = min(columns, len(images))
     rows = len(images) // columns
     grid = images[: rows * columns].reshape(rows, columns, *images.shape[1:]).swapaxes(1, 2)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -85,22 +100,60 @@ def save_grid(images: np.ndarray, captions: list[str], path: str, columns: int =
     Path(path).with_suffix(".txt").write_text("\n".join(captions[: rows * columns]) + "\n")
 
 
+def reconstructions(vae, images: np.ndarray) -> np.ndarray:
+    """uint8 images passed through the VAE: what a generator that drew the scene perfectly would show."""
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+    with torch.no_grad():
+        decoded = vae.decode(vae.encode(x).latent_dist.mean).sample
+    return ((decoded.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+
+
+def shape_references(pipeline, count: int = 400, seed: int = 321) -> dict[tuple[str, int], np.ndarray]:
+    """Mean shape features per (shape, objects in scene) on VAE reconstructions of renders: how the
+    judge's reference points for generated images were measured."""
+    rng = np.random.default_rng(seed)
+    scenes = [shapes.random_scene(rng, 1 + i % 2) for i in range(count)]
+    images = reconstructions(pipeline.vae, shapes.render_dataset(scenes))
+    features: dict[tuple[str, int], list] = {}
+    for scene, image in zip(scenes, images, strict=True):
+        blobs = judge.find_blobs(image)
+        for obj in scene.objects:
+            same = [b for b in blobs if b.color == obj.color]
+            if same:
+                features.setdefault((obj.shape, len(scene.objects)), []).append(same[0].features)
+    return {key: np.mean(value, 0) for key, value in sorted(features.items())}
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     for name, default in vars(EvalSettings()).items():
-        parser.add_argument(f"--{name}", type=type(default), default=default)
+        if isinstance(default, bool):
+            parser.add_argument(f"--{name}", action="store_true")
+        else:
+            parser.add_argument(f"--{name}", type=type(default), default=default)
     s = EvalSettings(**vars(parser.parse_args()))
     torch.set_num_threads(s.threads)
     pipeline = load_pipeline(s.model)
+    if s.references:
+        for key, value in shape_references(pipeline).items():
+            print(key, np.round(value, 3))
+        return
     timing = seconds_per_sample(pipeline, s)
     captions1, images1, verdicts1 = evaluate_kind(pipeline, 1, s)
     captions2, images2, verdicts2 = evaluate_kind(pipeline, 2, s)
     print(f"model {s.model}, {s.steps} DDIM steps, guidance {s.guidance}, seed {s.seed}")
-    print(f"one object  ({s.n}): color {percent([v.color_ok for v in verdicts1])}  "
-          f"shape {percent([v.shape_ok for v in verdicts1])}  both {percent([v.ok for v in verdicts1])}")
-    print(f"two objects ({s.n}): both colors {percent([v.color_ok for v in verdicts2])}  "
-          f"both shapes {percent([v.shape_ok for v in verdicts2])}  "
-          f"relation {percent([bool(v.relation_ok) for v in verdicts2])}  all {percent([v.ok for v in verdicts2])}")
+    print(
+        f"one object  ({s.n}): color {percent([v.color_ok for v in verdicts1])}  "
+        f"shape {percent([v.shape_ok for v in verdicts1])}  both {percent([v.ok for v in verdicts1])}"
+    )
+    print(
+        f"two objects ({s.n}): both colors {percent([v.color_ok for v in verdicts2])}  "
+        f"both shapes {percent([v.shape_ok for v in verdicts2])}  "
+        f"relation {percent([bool(v.relation_ok) for v in verdicts2])}  "
+        f"all {percent([v.ok for v in verdicts2])}"
+    )
     print(f"seconds per 50-step sample (batch 1, cond + uncond): {timing * 50 / s.steps:.2f}")
     if s.save:
         save_grid(np.concatenate([images1[:20], images2[:20]]), captions1[:20] + captions2[:20], s.save)

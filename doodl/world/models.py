@@ -82,7 +82,13 @@ def clip_config() -> dict:
     return {
         "model_cfg": {
             "embed_dim": CLIP_EMBED_DIM,
-            "vision_cfg": {"image_size": IMAGE_SIZE, "layers": 4, "width": 128, "head_width": 32, "patch_size": 8},
+            "vision_cfg": {
+                "image_size": IMAGE_SIZE,
+                "layers": 4,
+                "width": 128,
+                "head_width": 32,
+                "patch_size": 8,
+            },
             "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 3},
         },
         "preprocess_cfg": {

@@ -90,7 +90,11 @@ def shape_polygon(shape: str, center: tuple[float, float], size: float) -> list[
         # Centered on its bounding box (not its centroid) so that "center" means the same for every shape.
         r = size * 1.1
         half_height, half_width = r * 0.75, r * np.sqrt(3) / 2
-        return [(cx, cy - half_height), (cx + half_width, cy + half_height), (cx - half_width, cy + half_height)]
+        return [
+            (cx, cy - half_height),
+            (cx + half_width, cy + half_height),
+            (cx - half_width, cy + half_height),
+        ]
     if shape == "star":
         r_out, r_in = size * 1.1, size * 0.5
         angles = -np.pi / 2 + np.arange(10) * np.pi / 5

@@ -1,14 +1,16 @@
 """Train the embedded models of the shapes world on CPU.
 
     python -m doodl.world.train                      # every stage, in order
-    python -m doodl.world.train --stage vae latents unet
+    python -m doodl.world.train --stage vae latents decoder unet
     python -m doodl.world.train --stage clip classifier aesthetic
 
-Stages: data (render the cached training set), vae, latents (encode the set once), unet (UNet and text
-encoder together, then save the Stable Diffusion folder), clip, classifier, aesthetic. The two chains
-(vae->latents->unet and clip->aesthetic, classifier) are independent after `data` and may run as two
-processes. Each stage also stops at a wall-clock cap; its learning-rate schedule follows whichever of
-steps or time runs out first, so a capped run still ends on a decayed learning rate.
+Stages: data (render the cached training set), vae, latents (encode the set once, fix the scaling
+factor), decoder (tune the decoder alone on those fixed latents), unet (UNet and text encoder together,
+then save the Stable Diffusion folder), clip, classifier, aesthetic. After `data` the chains
+vae -> latents -> {decoder, unet} and clip -> aesthetic, classifier are independent and may run as
+separate processes (the unet stage saves whatever decoder is in the cache when it ends). Each stage
+also stops at a wall-clock cap; its learning-rate schedule follows whichever of steps or time runs out
+first, so a capped run still ends on a decayed learning rate.
 """
 
 from __future__ import annotations
@@ -24,11 +26,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from doodl.world import beauty, models, shapes
 
-STAGES = ("data", "vae", "latents", "unet", "clip", "classifier", "aesthetic")
+STAGES = ("data", "vae", "latents", "decoder", "unet", "clip", "classifier", "aesthetic")
 
 
 @dataclass
@@ -41,22 +43,31 @@ class TrainSettings:
     two_object_fraction: float = 0.5
     # VAE: plain reconstruction with a whisper of KL, as in SD; the latents are rescaled afterwards anyway.
     vae_steps: int = 2000
-    vae_batch: int = 32
-    vae_lr: float = 1e-3
+    vae_batch: int = 16
+    vae_lr: float = 2e-3
     vae_kl_weight: float = 1e-6
-    vae_minutes: float = 22.0
+    vae_minutes: float = 14.0
+    # Decoder fine-tuning on the fixed latents.
+    decoder_steps: int = 3000
+    decoder_batch: int = 32
+    decoder_lr: float = 1e-3
+    decoder_noise: float = 0.1  # in units of the latents' std
+    decoder_minutes: float = 16.0
     # UNet + text encoder, trained together from scratch.
     unet_steps: int = 5000
     unet_batch: int = 64
     unet_lr: float = 1e-3
     cfg_dropout: float = 0.1  # share of empty captions: the unconditional branch of classifier-free guidance
     ema_decay: float = 0.998
-    unet_minutes: float = 45.0
+    unet_minutes: float = 35.0
     # CLIP, contrastive on (image, caption or partial caption).
     clip_steps: int = 2500
     clip_batch: int = 128
     clip_lr: float = 1e-3
-    clip_minutes: float = 22.0
+    clip_minutes: float = 20.0
+    clip_compositions: int = 32  # freely composed scenes per batch, captioned with where and how big
+    clip_probe_weight: float = 0.5
+    clip_init: str = ""  # a saved CLIP folder to continue training from
     # Shade classifier on single red objects.
     classifier_steps: int = 600
     classifier_batch: int = 64
@@ -112,7 +123,7 @@ def to_tensor(images: np.ndarray) -> torch.Tensor:
 
 
 def random_blur(images: torch.Tensor, generator: torch.Generator, max_sigma: float = 1.2) -> torch.Tensor:
-    """Blur half the batch by a random amount: generated images are softer than renders."""
+    """Blur the batch by a random amount (often none): generated images are softer than renders."""
     sigma = float(torch.rand((), generator=generator)) * max_sigma
     if sigma < 0.2:
         return images
@@ -148,6 +159,15 @@ def load_data(s: TrainSettings) -> tuple[np.ndarray, list[str]]:
 # --- VAE -------------------------------------------------------------------------------------------
 
 
+def reconstruction_loss(recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """MSE (colors) + L1 (crisp edges), weighted towards saturated pixels: the objects are a small part of
+    each image and the grey background would otherwise dominate, so the objects' colors come last."""
+    saturation = target.amax(1, keepdim=True) - target.amin(1, keepdim=True)  # 0 on grey, up to 2
+    weight = 1 + 4 * saturation
+    error = (recon - target) ** 2 + 0.5 * (recon - target).abs()
+    return (weight * error).mean() / weight.mean()
+
+
 def stage_vae(s: TrainSettings, log: Log) -> None:
     torch.manual_seed(s.seed)
     images, _ = load_data(s)
@@ -159,9 +179,10 @@ def stage_vae(s: TrainSettings, log: Log) -> None:
     while progress(step) < 1:
         batch = to_tensor(images[np.sort(rng.choice(len(images), s.vae_batch, replace=False))])
         posterior = vae.encode(batch).latent_dist
-        recon = vae.decode(posterior.sample()).sample
-        # L1 keeps edges crisp, MSE keeps colors right.
-        loss = F.mse_loss(recon, batch) + 0.5 * F.l1_loss(recon, batch) + s.vae_kl_weight * posterior.kl().mean()
+        # Decode the mean: in a run this short the posterior's noise would swamp the signal (the decoder
+        # then learns only grey blobs). The KL term still keeps the means bounded.
+        recon = vae.decode(posterior.mode()).sample
+        loss = reconstruction_loss(recon, batch) + s.vae_kl_weight * posterior.kl().mean()
         set_lr(optimizer, learning_rate(s.vae_lr, step, progress(step), s.warmup_steps))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -183,15 +204,52 @@ def stage_latents(s: TrainSettings, log: Log) -> None:
     start = time.time()
     images, _ = load_data(s)
     vae = AutoencoderKL.from_pretrained(Path(s.cache) / "vae").eval()
-    latents = torch.cat([vae.encode(to_tensor(images[i : i + 500])).latent_dist.mean for i in range(0, len(images), 500)])
+    latents = torch.cat(
+        [vae.encode(to_tensor(images[i : i + 500])).latent_dist.mean for i in range(0, len(images), 500)]
+    )
     scaling = float(1 / latents.std())
     vae.register_to_config(scaling_factor=scaling)
     vae.save_pretrained(Path(s.cache) / "vae")
     torch.save(latents, Path(s.cache) / "latents.pt")
     recon = vae.decode(latents[:256]).sample
     error = F.mse_loss(recon, to_tensor(images[:256])).item()
-    log(f"latents: {tuple(latents.shape)}, std {latents.std():.3f} -> scaling_factor {scaling:.5f}, "
-        f"reconstruction mse {error:.5f}, {time.time() - start:.0f}s")
+    log(
+        f"latents: {tuple(latents.shape)}, std {latents.std():.3f} -> scaling_factor {scaling:.5f}, "
+        f"reconstruction mse {error:.5f}, {time.time() - start:.0f}s"
+    )
+
+
+def stage_decoder(s: TrainSettings, log: Log) -> None:
+    """Keep training the decoder alone on the cached latents. The encoder is frozen, so the latents the
+    UNet learns from do not move and this stage may run beside the UNet's. Noise on the latents teaches
+    the decoder to forgive the UNet's small errors."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(s.seed)
+    images, _ = load_data(s)
+    vae = AutoencoderKL.from_pretrained(Path(s.cache) / "vae")
+    latents = torch.load(Path(s.cache) / "latents.pt")
+    decoder = [vae.post_quant_conv, vae.decoder]
+    params = [p for module in decoder for p in module.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=s.decoder_lr, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(s.seed + 6)
+    noise_scale = s.decoder_noise * latents.std()
+    progress, running, step = Progress(s.decoder_steps, s.decoder_minutes), [], 0
+    while progress(step) < 1:
+        idx = torch.randint(len(latents), (s.decoder_batch,), generator=generator).sort().values
+        z = latents[idx] + noise_scale * torch.randn(latents[idx].shape, generator=generator)
+        loss = reconstruction_loss(vae.decode(z).sample, to_tensor(images[idx.numpy()]))
+        set_lr(optimizer, learning_rate(s.decoder_lr, step, progress(step), s.warmup_steps))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        running.append(loss.item())
+        step += 1
+        if step % 100 == 0:
+            log(f"decoder step {step} loss {np.mean(running):.5f} ({progress.elapsed():.0f}s)")
+            running = []
+    vae.save_pretrained(Path(s.cache) / "vae")
+    log(f"decoder: {step} steps in {progress.elapsed() / 60:.1f} min")
 
 
 # --- UNet + text encoder -----------------------------------------------------------------------------
@@ -206,7 +264,9 @@ def caption_tokens(captions: list[str]) -> tuple[torch.Tensor, torch.Tensor, tor
     index = {c: i for i, c in enumerate(distinct)}
 
     def encode(texts: list[str]) -> torch.Tensor:
-        return tokenizer(texts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+        return tokenizer(
+            texts, padding="max_length", max_length=77, truncation=True, return_tensors="pt"
+        ).input_ids
 
     return encode(distinct), torch.tensor([index[c] for c in captions]), encode([""])[0]
 
@@ -217,10 +277,29 @@ def ema_update(average: torch.nn.Module, model: torch.nn.Module, decay: float) -
         a.lerp_(p, 1 - decay)
 
 
-def stage_unet(s: TrainSettings, log: Log) -> None:
-    from diffusers import AutoencoderKL, StableDiffusionPipeline
+def save_generator(folder: Path, vae, text_encoder, unet) -> None:
+    """Save a full Stable Diffusion folder. The UNet is stored in fp16 to fit the size budget: diffusers
+    loads it back as float32 by default, and the text encoder stays float32 because transformers would not."""
+    from diffusers import StableDiffusionPipeline
 
     from doodl.tokenizer import clip_tokenizer
+
+    pipeline = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=clip_tokenizer(),
+        unet=unet.half(),
+        scheduler=models.sd_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipeline.save_pretrained(folder, safe_serialization=True)
+    unet.float()
+
+
+def stage_unet(s: TrainSettings, log: Log) -> None:
+    from diffusers import AutoencoderKL
 
     torch.manual_seed(s.seed)
     _, captions = load_data(s)
@@ -262,17 +341,8 @@ def stage_unet(s: TrainSettings, log: Log) -> None:
         if step % 100 == 0:
             log(f"unet step {step} loss {np.mean(running):.5f} ({progress.elapsed():.0f}s)")
             running = []
-    pipeline = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=ema_text,
-        tokenizer=clip_tokenizer(),
-        unet=ema_unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipeline.save_pretrained(Path(s.out) / "sd", safe_serialization=True)
+    vae = AutoencoderKL.from_pretrained(Path(s.cache) / "vae")  # the decoder may have been tuned meanwhile
+    save_generator(Path(s.out) / "sd", vae, ema_text, ema_unet)
     log(f"unet: {step} steps in {progress.elapsed() / 60:.1f} min; saved {Path(s.out) / 'sd'}")
 
 
@@ -286,11 +356,14 @@ def clip_text(caption: str, rng: np.random.Generator) -> str:
         (obj,) = description.objects
         return str(rng.choice([caption, caption, caption, f"a {obj.color} shape", f"a {obj.shape}"]))
     first, second = description.objects
-    return caption if rng.random() < 0.7 else f"{shapes.object_phrase(first)} and {shapes.object_phrase(second)}"
+    return (
+        caption if rng.random() < 0.7 else f"{shapes.object_phrase(first)} and {shapes.object_phrase(second)}"
+    )
 
 
-def contrastive_loss(image_features: torch.Tensor, text_features: torch.Tensor, scale: torch.Tensor,
-                     texts: list[str]) -> torch.Tensor:
+def contrastive_loss(
+    image_features: torch.Tensor, text_features: torch.Tensor, scale: torch.Tensor, texts: list[str]
+) -> torch.Tensor:
     """Symmetric InfoNCE where every pair with the same text counts as a match (the world repeats itself)."""
     logits = scale * image_features @ text_features.T
     ids = {t: i for i, t in enumerate(texts)}
@@ -304,33 +377,62 @@ def clip_dir(s: TrainSettings) -> Path:
     return Path(s.out) / "clip"
 
 
+def composition_caption(scene: shapes.Scene) -> str:
+    """A caption that also says where, how big and whether cut off: what the aesthetic head needs to see."""
+    text = shapes.caption(scene)
+    if len(scene.objects) == 1:
+        obj = scene.objects[0]
+        size = "small " if obj.size < 11 else "big " if obj.size > 18 else ""
+        third = scene.size / 3
+        row = ("top", "middle", "bottom")[int(np.clip(obj.center[1] // third, 0, 2))]
+        column = ("left", "center", "right")[int(np.clip(obj.center[0] // third, 0, 2))]
+        where = "in the center" if (row, column) == ("middle", "center") else f"at the {row} {column}"
+        text = f"a {size}{obj.color} {obj.shape} {where}"
+    if beauty.visibility(scene) < 0.9:
+        text += ", cut off by the edge"
+    return text
+
+
 def stage_clip(s: TrainSettings, log: Log) -> None:
+    """Contrastive training on world images, plus freely composed ones with composition captions. A linear
+    probe of the beauty score rides along so that the embedding keeps composition, not only content."""
     import open_clip
 
     torch.manual_seed(s.seed)
     images, captions = load_data(s)
     config = models.clip_config()
     model = open_clip.CLIP(**config["model_cfg"])
-    optimizer = torch.optim.AdamW(model.parameters(), lr=s.clip_lr, weight_decay=0.1)
+    if s.clip_init:  # continue from a saved model (same architecture)
+        model.load_state_dict(load_file(Path(s.clip_init) / "open_clip_model.safetensors"))
+    probe = torch.nn.Linear(models.CLIP_EMBED_DIM, 1)
+    params = list(model.parameters()) + list(probe.parameters())
+    optimizer = torch.optim.AdamW(params, lr=s.clip_lr, weight_decay=0.1)
     rng = np.random.default_rng(s.seed + 3)
     generator = torch.Generator().manual_seed(s.seed + 3)
     progress, running, step = Progress(s.clip_steps, s.clip_minutes), [], 0
     while progress(step) < 1:
         idx = np.sort(rng.choice(len(images), s.clip_batch, replace=False))
-        batch = random_blur(to_tensor(images[idx]), generator)  # mean = std = 0.5: [-1, 1] is the input
-        texts = [clip_text(captions[i], rng) for i in idx]
+        composed = [beauty.random_composition(rng) for _ in range(s.clip_compositions)]
+        pixels = np.concatenate([images[idx], shapes.render_dataset(composed)])
+        batch = random_blur(to_tensor(pixels), generator)  # mean = std = 0.5: [-1, 1] is the input
+        texts = [clip_text(captions[i], rng) for i in idx] + [composition_caption(sc) for sc in composed]
         image_features, text_features, scale = model(batch, open_clip.tokenize(texts))
-        loss = contrastive_loss(image_features, text_features, scale, texts)
+        target = (torch.tensor([beauty.beauty(sc) for sc in composed]) - 5.5) / 2.5
+        probe_loss = F.mse_loss(probe(image_features[len(idx) :]).squeeze(1), target)
+        loss = (
+            contrastive_loss(image_features, text_features, scale, texts) + s.clip_probe_weight * probe_loss
+        )
         set_lr(optimizer, learning_rate(s.clip_lr, step, progress(step), s.warmup_steps))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
-        running.append(loss.item())
+        running.append((loss.item(), probe_loss.item()))
         step += 1
         if step % 100 == 0:
-            log(f"clip step {step} loss {np.mean(running):.4f} ({progress.elapsed():.0f}s)")
+            total, probe_mse = np.mean(running, 0)
+            log(f"clip step {step} loss {total:.4f} probe mse {probe_mse:.4f} ({progress.elapsed():.0f}s)")
             running = []
     folder = clip_dir(s)
     folder.mkdir(parents=True, exist_ok=True)
@@ -415,8 +517,12 @@ def stage_aesthetic(s: TrainSettings, log: Log) -> None:
     scores = torch.tensor([beauty.beauty(sc) for sc in scenes], dtype=torch.float64)
     images = shapes.render_dataset(scenes)
     with torch.no_grad():
-        features = torch.cat([model.encode_image(to_tensor(images[i : i + 500]), normalize=True)
-                              for i in range(0, len(images), 500)]).double()
+        features = torch.cat(
+            [
+                model.encode_image(to_tensor(images[i : i + 500]), normalize=True)
+                for i in range(0, len(images), 500)
+            ]
+        ).double()
     n_val = 1000
     x = torch.cat([features, torch.ones(len(features), 1, dtype=torch.float64)], 1)
     train_x, train_y = x[n_val:], scores[n_val:]
@@ -426,14 +532,20 @@ def stage_aesthetic(s: TrainSettings, log: Log) -> None:
     correlation = float(np.corrcoef(predicted.numpy(), scores[:n_val].numpy())[0, 1])
     folder = Path(s.out) / "aesthetic"
     folder.mkdir(parents=True, exist_ok=True)
-    save_file({"weight": solution[None, :-1].float().contiguous(), "bias": solution[-1:].float().contiguous()},
-              folder / "aesthetic_head.safetensors")
-    log(f"aesthetic: {s.aesthetic_images} images, held-out correlation {correlation:.3f}, "
-        f"score range {scores.min():.2f}..{scores.max():.2f}, {time.time() - start:.0f}s")
+    save_file(
+        {"weight": solution[None, :-1].float().contiguous(), "bias": solution[-1:].float().contiguous()},
+        folder / "aesthetic_head.safetensors",
+    )
+    log(
+        f"aesthetic: {s.aesthetic_images} images, held-out correlation {correlation:.3f}, "
+        f"score range {scores.min():.2f}..{scores.max():.2f}, {time.time() - start:.0f}s"
+    )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--stage", nargs="+", choices=STAGES, default=list(STAGES))
     for f in dataclasses.fields(TrainSettings):
         parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)

@@ -1,0 +1,121 @@
+"""The shapes world: rendering, captions, the judge, the beauty score and the shipped models."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageFilter
+
+from doodl.world import beauty, judge, shapes
+
+ASSETS = Path(__file__).resolve().parents[1] / "assets" / "embedded"
+
+
+def scene_list(seed: int, count: int, n_objects: int) -> list[shapes.Scene]:
+    rng = np.random.default_rng(seed)
+    return [shapes.random_scene(rng, n_objects) for _ in range(count)]
+
+
+def test_render_is_deterministic_from_seed():
+    first = shapes.render_dataset(shapes.random_scenes(7, 20))
+    second = shapes.render_dataset(shapes.random_scenes(7, 20))
+    other = shapes.render_dataset(shapes.random_scenes(8, 20))
+    assert first.dtype == np.uint8 and first.shape == (20, 64, 64, 3)
+    assert np.array_equal(first, second)
+    assert not np.array_equal(first, other)
+
+
+def test_captions_parse_back_to_their_scenes():
+    for scene in shapes.random_scenes(3, 200):
+        assert shapes.parse_caption(shapes.caption(scene)) == shapes.describe(scene)
+    with pytest.raises(ValueError):
+        shapes.parse_caption("a dog in sunglasses")
+
+
+@pytest.mark.parametrize("n_objects", [1, 2])
+def test_judge_is_right_on_clean_renders(n_objects):
+    scenes = scene_list(100 + n_objects, 100, n_objects)
+    verdicts = [judge.judge(shapes.render(s), shapes.caption(s)) for s in scenes]
+    assert np.mean([v.ok for v in verdicts]) >= 0.95
+
+
+def test_judge_survives_blur():
+    scenes = scene_list(5, 60, 1)
+    blurred = [
+        np.asarray(Image.fromarray(shapes.render(s)).filter(ImageFilter.GaussianBlur(1.0))) for s in scenes
+    ]
+    verdicts = [judge.judge(image, shapes.caption(s)) for image, s in zip(blurred, scenes, strict=True)]
+    assert np.mean([v.ok for v in verdicts]) >= 0.9
+
+
+def test_judge_rejects_wrong_captions():
+    scene = scene_list(9, 1, 1)[0]
+    obj = scene.objects[0]
+    other_color = next(c for c in shapes.COLORS if c != obj.color)
+    other_shape = next(s for s in shapes.SHAPES if s != obj.shape)
+    image = shapes.render(scene)
+    assert not judge.judge(image, f"a {other_color} {obj.shape}").color_ok
+    assert not judge.judge(image, f"a {obj.color} {other_shape}").shape_ok
+
+
+def test_beauty_prefers_a_centred_shape_to_a_clipped_one():
+    background = shapes.Background((230, 230, 230), (230, 230, 230), "plain")
+    centred = shapes.Scene((shapes.Object("circle", "blue", 1, (32.0, 32.0), 15.0),), background)
+    clipped = dataclasses.replace(
+        centred, objects=(dataclasses.replace(centred.objects[0], center=(60.0, 6.0)),)
+    )
+    assert beauty.beauty(centred) > beauty.beauty(clipped) + 3
+    assert 1 <= beauty.beauty(clipped) < beauty.beauty(centred) <= 10
+
+
+def needs(*paths: str) -> pytest.MarkDecorator:
+    missing = [p for p in paths if not (ASSETS / p).exists()]
+    return pytest.mark.skipif(bool(missing), reason=f"embedded weights not trained yet: {missing}")
+
+
+@needs("sd/model_index.json")
+def test_embedded_pipeline_loads_and_samples():
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    pipeline = StableDiffusionPipeline.from_pretrained(
+        ASSETS / "sd", safety_checker=None, feature_extractor=None, requires_safety_checker=False
+    )
+    pipeline.set_progress_bar_config(disable=True)
+    image = pipeline(
+        "a red circle", num_inference_steps=4, generator=torch.Generator().manual_seed(0), output_type="np"
+    ).images[0]
+    assert image.shape == (64, 64, 3)
+    assert pipeline.vae.config.scaling_factor != 0.18215  # its own measured factor, not SD's
+    assert pipeline.text_encoder.config.hidden_size == pipeline.unet.config.cross_attention_dim
+
+
+@needs("clip/open_clip_model.safetensors")
+def test_embedded_clip_loads_with_open_clip():
+    import open_clip
+    import torch
+
+    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{ASSETS / 'clip'}")
+    tokenizer = open_clip.get_tokenizer(f"local-dir:{ASSETS / 'clip'}")
+    image = preprocess(Image.fromarray(shapes.render(scene_list(0, 1, 1)[0]))).unsqueeze(0)
+    with torch.no_grad():
+        features = model.encode_image(image, normalize=True)
+        text = model.encode_text(tokenizer(["a red circle"]), normalize=True)
+    assert features.shape == text.shape == (1, 64)
+
+
+@needs("classifier/config.json", "aesthetic/aesthetic_head.safetensors")
+def test_embedded_classifier_and_aesthetic_head_load():
+    from safetensors.torch import load_file
+    from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+    classifier = AutoModelForImageClassification.from_pretrained(ASSETS / "classifier")
+    processor = AutoImageProcessor.from_pretrained(ASSETS / "classifier")
+    assert set(classifier.config.id2label.values()) == set(shapes.SHADE_NAMES["red"])
+    inputs = processor(Image.fromarray(shapes.render(scene_list(0, 1, 1)[0])), return_tensors="pt")
+    assert classifier(**inputs).logits.shape == (1, 4)
+    head = load_file(ASSETS / "aesthetic" / "aesthetic_head.safetensors")
+    assert head["weight"].shape == (1, 64) and head["bias"].shape == (1,)

@@ -1,16 +1,17 @@
 """Train the embedded models of the shapes world on CPU.
 
-    python -m doodl.world.train                      # every stage, in order
-    python -m doodl.world.train --stage vae latents decoder unet
+    python -m doodl.world.train                      # every stage, in order, in one process
+    # or, on two cores, two chains side by side (about 70 minutes of wall time):
+    python -m doodl.world.train --stage data
+    python -m doodl.world.train --stage vae latents decoder unet &
     python -m doodl.world.train --stage clip classifier aesthetic
 
 Stages: data (render the cached training set), vae, latents (encode the set once, fix the scaling
 factor), decoder (tune the decoder alone on those fixed latents), unet (UNet and text encoder together,
-then save the Stable Diffusion folder), clip, classifier, aesthetic. After `data` the chains
-vae -> latents -> {decoder, unet} and clip -> aesthetic, classifier are independent and may run as
-separate processes (the unet stage saves whatever decoder is in the cache when it ends). Each stage
-also stops at a wall-clock cap; its learning-rate schedule follows whichever of steps or time runs out
-first, so a capped run still ends on a decayed learning rate.
+then save the Stable Diffusion folder), clip, classifier, aesthetic. The unet stage saves whatever decoder
+is in the cache when it ends, so decoder and unet may also run side by side. Each stage stops at a
+wall-clock cap as well as a step count; its learning-rate schedule follows whichever runs out first, so
+a capped run still ends on a decayed learning rate.
 """
 
 from __future__ import annotations
@@ -61,10 +62,10 @@ class TrainSettings:
     ema_decay: float = 0.998
     unet_minutes: float = 35.0
     # CLIP, contrastive on (image, caption or partial caption).
-    clip_steps: int = 2500
+    clip_steps: int = 4000
     clip_batch: int = 128
     clip_lr: float = 1e-3
-    clip_minutes: float = 20.0
+    clip_minutes: float = 36.0
     clip_compositions: int = 32  # freely composed scenes per batch, captioned with where and how big
     clip_probe_weight: float = 0.5
     clip_init: str = ""  # a saved CLIP folder to continue training from
@@ -179,8 +180,8 @@ def stage_vae(s: TrainSettings, log: Log) -> None:
     while progress(step) < 1:
         batch = to_tensor(images[np.sort(rng.choice(len(images), s.vae_batch, replace=False))])
         posterior = vae.encode(batch).latent_dist
-        # Decode the mean: in a run this short the posterior's noise would swamp the signal (the decoder
-        # then learns only grey blobs). The KL term still keeps the means bounded.
+        # Decode the posterior mean: a short run learns faster without sampling noise, the KL term still
+        # keeps the means bounded, and the decoder stage adds latent noise for robustness later.
         recon = vae.decode(posterior.mode()).sample
         loss = reconstruction_loss(recon, batch) + s.vae_kl_weight * posterior.kl().mean()
         set_lr(optimizer, learning_rate(s.vae_lr, step, progress(step), s.warmup_steps))

@@ -6,6 +6,8 @@ model takes: same classes, same files, only smaller.
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -78,4 +80,46 @@ def save_tiny_pipeline(
         requires_safety_checker=False,
     )
     pipe.save_pretrained(folder)
+    return Path(folder)
+
+
+# A CLIP of open_clip's own architecture, a few thousand times smaller than ViT-B-32.
+TINY_CLIP = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 1, "head_width": 16},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+TINY_CLIP_PREPROCESS = {"size": 32, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
+
+
+def save_tiny_clip(folder: str | Path, seed: int = 0) -> Path:
+    """Save a random open_clip model as a folder `load_clip` reads (open_clip's local-dir layout)."""
+    import open_clip
+    from safetensors.torch import save_file
+
+    torch.manual_seed(seed)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {"model_cfg": TINY_CLIP, "preprocess_cfg": TINY_CLIP_PREPROCESS}
+    (folder / "open_clip_config.json").write_text(json.dumps(config))
+    save_file(open_clip.CLIP(**TINY_CLIP).state_dict(), folder / "open_clip_model.safetensors")
+    return folder
+
+
+def save_tiny_classifier(folder: str | Path, labels: Sequence[str], seed: int = 0) -> Path:
+    """Save a random transformers ResNet image classifier, with its image processor, for `load_classifier`."""
+    from transformers import ResNetConfig, ResNetForImageClassification, ViTImageProcessor
+
+    torch.manual_seed(seed)
+    config = ResNetConfig(
+        embedding_size=8,
+        hidden_sizes=[8, 16],
+        depths=[1, 1],
+        layer_type="basic",
+        id2label=dict(enumerate(labels)),
+        label2id={label: i for i, label in enumerate(labels)},
+    )
+    ResNetForImageClassification(config).save_pretrained(folder)
+    processor = ViTImageProcessor(size={"height": 24, "width": 24}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    processor.save_pretrained(folder)
     return Path(folder)

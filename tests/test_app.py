@@ -6,7 +6,6 @@ kinds; either way with a few steps and iterations, since only the wiring is unde
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import time
@@ -14,7 +13,6 @@ from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no network calls from a test server
 
-import open_clip
 import pytest
 import torch
 from gradio_client import Client, handle_file
@@ -22,19 +20,11 @@ from gradio_client.exceptions import AppError
 from gradio_client.utils import Status
 from PIL import Image
 from safetensors.torch import save_file
-from transformers import ResNetConfig, ResNetForImageClassification, ViTImageProcessor
 
 import app
-from doodl.tiny import save_tiny_pipeline
+from doodl.tiny import TINY_CLIP, save_tiny_classifier, save_tiny_clip, save_tiny_pipeline
 
 LABELS = ("maroon", "crimson", "scarlet", "rose")  # the embedded classifier's, so tests read the same
-TINY_CLIP = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 1, "head_width": 16},
-    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-}
-TINY_CLIP_PREPROCESS = {"size": 32, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
-
 # Enough to go through every code path (an SGD update, the comparison) in seconds.
 FAST = {"steps": 2, "iterations": 2, "cutouts": 2, "seed": 0, "compare": False}
 
@@ -47,27 +37,8 @@ def embedded_models_present() -> bool:
 
 def save_tiny_guides(folder: Path) -> app.ModelNames:
     """A tiny random CLIP, shade classifier and aesthetic head, saved the way the embedded ones are."""
-    torch.manual_seed(0)
-    clip = folder / "clip"
-    clip.mkdir()
-    config = {"model_cfg": TINY_CLIP, "preprocess_cfg": TINY_CLIP_PREPROCESS}
-    (clip / "open_clip_config.json").write_text(json.dumps(config))
-    save_file(open_clip.CLIP(**TINY_CLIP).state_dict(), clip / "open_clip_model.safetensors")
-
-    classifier = folder / "classifier"
-    resnet = ResNetConfig(
-        embedding_size=8,
-        hidden_sizes=[8, 16],
-        depths=[1, 1],
-        layer_type="basic",
-        id2label=dict(enumerate(LABELS)),
-        label2id={label: i for i, label in enumerate(LABELS)},
-    )
-    ResNetForImageClassification(resnet).save_pretrained(classifier)
-    ViTImageProcessor(
-        size={"height": 24, "width": 24}, image_mean=[0.5] * 3, image_std=[0.5] * 3
-    ).save_pretrained(classifier)
-
+    clip = save_tiny_clip(folder / "clip")
+    classifier = save_tiny_classifier(folder / "classifier", LABELS)
     head = folder / "aesthetic_head.safetensors"
     # A bias mid-scale keeps random scores inside the clamped 1-10 range, where gradients flow.
     save_file({"weight": 0.5 * torch.randn(1, TINY_CLIP["embed_dim"]), "bias": torch.tensor([5.5])}, head)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 import urllib.error
 import urllib.request
@@ -13,7 +12,6 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import save_file
-from transformers import ResNetConfig, ResNetForImageClassification, ViTImageProcessor
 
 from doodl import losses
 from doodl.guides import (
@@ -25,16 +23,10 @@ from doodl.guides import (
     load_classifier,
     load_clip,
 )
+from doodl.tiny import TINY_CLIP, save_tiny_classifier, save_tiny_clip
 
-EMBED_DIM = 32
+EMBED_DIM = TINY_CLIP["embed_dim"]
 LABELS = ("Crimson Red", "scarlet_red", "Deep Blue")
-
-TINY_CLIP = {
-    "embed_dim": EMBED_DIM,
-    "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 1, "head_width": 16},
-    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-}
-TINY_CLIP_PREPROCESS = {"size": 32, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -48,13 +40,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def clip_folder(tmp_path_factory):
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("tiny-clip")
-    model = open_clip.CLIP(**TINY_CLIP)
-    config = {"model_cfg": TINY_CLIP, "preprocess_cfg": TINY_CLIP_PREPROCESS}
-    (folder / "open_clip_config.json").write_text(json.dumps(config))
-    save_file(model.state_dict(), folder / "open_clip_model.safetensors")
-    return folder
+    return save_tiny_clip(tmp_path_factory.mktemp("tiny-clip"))
 
 
 @pytest.fixture(scope="module")
@@ -64,20 +50,7 @@ def clip(clip_folder) -> Clip:
 
 @pytest.fixture(scope="module")
 def classifier_folder(tmp_path_factory):
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("tiny-resnet")
-    config = ResNetConfig(
-        embedding_size=8,
-        hidden_sizes=[8, 16],
-        depths=[1, 1],
-        layer_type="basic",
-        id2label=dict(enumerate(LABELS)),
-        label2id={label: i for i, label in enumerate(LABELS)},
-    )
-    ResNetForImageClassification(config).save_pretrained(folder)
-    processor = ViTImageProcessor(size={"height": 24, "width": 24}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
-    processor.save_pretrained(folder)
-    return folder
+    return save_tiny_classifier(tmp_path_factory.mktemp("tiny-resnet"), LABELS)
 
 
 @pytest.fixture(scope="module")

@@ -113,7 +113,9 @@ def plot(results: dict[str, dict[int, dict[str, float]]]) -> Figure:
 def main() -> None:
     p = parser(__doc__)
     p.add_argument("--steps", type=int, nargs="+", default=[10, 25, 50])
-    p.add_argument("--repeats", type=int, default=3, help="timed rounds (median) after a warm-up round")
+    p.add_argument("--repeats", type=int, default=5, help="timed rounds (median) after a warm-up round")
+    # 16: the UNet dominates the decode. At 32 its 1024-token self-attention makes a call ~20x dearer on
+    # CPU, and a 50-step run takes hours.
     p.add_argument("--tiny-size", type=int, default=16, help="latent side of the tiny model")
     p.add_argument("--no-embedded", action="store_true", help="skip the embedded model")
     args = p.parse_args()

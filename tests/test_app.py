@@ -190,6 +190,7 @@ def test_bad_inputs_come_back_as_clear_messages(client, names, reference, tmp_pa
         (lambda: text(prompt="  "), "the prompt is empty"),
         (lambda: text(steps=0), "setting steps=0 is out of range"),
         (lambda: text(cutouts=-1), "setting cutouts=-1 is out of range"),
+        (lambda: text(grad_clip=0), "setting grad_clip=0.0 is out of range"),
         (lambda: text(model=str(tmp_path)), "no model_index.json"),
         (lambda: text(clip=str(tmp_path / "missing")), "is neither a folder nor"),
         (lambda: vocabulary("roze"), "class 'roze' is not a label of this classifier; close labels: 'rose'"),

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks.common import EMBEDDED
-from benchmarks.quality import ASSETS
+from benchmarks.quality import ASSETS, Outcome, verdict
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ("cost", "memory", "fidelity", "quality")
@@ -42,3 +42,20 @@ def test_quick_run_prints_its_table(runs, name):
     table = output.rstrip().splitlines()
     assert table[-1].startswith("|") and any(line.startswith("|---") for line in table), output[-3000:]
     assert (out / f"{name}.md").is_file() and (out / f"{name}.png").stat().st_size > 0
+
+
+def test_quality_verdict_calls_a_difference_within_noise_a_tie():
+    def outcomes(scores, loss):
+        return [Outcome(score, loss, calls=1) for score in scores]
+
+    scores = {
+        "DOODL": outcomes([1, 0] * 5, loss=0.5),
+        "unguided": outcomes([0, 0] * 5, loss=1.0),  # DOODL right on 5 more of 10: a clear win
+        "one-step": outcomes([0, 1] * 5, loss=0.5),  # as often right, on other prompts: a tie
+        "one-step best of K": outcomes([1, 1] * 3, loss=0.2),  # 6 prompts only, all right: a loss
+    }
+    said = verdict("text", scores)
+    assert "DOODL beats unguided (+0.500 ± 0.167; better on 5, worse on 0 of 10)" in said
+    assert "ties with one-step (+0.000 ± 0.333; better on 5, worse on 5 of 10)" in said
+    assert "loses to one-step best of K (-0.500 ± 0.224; better on 0, worse on 3 of 6)" in said
+    assert "lower on 10 of 10 vs unguided (-0.500 ± 0.000), 0 of 10 vs one-step" in said

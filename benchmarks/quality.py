@@ -248,13 +248,18 @@ def saved_or_run(out: Path, capability: Capability, args, run: Callable[[], tupl
 # --- report ---------------------------------------------------------------------------------------
 
 
+def mean_and_error(values: list[float]) -> tuple[float, float]:
+    """The mean and its standard error (0 for a single value)."""
+    error = statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else 0.0
+    return statistics.mean(values), error
+
+
 def summary(outcomes: list[Outcome], field: str = "score") -> str:
     """Mean ± standard error of one field of the outcomes."""
     if not outcomes:
         return "-"
-    values = [getattr(outcome, field) for outcome in outcomes]
-    error = statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.3g} ± {error:.2g} (n={len(values)})"
+    mean, error = mean_and_error([getattr(outcome, field) for outcome in outcomes])
+    return f"{mean:.3g} ± {error:.2g} (n={len(outcomes)})"
 
 
 def mean_calls(outcomes: list[Outcome]) -> str:
@@ -270,8 +275,7 @@ def paired(ours: list[Outcome], theirs: list[Outcome], field: str) -> tuple[floa
     """(mean difference ours - theirs, its standard error, prompts ours is higher on, lower on), over
     the prompts both methods ran on."""
     diffs = [getattr(a, field) - getattr(b, field) for a, b in zip(ours, theirs)]
-    error = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else 0.0
-    return statistics.mean(diffs), error, sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
+    return *mean_and_error(diffs), sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
 
 
 def verdict(name: str, scores: dict[str, list]) -> str:
@@ -300,13 +304,14 @@ def plot(all_scores: dict[str, dict[str, list]]) -> Figure:
     best of K over its matched-compute prompts only."""
     figure = Figure(figsize=(3 * len(all_scores), 5.6), layout="constrained")
     axes = np.asarray(figure.subplots(2, len(all_scores), squeeze=False))
+    colors = ["grey", "tab:blue", "tab:red", "tab:cyan"]
+    labels = ["unguided", "one-step", "DOODL", "1-step\nbest of K"]
     for column, (name, scores) in enumerate(all_scores.items()):
         for ax, field in zip(axes[:, column], ("score", "loss")):
-            values = [[getattr(o, field) for o in scores[m]] or [0.0] for m in METHODS]
-            errors = [statistics.stdev(v) / len(v) ** 0.5 if len(v) > 1 else 0 for v in values]
-            colors = ["grey", "tab:blue", "tab:red", "tab:cyan"]
-            ax.bar(range(len(METHODS)), [statistics.mean(v) for v in values], yerr=errors, color=colors)
-            labels = ["unguided", "one-step", "DOODL", "1-step\nbest of K"]
+            means, errors = zip(
+                *(mean_and_error([getattr(o, field) for o in scores[m]] or [0.0]) for m in METHODS)
+            )
+            ax.bar(range(len(METHODS)), means, yerr=errors, color=colors)
             ax.set_xticks(range(len(METHODS)), labels, fontsize=7)
             ax.set_title(f"{name}: {'evaluator score' if field == 'score' else 'guidance loss'}", fontsize=9)
     return figure

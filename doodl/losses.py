@@ -9,6 +9,7 @@ adversarial pixel patterns tuned to one fixed view.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -28,14 +29,29 @@ CUT_POWER = 0.3
 
 # LAION's aesthetic predictor scores on a 1-10 scale.
 AESTHETIC_RANGE = (1.0, 10.0)
+# Composition is what an aesthetic score judges: a crop zooms and moves the subject, so its views stay
+# near the whole image (a crop of 60 % would reward subjects smaller than the score wants).
+AESTHETIC_MIN_CROP = 0.85
 
 
 # --- augmentation ---------------------------------------------------------------------------------
+
+# When the image is no larger than the guide's input, every paper cutout is the whole image, and 16 copies
+# of one view let the optimizer fool the guide with changes no person sees. Such images get random resized
+# crops instead, in the spirit of DiffAugment (Zhao et al. 2020): a square of 60-100 % of the side at a
+# random place (so also a translation), resized to the guide's input, plus a little pixel noise.
+MIN_CROP = 0.6
+PIXEL_NOISE = 0.02  # standard deviation, on pixels in [0, 1]
 
 
 def _random(generator: torch.Generator | None, *shape: int) -> torch.Tensor:
     device = generator.device if generator is not None else "cpu"
     return torch.rand(shape, generator=generator, device=device).cpu()
+
+
+def _normal(generator: torch.Generator | None, *shape: int) -> torch.Tensor:
+    device = generator.device if generator is not None else "cpu"
+    return torch.randn(shape, generator=generator, device=device).cpu()
 
 
 def cutouts(
@@ -44,16 +60,28 @@ def cutouts(
     size: int = 224,
     cut_power: float = CUT_POWER,
     generator: torch.Generator | None = None,
+    flip: bool = False,
+    min_crop: float = MIN_CROP,
 ) -> torch.Tensor:
-    """`n` random square crops of every image, each resized to `size`: (B * n, 3, size, size).
+    """`n` random views of every image, each resized to `size`: (B * n, 3, size, size).
 
-    Crop sides are `rand ** cut_power * (max - min) + min`, between the model input size (or the
-    image, if smaller) and the image's shorter side. Row `b * n + k` is crop k of image b. The
-    crops are the same for all images of the batch. With n=0, the whole image is resized once
-    (shorter side to `size`, center square).
+    Row `b * n + k` is view k of image b; the views are the same for all images of the batch. With n=0,
+    the whole image is resized once (shorter side to `size`, center square). An image larger than
+    `size` gets the paper's cutouts (`paper_cutouts`); a smaller one `small_image_views`, mirrored at
+    random if `flip` (leave it off when the loss cares about left and right).
     """
     if n == 0:
         return resize_center_crop(images, size)
+    if min(images.shape[-2:]) > size:
+        return paper_cutouts(images, n, size, cut_power, generator)
+    return small_image_views(images, n, size, generator, flip, min_crop)
+
+
+def paper_cutouts(
+    images: torch.Tensor, n: int, size: int, cut_power: float, generator: torch.Generator | None
+) -> torch.Tensor:
+    """The DOODL paper's square crops: sides `rand ** cut_power * (max - min) + min`, between the model
+    input size and the image's shorter side, at random places."""
     height, width = images.shape[-2:]
     max_side = min(height, width)
     min_side = min(max_side, size)
@@ -64,6 +92,36 @@ def cutouts(
         top, left = int(dy * (height - side + 1)), int(dx * (width - side + 1))
         crops.append(resize_center_crop(images[..., top : top + side, left : left + side], size))
     return torch.stack(crops, dim=1).flatten(0, 1)
+
+
+def small_image_views(
+    images: torch.Tensor,
+    n: int,
+    size: int,
+    generator: torch.Generator | None,
+    flip: bool = False,
+    min_crop: float = MIN_CROP,
+) -> torch.Tensor:
+    """Random resized square crops (`min_crop` to all of the shorter side, anywhere in the image),
+    mirrored at random if `flip`, plus Gaussian pixel noise: one batched, differentiable resampling."""
+    if not 0 < min_crop <= 1:
+        raise ValueError(f"min_crop must be in (0, 1], got {min_crop}")
+    batch, _, height, width = images.shape
+    side = min_crop + (1 - min_crop) * _random(generator, n)
+    # affine_grid's coordinates run over [-1, 1] on each axis: a square of `side` times the shorter side.
+    scale_x, scale_y = side * min(height, width) / width, side * min(height, width) / height
+    shift = 2 * _random(generator, n, 2) - 1
+    mirror = torch.where(_random(generator, n) < 0.5, -1.0, 1.0) if flip else torch.ones(n)
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0], theta[:, 1, 1] = scale_x * mirror, scale_y
+    theta[:, 0, 2], theta[:, 1, 2] = shift[:, 0] * (1 - scale_x), shift[:, 1] * (1 - scale_y)
+    theta = theta.to(images.device, images.dtype).repeat(batch, 1, 1)
+    grid = F.affine_grid(theta, [batch * n, 3, size, size], align_corners=False)
+    views = F.grid_sample(
+        images.repeat_interleave(n, dim=0), grid, mode="bilinear", padding_mode="border", align_corners=False
+    )
+    noise = PIXEL_NOISE * _normal(generator, n, 3, size, size).to(images.device, images.dtype)
+    return views + noise.repeat(batch, 1, 1, 1)
 
 
 _cutouts = cutouts  # the loss factories' `cutouts` argument shadows the function inside them
@@ -82,11 +140,16 @@ def spherical_distance(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (x - y).norm(dim=-1).div(2).arcsin().pow(2).mul(2)
 
 
+def mentions_sides(text: str) -> bool:
+    """Whether a prompt says left or right: then a mirrored view no longer shows what it asks for."""
+    return re.search(r"\b(left|right)\b", text, re.IGNORECASE) is not None
+
+
 def _clip_target_loss(
-    clip: Clip, target: torch.Tensor, n: int, cut_power: float, generator: torch.Generator | None
+    clip: Clip, target: torch.Tensor, n: int, cut_power: float, generator: torch.Generator | None, flip: bool
 ) -> Loss:
     def loss(images: torch.Tensor) -> torch.Tensor:
-        crops = _cutouts(images, n, clip.image_size, cut_power, generator)
+        crops = _cutouts(images, n, clip.image_size, cut_power, generator, flip)
         return spherical_distance(clip.embed_images(crops), target).mean()
 
     return loss
@@ -100,12 +163,14 @@ def clip_text_loss(
     cut_power: float = CUT_POWER,
     generator: torch.Generator | None = None,
 ) -> Loss:
-    """Spherical distance between CLIP embeddings of image crops (values in [0, 1]) and a prompt."""
+    """Spherical distance between CLIP embeddings of image crops (values in [0, 1]) and a prompt.
+
+    Views of a small image are mirrored at random unless the prompt says left or right."""
     if not prompt.strip():
         raise ValueError("clip_text_loss needs a non-empty prompt")
     with torch.no_grad():
         target = clip.embed_texts([prompt])
-    return _clip_target_loss(clip, target, cutouts, cut_power, generator)
+    return _clip_target_loss(clip, target, cutouts, cut_power, generator, flip=not mentions_sides(prompt))
 
 
 def _reference_tensor(reference: Image.Image | torch.Tensor) -> torch.Tensor:
@@ -135,7 +200,7 @@ def clip_image_loss(
             [clip.embed_images(_reference_tensor(ref).to(clip.device)) for ref in references]
         )
         target = F.normalize(embeddings.mean(dim=0, keepdim=True), dim=-1)
-    return _clip_target_loss(clip, target, cutouts, cut_power, generator)
+    return _clip_target_loss(clip, target, cutouts, cut_power, generator, flip=True)
 
 
 @torch.no_grad()
@@ -159,7 +224,7 @@ def classifier_loss(
     index = classifier.class_index(target)
 
     def loss(images: torch.Tensor) -> torch.Tensor:
-        crops = _cutouts(images, cutouts, classifier.image_size, cut_power, generator)
+        crops = _cutouts(images, cutouts, classifier.image_size, cut_power, generator, flip=True)
         logits = classifier.logits(crops)
         return F.cross_entropy(logits, torch.full((len(logits),), index, device=logits.device))
 
@@ -202,7 +267,7 @@ def aesthetic_loss(
         raise ValueError(f"aesthetic target must be in [{low:g}, {high:g}], got {target}")
 
     def loss(images: torch.Tensor) -> torch.Tensor:
-        crops = _cutouts(images, cutouts, clip.image_size, cut_power, generator)
+        crops = _cutouts(images, cutouts, clip.image_size, cut_power, generator, True, AESTHETIC_MIN_CROP)
         scores = _per_image(_aesthetic(clip, head, crops), len(images)).clamp(low, high)
         return -scores.mean() if target is None else (scores - target).abs().mean()
 

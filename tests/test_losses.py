@@ -104,6 +104,47 @@ def test_cutouts_follow_the_generator():
     assert not torch.equal(first, losses.cutouts(batch, n=4, size=16, generator=seeded(2)))
 
 
+def test_small_images_get_views_that_differ_and_pass_gradients():
+    # At 64 px for a 64 px guide, every paper cutout would be the whole image: the views must still vary.
+    batch = images(1, 64).requires_grad_(True)
+    views = losses.cutouts(batch, n=16, size=64, generator=seeded())
+    assert views.shape == (16, 3, 64, 64)
+    flat = views.detach().flatten(1)
+    distances = torch.cdist(flat, flat) / flat.shape[1] ** 0.5  # RMS difference of each pair of views
+    assert distances[~torch.eye(16, dtype=torch.bool)].min() > 0.05
+    (grad,) = torch.autograd.grad(views.mean(), batch)
+    assert (grad != 0).float().mean() > 0.9  # views cover the image: nearly every pixel is seen
+
+
+def test_small_image_views_are_image_major_and_follow_the_generator():
+    batch = torch.stack([torch.zeros(3, 32, 32), torch.ones(3, 32, 32)])
+    views = losses.cutouts(batch, n=3, size=32, generator=seeded())
+    assert views[:3].abs().mean() < 0.05 and (views[3:] - 1).abs().mean() < 0.05  # only pixel noise
+    again = losses.cutouts(batch, n=3, size=32, generator=seeded())
+    assert torch.equal(views, again)
+    assert not torch.equal(views, losses.cutouts(batch, n=3, size=32, generator=seeded(1)))
+
+
+def test_small_image_views_mirror_only_when_allowed():
+    # Dark left half, bright right half: a mirrored view is bright on the left.
+    image = torch.zeros(1, 3, 32, 32)
+    image[..., 16:] = 1
+
+    def mirrored(flip: bool) -> int:
+        views = losses.cutouts(image, n=32, size=32, generator=seeded(), flip=flip)
+        return int((views[..., :16].mean((1, 2, 3)) > views[..., 16:].mean((1, 2, 3))).sum())
+
+    assert mirrored(False) == 0
+    assert 4 < mirrored(True) < 28
+
+
+def test_text_loss_mirrors_views_unless_the_prompt_says_left_or_right():
+    assert losses.mentions_sides("a red circle left of a blue square")
+    assert losses.mentions_sides("A star on the RIGHT")
+    assert not losses.mentions_sides("a red circle above a blue square")
+    assert not losses.mentions_sides("a bright star")  # 'right' inside a word is not a side
+
+
 # --- loaders --------------------------------------------------------------------------------------
 
 

@@ -29,9 +29,20 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from doodl.world import beauty, models, shapes
+from doodl.world import beauty, models, robust, shapes
 
-STAGES = ("data", "vae", "latents", "decoder", "unet", "clip", "classifier", "aesthetic")
+STAGES = (
+    "data",
+    "vae",
+    "latents",
+    "decoder",
+    "unet",
+    "clip",
+    "classifier",
+    "robust_clip",
+    "robust_classifier",
+    "aesthetic",
+)
 
 
 @dataclass
@@ -75,6 +86,14 @@ class TrainSettings:
     classifier_lr: float = 2e-3
     classifier_images: int = 12_000
     classifier_minutes: float = 8.0
+    # Adversarial fine-tuning of the two guides (doodl/world/robust.py): PGD inside an L-inf ball of 8/255.
+    robust_clip_steps: int = 3000
+    robust_clip_batch: int = 48
+    robust_clip_lr: float = 3e-4
+    robust_clip_minutes: float = 20.0
+    robust_classifier_steps: int = 800
+    robust_classifier_lr: float = 1e-3
+    robust_classifier_minutes: float = 6.0
     # Aesthetic head: ridge regression of the beauty score on CLIP image embeddings.
     aesthetic_images: int = 12_000
     aesthetic_ridge: float = 1e-3
@@ -435,12 +454,111 @@ def stage_clip(s: TrainSettings, log: Log) -> None:
             total, probe_mse = np.mean(running, 0)
             log(f"clip step {step} loss {total:.4f} probe mse {probe_mse:.4f} ({progress.elapsed():.0f}s)")
             running = []
-    folder = clip_dir(s)
+    save_clip(model, config, clip_dir(s))
+    log(f"clip: {step} steps in {progress.elapsed() / 60:.1f} min; saved {clip_dir(s)}")
+
+
+def save_clip(model: torch.nn.Module, config: dict, folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "open_clip_config.json").write_text(json.dumps(config, indent=2))
     state = {k: v.detach().half().contiguous() for k, v in model.state_dict().items()}  # fp16 on disk
     save_file(state, folder / "open_clip_model.safetensors")
-    log(f"clip: {step} steps in {progress.elapsed() / 60:.1f} min; saved {folder}")
+
+
+def load_saved_clip(folder: Path) -> tuple[torch.nn.Module, dict]:
+    """The CLIP of a folder written by `save_clip`, in float32, for further training."""
+    import open_clip
+
+    config = json.loads((folder / "open_clip_config.json").read_text())
+    model = open_clip.CLIP(**config["model_cfg"])
+    state = load_file(folder / "open_clip_model.safetensors")
+    model.load_state_dict({k: v.float() for k, v in state.items()})
+    return model, config
+
+
+def world_batch(rng: np.random.Generator, n: int, compositions: int) -> tuple[list[shapes.Scene], list[str]]:
+    """World scenes with (partial) captions, then freely composed ones with composition captions."""
+    scenes = [shapes.random_scene(rng, 2 if rng.random() < 0.5 else 1) for _ in range(n)]
+    texts = [clip_text(shapes.caption(scene), rng) for scene in scenes]
+    composed = [beauty.random_composition(rng) for _ in range(compositions)]
+    return scenes + composed, texts + [composition_caption(scene) for scene in composed]
+
+
+def clip_zero_shot(model: torch.nn.Module, s: TrainSettings, n: int = 200) -> str:
+    """Clean and robust zero-shot accuracy of the color and the shape of held-out single objects."""
+    import open_clip
+
+    rng = np.random.default_rng(s.seed + 99)
+    scenes = [shapes.random_scene(rng, 1) for _ in range(n)]
+    images = torch.from_numpy(shapes.render_dataset(scenes)).permute(0, 3, 1, 2).float() / 255
+    generator = torch.Generator().manual_seed(s.seed + 99)
+    found = []
+    for attribute, names in (("color", shapes.COLORS), ("shape", shapes.SHAPES)):
+        phrases = [f"a {name} shape" if attribute == "color" else f"a {name}" for name in names]
+        with torch.no_grad():
+            texts = model.encode_text(open_clip.tokenize(phrases), normalize=True)
+        labels = torch.tensor([names.index(getattr(sc.objects[0], attribute)) for sc in scenes])
+
+        def logits_of(x: torch.Tensor, texts: torch.Tensor = texts) -> torch.Tensor:
+            return 100 * model.encode_image(robust.as_model_input(x), normalize=True) @ texts.T
+
+        clean, attacked = robust.accuracy(logits_of, images, labels, generator)
+        found.append(f"{attribute} {clean:.3f} clean / {attacked:.3f} robust")
+    return ", ".join(found)
+
+
+def stage_robust_clip(s: TrainSettings, log: Log) -> None:
+    """Adversarial fine-tuning of the CLIP's image tower against its frozen text tower: the text embeddings
+    the losses target stay where they are, and the image tower learns to map attacked images next to them.
+    The beauty probe rides along as in `stage_clip`, so that the embedding keeps composition."""
+    import open_clip
+
+    torch.manual_seed(s.seed)
+    model, config = load_saved_clip(clip_dir(s))
+    log(f"robust clip: before, zero-shot {clip_zero_shot(model, s)}")
+    model.requires_grad_(False).visual.requires_grad_(True)
+    probe = torch.nn.Linear(models.CLIP_EMBED_DIM, 1)
+    params = list(model.visual.parameters()) + list(probe.parameters())
+    optimizer = torch.optim.AdamW(params, lr=s.robust_clip_lr, weight_decay=0.05)
+    rng = np.random.default_rng(s.seed + 6)
+    generator = torch.Generator().manual_seed(s.seed + 6)
+    scale = model.logit_scale.exp().detach()
+    progress, running, step = Progress(s.robust_clip_steps, s.robust_clip_minutes), [], 0
+    while progress(step) < 1:
+        scenes, texts = world_batch(rng, s.robust_clip_batch, s.clip_compositions)
+        pixels = torch.from_numpy(shapes.render_dataset(scenes)).permute(0, 3, 1, 2).float() / 255
+        clean = robust.augment(random_blur(pixels, generator), generator)
+        with torch.no_grad():
+            text_features = model.encode_text(open_clip.tokenize(texts), normalize=True)
+
+        def contrastive(x: torch.Tensor, text_features=text_features, texts=texts) -> torch.Tensor:
+            features = model.encode_image(robust.as_model_input(x), normalize=True)
+            return contrastive_loss(features, text_features, scale, texts)
+
+        attacked = robust.pgd(contrastive, clean, robust.TRAIN_PGD_STEPS, generator=generator)
+        features = model.encode_image(robust.as_model_input(torch.cat([clean, attacked])), normalize=True)
+        n = len(texts)
+        loss = sum(contrastive_loss(f, text_features, scale, texts) for f in features.split(n)) / 2
+        composed = [sc for sc in scenes[s.robust_clip_batch :]]
+        target = (torch.tensor([beauty.beauty(sc) for sc in composed]) - 5.5) / 2.5
+        probe_loss = F.mse_loss(probe(features[s.robust_clip_batch : n]).squeeze(1), target)
+        set_lr(optimizer, learning_rate(s.robust_clip_lr, step, progress(step), s.warmup_steps))
+        optimizer.zero_grad(set_to_none=True)
+        (loss + s.clip_probe_weight * probe_loss).backward()
+        optimizer.step()
+        running.append((loss.item(), probe_loss.item()))
+        step += 1
+        if step % 50 == 0:
+            total, probe_mse = np.mean(running, 0)
+            log(f"robust clip step {step} loss {total:.4f} probe {probe_mse:.4f} ({progress.elapsed():.0f}s)")
+            running = []
+    model.eval()
+    save_clip(model, config, clip_dir(s))
+    log(
+        f"robust clip: {step} steps in {progress.elapsed() / 60:.1f} min, "
+        f"eps {robust.EPSILON * 255:.0f}/255, PGD-{robust.TRAIN_PGD_STEPS}; held-out zero-shot "
+        f"{clip_zero_shot(model, s)} (robust: PGD-{robust.EVAL_PGD_STEPS}); saved {clip_dir(s)}"
+    )
 
 
 # --- shade classifier ------------------------------------------------------------------------------
@@ -462,8 +580,6 @@ def classifier_data(s: TrainSettings) -> tuple[np.ndarray, np.ndarray]:
 
 
 def stage_classifier(s: TrainSettings, log: Log) -> None:
-    from transformers import ViTImageProcessor
-
     torch.manual_seed(s.seed)
     images, labels = classifier_data(s)
     n_val = 1000
@@ -489,7 +605,13 @@ def stage_classifier(s: TrainSettings, log: Log) -> None:
     with torch.no_grad():
         predicted = model(to_tensor(images[:n_val])).logits.argmax(1).numpy()
     accuracy = float((predicted == labels[:n_val]).mean())
-    folder = Path(s.out) / "classifier"
+    save_classifier(model, Path(s.out) / "classifier")
+    log(f"classifier: {step} steps in {progress.elapsed() / 60:.1f} min; held-out accuracy {accuracy:.3f}")
+
+
+def save_classifier(model: torch.nn.Module, folder: Path) -> None:
+    from transformers import ViTImageProcessor
+
     model.save_pretrained(folder, safe_serialization=True)
     processor = ViTImageProcessor(
         do_resize=True,
@@ -500,7 +622,64 @@ def stage_classifier(s: TrainSettings, log: Log) -> None:
         image_std=[0.5, 0.5, 0.5],
     )
     processor.save_pretrained(folder)
-    log(f"classifier: {step} steps in {progress.elapsed() / 60:.1f} min; held-out accuracy {accuracy:.3f}")
+
+
+def stage_robust_classifier(s: TrainSettings, log: Log) -> None:
+    """Adversarial fine-tuning of the shade classifier on augmented views, as DOODL's loss shows them."""
+    from transformers import ResNetForImageClassification
+
+    torch.manual_seed(s.seed)
+    images, labels = classifier_data(s)
+    pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+    targets = torch.from_numpy(labels)
+    n_val = 1000
+    folder = Path(s.out) / "classifier"
+    model = ResNetForImageClassification.from_pretrained(folder)
+    generator = torch.Generator().manual_seed(s.seed + 7)
+
+    def logits_of(x: torch.Tensor) -> torch.Tensor:
+        return model(robust.as_model_input(x)).logits
+
+    def held_out() -> str:
+        model.eval()
+        clean, attacked = robust.accuracy(logits_of, pixels[:n_val], targets[:n_val], generator)
+        model.train()
+        return f"{clean:.3f} clean / {attacked:.3f} robust"
+
+    log(f"robust classifier: before, held-out accuracy {held_out()}")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=s.robust_classifier_lr, weight_decay=0.01)
+    rng = np.random.default_rng(s.seed + 7)
+    progress, running, step = Progress(s.robust_classifier_steps, s.robust_classifier_minutes), [], 0
+    while progress(step) < 1:
+        idx = torch.from_numpy(rng.choice(len(images) - n_val, s.classifier_batch, replace=False) + n_val)
+        clean = robust.augment(random_blur(pixels[idx], generator), generator)
+        batch_targets = targets[idx]
+        model.eval()  # attack the model as it is, without moving batch-norm statistics
+        attacked = robust.pgd(
+            lambda x, t=batch_targets: F.cross_entropy(logits_of(x), t),
+            clean,
+            robust.TRAIN_PGD_STEPS,
+            generator=generator,
+        )
+        model.train()
+        loss = F.cross_entropy(logits_of(torch.cat([clean, attacked])), batch_targets.repeat(2))
+        set_lr(optimizer, learning_rate(s.robust_classifier_lr, step, progress(step), s.warmup_steps))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        running.append(loss.item())
+        step += 1
+        if step % 100 == 0:
+            log(f"robust classifier step {step} loss {np.mean(running):.4f} ({progress.elapsed():.0f}s)")
+            running = []
+    accuracy = held_out()
+    model.eval()
+    save_classifier(model, folder)
+    log(
+        f"robust classifier: {step} steps in {progress.elapsed() / 60:.1f} min, eps "
+        f"{robust.EPSILON * 255:.0f}/255, PGD-{robust.TRAIN_PGD_STEPS}; held-out accuracy {accuracy} "
+        f"(robust: PGD-{robust.EVAL_PGD_STEPS})"
+    )
 
 
 # --- aesthetic head --------------------------------------------------------------------------------
@@ -537,10 +716,29 @@ def stage_aesthetic(s: TrainSettings, log: Log) -> None:
         {"weight": solution[None, :-1].float().contiguous(), "bias": solution[-1:].float().contiguous()},
         folder / "aesthetic_head.safetensors",
     )
+    head = torch.nn.Linear(models.CLIP_EMBED_DIM, 1)
+    head.load_state_dict(load_file(folder / "aesthetic_head.safetensors"))
+    inflation = score_inflation(model, head, images[:500], s.seed)
     log(
         f"aesthetic: {s.aesthetic_images} images, held-out correlation {correlation:.3f}, "
-        f"score range {scores.min():.2f}..{scores.max():.2f}, {time.time() - start:.0f}s"
+        f"score range {scores.min():.2f}..{scores.max():.2f}; PGD-{robust.EVAL_PGD_STEPS} within "
+        f"{robust.EPSILON * 255:.0f}/255 raises the predicted score by {inflation:.2f} on average, "
+        f"{time.time() - start:.0f}s"
     )
+
+
+def score_inflation(model: torch.nn.Module, head: torch.nn.Linear, images: np.ndarray, seed: int) -> float:
+    """How far an invisible change (PGD inside the L-inf ball) raises the head's score: a robust scorer
+    can only be pleased by changing what the image shows."""
+    pixels = torch.from_numpy(np.array(images)).permute(0, 3, 1, 2).float() / 255
+
+    def score(x: torch.Tensor) -> torch.Tensor:
+        return head(model.encode_image(robust.as_model_input(x), normalize=True)).squeeze(1)
+
+    generator = torch.Generator().manual_seed(seed)
+    attacked = robust.pgd(lambda x: score(x).sum(), pixels, robust.EVAL_PGD_STEPS, generator=generator)
+    with torch.no_grad():
+        return float((score(attacked) - score(pixels)).mean())
 
 
 def main() -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 
 import torch
@@ -58,13 +58,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     guide.add_argument("--aesthetic-pretrained")
     guide.add_argument("--aesthetic-head", default=str(embedded.AESTHETIC_HEAD), help="'laion': download")
     guide.add_argument("--aesthetic-target", type=float, help="aim at this score instead of maximizing")
-    guide.add_argument("--cutouts", type=int, default=16, help="random crops per image (paper: 16)")
+    guide.add_argument(
+        "--cutouts", type=int, help="random views per image (default: the preset's; paper: 16)"
+    )
     guide.add_argument("--cut-power", type=float, default=0.3)
-    run = parser.add_argument_group("optimization (defaults: the paper's)")
+    run = parser.add_argument_group(
+        "optimization (defaults: the embedded model's settings for the first loss, as in the app; the "
+        "paper's for any other model)"
+    )
     for field in fields(DoodlSettings):
         if field.type in ("int", "float", "str", "bool") and field.name not in ("height", "width"):
             kind = {"int": int, "float": float, "str": str, "bool": _boolean}[field.type]
-            run.add_argument(f"--{field.name.replace('_', '-')}", type=kind, default=field.default)
+            run.add_argument(f"--{field.name.replace('_', '-')}", type=kind)
     run.add_argument("--init-image", help="start from this real image, EDICT-inverted, instead of noise")
     run.add_argument("--baseline-scale", type=float, help="also save one-step guidance at this scale")
     run.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -84,9 +89,32 @@ def open_image(path: str) -> Image.Image:
         raise ValueError(f"{path} is not a readable image ({error})") from error
 
 
-def build_loss(args: argparse.Namespace, device: str, generator: torch.Generator) -> Loss:
+# The app's tab, and so the embedded model's preset, that each loss belongs to.
+CAPABILITY = {
+    "clip-text": "text",
+    "classifier": "vocabulary",
+    "clip-image": "personalization",
+    "aesthetic": "aesthetic",
+    "symmetry": "text",
+}
+
+
+def chosen_settings(args: argparse.Namespace) -> tuple[DoodlSettings, int]:
+    """(settings, cutouts): the model's preset for the first loss, with what the command line sets."""
+    first = (args.loss or ["clip-text"])[0].partition("=")[0]
+    preset = embedded.presets(args.model)[CAPABILITY.get(first, "text")]
+    given = {
+        f.name: getattr(args, f.name)
+        for f in fields(DoodlSettings)
+        if getattr(args, f.name, None) is not None
+    }
+    cutouts = preset.cutouts if args.cutouts is None else args.cutouts
+    return replace(preset.settings, **given), cutouts
+
+
+def build_loss(args: argparse.Namespace, cutouts: int, device: str, generator: torch.Generator) -> Loss:
     """The weighted sum of the named losses, each with its guidance model loaded."""
-    crops = dict(cutouts=args.cutouts, cut_power=args.cut_power, generator=generator)
+    crops = dict(cutouts=cutouts, cut_power=args.cut_power, generator=generator)
     terms = []
     for item in args.loss or ["clip-text"]:
         name, _, weight = item.partition("=")
@@ -125,12 +153,10 @@ def report(step: Step, total: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        settings = DoodlSettings(
-            **{f.name: getattr(args, f.name) for f in fields(DoodlSettings) if hasattr(args, f.name)}
-        )
+        settings, cutouts = chosen_settings(args)
         dtype = torch.float16 if args.device.startswith("cuda") else torch.float32
         model = load_pipeline(args.model, args.device, dtype)
-        loss = build_loss(args, args.device, torch.Generator().manual_seed(settings.seed))
+        loss = build_loss(args, cutouts, args.device, torch.Generator().manual_seed(settings.seed))
         init = None
         if args.init_image:
             init = invert_image(model, open_image(args.init_image), args.prompt, settings)

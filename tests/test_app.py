@@ -117,7 +117,7 @@ def test_text_guidance(client, names, side):
     )
     assert best_image(result).size == (side, side)
     captions = [item["caption"] for item in result[4]]
-    assert [c.split(",")[0] for c in captions] == ["Unguided", "One-step", "DOODL"]
+    assert [c.split(",")[0] for c in captions] == ["Unguided", "One-step guidance", "DOODL"]
 
 
 def test_vocabulary_expansion(client, names, side):

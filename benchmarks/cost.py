@@ -1,7 +1,9 @@
-"""Cost of one DOODL iteration, as a multiple of one EDICT sample, and UNet evaluations per iteration.
+"""Cost of one DOODL iteration, as a multiple of one EDICT sample, and UNet evaluations per iteration;
+and the seconds of a whole default run of each tab of the app on the embedded model.
 
-    python -m benchmarks.cost            # tiny and embedded models, 10 / 25 / 50 steps
+    python -m benchmarks.cost            # tiny and embedded models, 10 / 25 / 50 steps; default runs
     python -m benchmarks.cost --quick    # seconds-long smoke run
+    python -m benchmarks.cost --only-default-runs --threads 2    # what a visitor waits, on 2 idle cores
 
 An iteration is `latent_grad`: the EDICT chain, decoding both final latents, a loss, and the gradient
 w.r.t. the initial latents. A sample is the EDICT chain and one decode, without gradients. Both are
@@ -12,7 +14,9 @@ samples if a backward costs two forwards (the "expected" column measures it); th
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import time
 from collections.abc import Callable
 
 import torch
@@ -30,7 +34,12 @@ from benchmarks.common import (
     tiny_folder,
     write_report,
 )
-from doodl import MODES, edict_denoise, edict_schedule, latent_grad
+from doodl import MODES, edict_denoise, edict_schedule, latent_grad, one_step_guidance, optimize
+from doodl.embedded import AESTHETIC_HEAD, CLASSIFIER, CLIP, EMBEDDED_PRESETS, SD
+from doodl.guides import load_aesthetic_head, load_classifier, load_clip
+from doodl.losses import Loss, aesthetic_loss, classifier_loss, clip_image_loss, clip_text_loss
+from doodl.optimize import conditioning, initial_latents
+from doodl.pipeline import load_pipeline
 
 TARGET = 4.3  # iteration / sample for the reversible mode
 COUNT_SIZE = 8  # UNet calls do not depend on the model: count them on the smallest one
@@ -110,6 +119,139 @@ def plot(results: dict[str, dict[int, dict[str, float]]]) -> Figure:
     return figure
 
 
+# --- a whole default run of each tab ----------------------------------------------------------------
+
+DEFAULT_RUN_TARGET = 45.0  # seconds for all iterations plus the side-by-side, on 2 idle cores
+
+
+def tab_losses() -> dict[str, tuple[str, Callable[[torch.Generator], Loss]]]:
+    """Each tab's first example in the app: (prompt, loss factory over a crop generator)."""
+    from PIL import Image
+
+    from benchmarks.common import ROOT
+
+    clip, classifier = load_clip(str(CLIP)), load_classifier(CLASSIFIER)
+    head = load_aesthetic_head(AESTHETIC_HEAD)
+    reference = Image.open(ROOT / "assets" / "examples" / "rose_star.png")
+    crops = {name: preset.cutouts for name, preset in EMBEDDED_PRESETS.items()}
+    return {
+        "text": (
+            "a red circle above a blue square",
+            lambda g: clip_text_loss(
+                clip, "a red circle above a blue square", cutouts=crops["text"], generator=g
+            ),
+        ),
+        "vocabulary": (
+            "a red circle",
+            lambda g: classifier_loss(classifier, "maroon", cutouts=crops["vocabulary"], generator=g),
+        ),
+        "personalization": (
+            "a star",
+            lambda g: clip_image_loss(clip, [reference], cutouts=crops["personalization"], generator=g),
+        ),
+        "aesthetic": (
+            "a blue circle",
+            lambda g: aesthetic_loss(clip, head, cutouts=crops["aesthetic"], generator=g),
+        ),
+    }
+
+
+def timed(run: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    run()
+    return time.perf_counter() - start
+
+
+def iteration_parts(model, prompt: str, loss: Loss, settings) -> dict[str, float]:
+    """Seconds of one default iteration's parts: the chain forward, the decode of both latents with its
+    backward, the guide on every view with its backward, and the reversible backward through the chain."""
+    eps, schedule = conditioning(model, prompt, settings), settings.schedule(model)
+    x, y = initial_latents(model, settings)
+    chain = timed(lambda: edict_denoise(eps, x, y, schedule))
+    with torch.no_grad():
+        x0, y0 = edict_denoise(eps, x, y, schedule)
+    latents = torch.cat([x0, y0]).requires_grad_(True)
+
+    def decode() -> None:
+        images = model.decode(latents)
+        torch.autograd.grad(images.sum(), latents)
+
+    pixels = model.decode(latents).detach().requires_grad_(True)
+    decoding = timed(decode)
+    guide = timed(lambda: torch.autograd.grad(loss(pixels), pixels))
+    whole = timed(
+        lambda: latent_grad(eps, x, y, schedule, lambda a, b: loss(model.decode(torch.cat([a, b]))))
+    )
+    return {
+        "chain forward": chain,
+        "decode + backward": decoding,
+        "guide + backward": guide,
+        "reversible backward (UNet VJPs)": whole - chain - decoding - guide,
+        "iteration": whole,
+    }
+
+
+def default_runs(quick: bool) -> tuple[str, str, dict[str, float]]:
+    """Tables: seconds of each tab's whole default run (DOODL and the side-by-side one-step image), and
+    where one default iteration's time goes."""
+    model = load_pipeline(SD)
+    runs, parts = [], []
+    for tab, (prompt, make_loss) in tab_losses().items():
+        preset = EMBEDDED_PRESETS[tab]
+        settings = (
+            preset.settings if not quick else dataclasses.replace(preset.settings, steps=2, iterations=2)
+        )
+        generator = torch.Generator().manual_seed(settings.seed)
+        doodl_seconds = timed(functools.partial(optimize, model, prompt, make_loss(generator), settings))
+        one_step = timed(
+            functools.partial(
+                one_step_guidance, model, prompt, make_loss(generator), preset.one_step_scale, settings
+            )
+        )
+        total = doodl_seconds + one_step
+        verdict = "PASS" if total <= DEFAULT_RUN_TARGET else "FAIL"
+        runs.append(
+            [
+                tab,
+                settings.steps,
+                settings.iterations,
+                preset.cutouts,
+                f"{doodl_seconds:.1f}",
+                f"{one_step:.1f}",
+                f"{total:.1f}",
+                verdict,
+            ]
+        )
+        print(runs[-1], flush=True)
+        seconds = iteration_parts(model, prompt, make_loss(generator), settings)
+        parts.append([tab, *(f"{v:.2f}" for v in seconds.values())])
+    runs_table = markdown_table(
+        [
+            "tab",
+            "steps",
+            "iterations",
+            "crops",
+            "DOODL (s)",
+            "one-step side-by-side (s)",
+            "total (s)",
+            f"<= {DEFAULT_RUN_TARGET:g} s",
+        ],
+        runs,
+    )
+    parts_table = markdown_table(
+        [
+            "tab",
+            "chain forward",
+            "decode + backward",
+            "guide + backward",
+            "reversible backward",
+            "iteration (s)",
+        ],
+        parts,
+    )
+    return runs_table, parts_table, {row[0]: float(row[6]) for row in runs}
+
+
 def main() -> None:
     p = parser(__doc__)
     p.add_argument("--steps", type=int, nargs="+", default=[10, 25, 50])
@@ -118,11 +260,17 @@ def main() -> None:
     # CPU, and a 50-step run takes hours.
     p.add_argument("--tiny-size", type=int, default=16, help="latent side of the tiny model")
     p.add_argument("--no-embedded", action="store_true", help="skip the embedded model")
+    p.add_argument("--only-default-runs", action="store_true", help="only time each tab's default run")
     args = p.parse_args()
     if args.quick:
         args.steps, args.repeats, args.tiny_size, args.no_embedded = [2, 4], 1, 8, True
     out = start(args)
+    if not args.only_default_runs:
+        ratio_report(args, out)
+    default_runs_report(args.quick, out)
 
+
+def ratio_report(args, out) -> None:
     results: dict[str, dict[int, dict[str, float]]] = {}
     rows = []
     for name, folder in model_folders(args.tiny_size, not args.no_embedded).items():
@@ -157,6 +305,25 @@ def main() -> None:
         "checkpoint and reversible modes, in twice as many calls."
     )
     write_report(out, "cost", "Cost of a DOODL iteration", [notes, calls_table, cost_table], plot(results))
+
+
+def default_runs_report(quick: bool, out) -> None:
+    runs_table, parts_table, totals = default_runs(quick)
+    notes = (
+        "A visitor's wait on the embedded model: each tab's first example at the tab's settings "
+        "(`doodl.embedded.EMBEDDED_PRESETS`), all DOODL iterations plus the one-step image of the "
+        "side-by-side (the unguided image is DOODL's first iteration). Target: at most "
+        f"{DEFAULT_RUN_TARGET:g} s on 2 idle cores (`--threads 2`). Below, one default iteration split into "
+        "its parts (seconds): the UNet calls "
+        "are the chain forward and the reversible backward; decode and guide each include their backward."
+    )
+    figure = Figure(figsize=(5, 3))
+    ax = figure.subplots()
+    ax.bar(list(totals), list(totals.values()), color="tab:red")
+    ax.axhline(DEFAULT_RUN_TARGET, color="grey", linestyle="--", label=f"target {DEFAULT_RUN_TARGET:g} s")
+    ax.set(ylabel="seconds", title="A whole default run per tab")
+    ax.legend(fontsize=7)
+    write_report(out, "default-runs", "Seconds of a default run", [notes, parts_table, runs_table], figure)
 
 
 if __name__ == "__main__":

@@ -1,21 +1,27 @@
 """Does DOODL steer better than one-step guidance? Four capabilities on the embedded model.
 
-    python -m benchmarks.quality                     # 30 prompts each, 20 steps, 10 iterations
+    python -m benchmarks.quality                     # 30 prompts each, at the app's settings
+    python -m benchmarks.quality --tune              # only choose clip and one-step scale on pilots
     python -m benchmarks.quality --n 100 --steps 50 --iterations 50 --matched-n 100
     python -m benchmarks.quality --quick             # 1 prompt each, a few steps
+
+By default every setting is the app's for that capability (`doodl.embedded.EMBEDDED_PRESETS`: steps,
+iterations, CFG, gradient clip, crops, one-step scale), so the figures describe what a visitor sees.
 
 Per prompt, from the same initial latents: the unguided EDICT sample, one-step guidance, and DOODL (the
 image of lowest guidance loss over its iterations). Matched compute: one-step guidance on K initial
 latents, the one of lowest guidance loss kept, with K chosen so that it makes as many UNet calls as
 DOODL. Each guided method's strength (one-step scale, DOODL's element-wise gradient clip, which sets its
-step) is chosen per capability by its own guidance loss on pilot prompts. Every image is scored by a
-rule-based evaluator, never by the model that guided it.
+step) is the preset's; `--tune` chooses them per capability by each method's own guidance loss on pilot
+prompts, prints them and stops: the presets hold what it chose. Every image is scored by a rule-based
+evaluator, never by the model that guided it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import statistics
 from collections.abc import Callable
@@ -28,22 +34,30 @@ from matplotlib.figure import Figure
 from PIL import Image
 from torchvision.transforms.functional import pil_to_tensor
 
-from benchmarks.common import EMBEDDED, count_unet_calls, markdown_table, parser, start, write_report
+from benchmarks.common import (
+    EMBEDDED,
+    count_unet_calls,
+    machine,
+    markdown_table,
+    parser,
+    start,
+    write_report,
+)
 from benchmarks.evaluators import beauty_agreement, measured_shade, pixel_beauty
 from doodl import DoodlSettings, initial_latents, load_pipeline, one_step_guidance, optimize, sample
+from doodl.embedded import EMBEDDED_PRESETS, Preset
 from doodl.guides import load_aesthetic_head, load_classifier, load_clip
 from doodl.losses import Loss, aesthetic_loss, classifier_loss, clip_image_loss, clip_text_loss
 from doodl.pipeline import LatentDiffusion
 from doodl.world import judge, shapes
 
-# The settings a capability's saved outcomes depend on (with the model's age).
-RAW_KEYS = ("n", "matched_n", "steps", "iterations", "scales", "clips", "pilot", "seed")
+# The arguments a capability's saved outcomes depend on (with its preset and the models' contents). Not
+# --matched-n: it only says how many prompts also get the dear best-of-K run, so capabilities run apart
+# with different values still assemble into one report.
+RAW_KEYS = ("n", "steps", "iterations", "seed")
 
 METHODS = ("unguided", "one-step", "DOODL", "one-step best of K")
 ASSETS = ("sd/model_index.json", "clip", "classifier", "aesthetic/aesthetic_head.safetensors")
-# The guides see 64 px images whole: every crop of a 64 px image for a 64 px model is the whole image,
-# so multi-crop augmentation would only repeat it.
-CUTOUTS = 0
 
 
 @dataclass(frozen=True)
@@ -67,6 +81,7 @@ class Outcome:
     score: float  # the evaluator's
     loss: float  # the guidance loss of the final image: did the method do what it was asked?
     calls: int  # UNet calls spent on the image
+    curve: tuple[float, ...] = ()  # DOODL only: the guidance loss at every iteration
 
 
 @dataclass(frozen=True)
@@ -84,7 +99,7 @@ def text_task(guides: dict, rng: np.random.Generator) -> Task:
     caption = shapes.caption(shapes.random_scene(rng, 2))
     return Task(
         caption,
-        clip_text_loss(guides["clip"], caption, cutouts=CUTOUTS),
+        clip_text_loss(guides["clip"], caption, cutouts=EMBEDDED_PRESETS["text"].cutouts),
         lambda image: attributes_right(judge.judge(image, caption)),
     )
 
@@ -95,7 +110,7 @@ def vocabulary_task(guides: dict, rng: np.random.Generator) -> Task:
     label = shapes.SHADE_NAMES["red"][shade]
     return Task(
         f"a red {rng.choice(shapes.SHAPES)}",
-        classifier_loss(guides["classifier"], label, cutouts=CUTOUTS),
+        classifier_loss(guides["classifier"], label, cutouts=EMBEDDED_PRESETS["vocabulary"].cutouts),
         lambda image: float(measured_shade(image, "red") == shade),
     )
 
@@ -114,7 +129,7 @@ def personalization_task(guides: dict, rng: np.random.Generator) -> Task:
     target = shapes.Description((shapes.ObjectSpec(entity.color, entity.shape),))
     return Task(
         f"a {entity.shape}",
-        clip_image_loss(guides["clip"], references, cutouts=CUTOUTS),
+        clip_image_loss(guides["clip"], references, cutouts=EMBEDDED_PRESETS["personalization"].cutouts),
         lambda image: attributes_right(judge.judge_description(image, target)),
     )
 
@@ -122,7 +137,8 @@ def personalization_task(guides: dict, rng: np.random.Generator) -> Task:
 def aesthetic_task(guides: dict, rng: np.random.Generator) -> Task:
     """A one-object caption, guided by the aesthetic head; rated by the beauty rule on the pixels."""
     caption = shapes.caption(shapes.random_scene(rng, 1))
-    return Task(caption, aesthetic_loss(guides["clip"], guides["head"], cutouts=CUTOUTS), pixel_beauty)
+    cutouts = EMBEDDED_PRESETS["aesthetic"].cutouts
+    return Task(caption, aesthetic_loss(guides["clip"], guides["head"], cutouts=cutouts), pixel_beauty)
 
 
 CAPABILITIES = (
@@ -165,24 +181,36 @@ def best_of(model: LatentDiffusion, task: Task, settings: DoodlSettings, scale: 
 def run_task(model: LatentDiffusion, task: Task, settings: DoodlSettings, scale: float, matched: bool):
     """{method: Outcome} for one prompt; `settings` carries DOODL's gradient clip."""
     init = initial_latents(model, settings)
+    curves = {}
+
+    def doodl_run() -> Image.Image:
+        result = optimize(model, task.prompt, task.loss, settings, init)
+        curves["DOODL"] = tuple(result.losses)
+        return result.image
+
     runs = {
         "unguided": lambda: sample(model, task.prompt, settings, init),
         "one-step": lambda: one_step(model, task, settings, scale, init),
-        "DOODL": lambda: doodl_image(model, task, settings, init),
+        "DOODL": doodl_run,
     }
     results = {name: counted(model, run) for name, run in runs.items()}
     if matched:
         k = max(1, round(results["DOODL"][1] / results["one-step"][1]))
         results[METHODS[3]] = counted(model, lambda: best_of(model, task, settings, scale, k))
     return {
-        name: Outcome(task.score(image), image_loss(task, image), n) for name, (image, n) in results.items()
+        name: Outcome(task.score(image), image_loss(task, image), n, curves.get(name, ()))
+        for name, (image, n) in results.items()
     }
 
 
-def settings_for(args, index: int, i: int, grad_clip: float = DoodlSettings.grad_clip) -> DoodlSettings:
-    """Settings of prompt i of capability `index`: its own initial latents."""
-    seed = 1000 * index + i
-    return DoodlSettings(steps=args.steps, iterations=args.iterations, grad_clip=grad_clip, seed=seed)
+def settings_for(
+    args, capability: Capability, index: int, i: int, grad_clip: float | None = None
+) -> DoodlSettings:
+    """Settings of prompt i of capability `index`: the capability's preset, with its own initial latents
+    and what the command line overrides."""
+    settings = dataclasses.replace(EMBEDDED_PRESETS[capability.name].settings, seed=1000 * index + i)
+    given = {"steps": args.steps, "iterations": args.iterations, "grad_clip": grad_clip}
+    return dataclasses.replace(settings, **{k: v for k, v in given.items() if v is not None})
 
 
 def tune(values: list[float], image_of: Callable, pilots: list) -> float:
@@ -196,12 +224,17 @@ def tune(values: list[float], image_of: Callable, pilots: list) -> float:
     return min(values, key=mean_loss)
 
 
-def tuned_strengths(model, guides, capability: Capability, index: int, args) -> tuple[float, float]:
-    """(one-step scale, DOODL gradient clip), each chosen by its method's own guidance loss on pilot
-    prompts not used for scoring, never by the evaluator."""
+def strengths(model, guides, capability: Capability, index: int, args) -> tuple[float, float]:
+    """(one-step scale, DOODL gradient clip): the preset's, or with --tune each chosen by its method's own
+    guidance loss on pilot prompts not used for scoring, never by the evaluator."""
+    preset: Preset = EMBEDDED_PRESETS[capability.name]
+    if not args.tune:
+        return preset.one_step_scale, settings_for(args, capability, index, 0).grad_clip
+    print(capability.name, "tuning on", args.pilot, "pilot prompts", flush=True)
     rng = np.random.default_rng(args.seed + 100 + index)
     pilots = [
-        (capability.make_task(guides, rng), settings_for(args, index, 500 + i)) for i in range(args.pilot)
+        (capability.make_task(guides, rng), settings_for(args, capability, index, 500 + i))
+        for i in range(args.pilot)
     ]
     scale = tune(args.scales, lambda task, settings, v: one_step(model, task, settings, v), pilots)
     clip = tune(
@@ -214,18 +247,23 @@ def tuned_strengths(model, guides, capability: Capability, index: int, args) -> 
 
 def run_capability(model, guides, capability: Capability, index: int, args) -> tuple[dict[str, list], str]:
     """({method: [Outcome per prompt]}, the strengths chosen); prompts and latents are seeded."""
-    scale, clip = tuned_strengths(model, guides, capability, index, args)
+    scale, clip = strengths(model, guides, capability, index, args)
     print(capability.name, "one-step scale", scale, "DOODL gradient clip", clip, flush=True)
     rng = np.random.default_rng(args.seed + index)
     scores: dict[str, list] = {method: [] for method in METHODS}
     for i in range(args.n):
-        settings = settings_for(args, index, i, clip)
+        settings = settings_for(args, capability, index, i, clip)
         torch.manual_seed(settings.seed)  # anything random in a loss
         task = capability.make_task(guides, rng)
         for method, result in run_task(model, task, settings, scale, i < args.matched_n).items():
             scores[method].append(result)
         print(capability.name, i, task.prompt, {m: s[-1].score for m, s in scores.items() if s}, flush=True)
-    return scores, f"{capability.name}: scale {scale:g}, clip {clip:g}"
+    s = settings_for(args, capability, index, 0, clip)
+    crops = EMBEDDED_PRESETS[capability.name].cutouts
+    return scores, (
+        f"{capability.name}: {s.steps} steps, {s.iterations} iterations, CFG {s.guidance_scale:g}, "
+        f"clip {clip:g}, momentum {s.momentum:g}, {crops} crops, one-step scale {scale:g}"
+    )
 
 
 def saved_or_run(out: Path, capability: Capability, args, run: Callable[[], tuple]) -> tuple[dict, str]:
@@ -234,7 +272,8 @@ def saved_or_run(out: Path, capability: Capability, args, run: Callable[[], tupl
     or split across processes with --only and assembled by a last run."""
     path = out / "quality-raw" / f"{capability.name}.json"
     key = {name: getattr(args, name) for name in RAW_KEYS}
-    key["model"] = (args.assets / "sd" / "model_index.json").stat().st_mtime  # a retrained model
+    key["preset"] = repr(EMBEDDED_PRESETS[capability.name])
+    key["models"] = assets_digest(args.assets)  # a retrained model or guide
     if path.is_file() and (saved := json.loads(path.read_text()))["key"] == key:
         print(capability.name, "outcomes read from", path, flush=True)
         return {m: [Outcome(**o) for o in saved["scores"][m]] for m in METHODS}, saved["strengths"]
@@ -243,6 +282,17 @@ def saved_or_run(out: Path, capability: Capability, args, run: Callable[[], tupl
     raw = {m: [dataclasses.asdict(o) for o in outcomes] for m, outcomes in scores.items()}
     path.write_text(json.dumps({"key": key, "strengths": strengths, "scores": raw}, indent=1))
     return scores, strengths
+
+
+def assets_digest(folder: Path) -> str:
+    """A hash of every file of the embedded models (the training log aside): saved outcomes of other
+    weights are never reused, and a clone with the same weights reuses them."""
+    digest = hashlib.sha256()
+    for path in sorted(folder.rglob("*")):
+        if path.is_file() and path.suffix != ".txt":
+            digest.update(path.relative_to(folder).as_posix().encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 # --- report ---------------------------------------------------------------------------------------
@@ -276,6 +326,24 @@ def paired(ours: list[Outcome], theirs: list[Outcome], field: str) -> tuple[floa
     the prompts both methods ran on."""
     diffs = [getattr(a, field) - getattr(b, field) for a, b in zip(ours, theirs)]
     return *mean_and_error(diffs), sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
+
+
+def stability(name: str, outcomes: list[Outcome]) -> list[str]:
+    """A row on DOODL's loss curves: do they fall, or zig-zag? Changes are in % of each curve's first
+    loss, so that the four losses' scales compare; a zig-zag is a one-iteration rise larger than the curve's
+    whole drop (first loss - lowest loss)."""
+    curves = [o.curve for o in outcomes if len(o.curve) > 1]
+    if not curves:
+        return [name, "-", "-", "-", "-"]
+    rises = [max(0.0, *(b - a for a, b in zip(c, c[1:]))) for c in curves]
+    best = [int(np.argmin(c)) + 1 for c in curves]
+    return [
+        name,
+        f"{statistics.median((min(c) - c[0]) / abs(c[0]) for c in curves):+.0%}",
+        f"{statistics.median(best):g} of {len(curves[0])}",
+        f"{statistics.median(r / abs(c[0]) for r, c in zip(rises, curves)):.1%}",
+        f"{sum(r > c[0] - min(c) for r, c in zip(rises, curves))} of {len(curves)}",
+    ]
 
 
 def verdict(name: str, scores: dict[str, list]) -> str:
@@ -317,6 +385,27 @@ def plot(all_scores: dict[str, dict[str, list]]) -> Figure:
     return figure
 
 
+def write_tuning(out: Path, args, model, guides, chosen: list[Capability]) -> None:
+    """Choose each capability's one-step scale and DOODL clip on pilot prompts; write them down."""
+    lines = [
+        f"# Strengths chosen on {args.pilot} pilot prompts per capability",
+        "",
+        machine(),
+        "",
+        f"`python -m benchmarks.quality --tune`: one-step scales from {args.scales}, DOODL gradient clips "
+        f"from {args.clips}, each chosen by its own method's mean guidance loss (never the evaluator); "
+        "the other settings are the presets'. `doodl/embedded.py` holds the chosen values.",
+        "",
+    ]
+    for capability in chosen:
+        index = CAPABILITIES.index(capability)
+        scale, clip = strengths(model, guides, capability, index, args)
+        lines.append(f"- {capability.name}: one-step scale {scale:g}, gradient clip {clip:g}")
+        print(lines[-1], flush=True)
+    name = "quality-tune" + ("" if args.only is None else "-" + "-".join(c.name for c in chosen))
+    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
+
+
 def load_guides(assets: Path, device: str) -> dict:
     return {
         "clip": load_clip(str(assets / "clip"), device=device),
@@ -329,8 +418,9 @@ def main() -> None:
     p = parser(__doc__)
     p.add_argument("--n", type=int, default=30, help="prompts per capability")
     p.add_argument("--matched-n", type=int, default=10, help="prompts that also get the matched-compute run")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--iterations", type=int, default=10)
+    p.add_argument("--steps", type=int, help="EDICT steps (default: each capability's preset)")
+    p.add_argument("--iterations", type=int, help="DOODL iterations (default: each capability's preset)")
+    p.add_argument("--tune", action="store_true", help="choose clip and one-step scale on pilot prompts")
     p.add_argument("--scales", type=float, nargs="+", default=[0.1, 0.3, 1, 3, 10], help="one-step strengths")
     # At the paper's rate of 1, over 99% of the gradient elements of each embedded guide exceed the paper's
     # 1e-3 clip (medians 0.07 to 0.9): the clip, not the rate, sets DOODL's step, so the clip is what is
@@ -356,6 +446,9 @@ def main() -> None:
     model = load_pipeline(args.assets / "sd", args.device)
     guides = load_guides(args.assets, args.device)
     chosen = [c for c in CAPABILITIES if args.only is None or c.name in args.only]
+    if args.tune:
+        write_tuning(out, args, model, guides, chosen)
+        return
     runs = {
         c.name: saved_or_run(out, c, args, functools.partial(run_capability, model, guides, c, index, args))
         for index, c in enumerate(CAPABILITIES)  # the index seeds prompts and latents, whatever --only says
@@ -369,10 +462,8 @@ def main() -> None:
         [name, *(summary(scores[m], "loss") for m in METHODS)] for name, scores in all_scores.items()
     ]
     notes = (
-        f"Embedded model, {args.steps} EDICT steps, DOODL {args.iterations} iterations (clip, momentum, "
-        "perturbation as the paper). Per capability, one-step guidance's scale (from "
-        f"{args.scales}) and DOODL's gradient clip (from {args.clips}) are chosen by each method's own "
-        f"guidance loss on {args.pilot} pilot prompts: {strengths}. "
+        "Embedded model. Settings per capability, the app's presets (doodl/embedded.py; clip and one-step "
+        f"scale chosen by `--tune`, quality-tune.md): {strengths}. "
         f"{args.n} seeded prompts per capability (matched compute on the first {args.matched_n}). Scores: "
         "mean ± standard error; judge fractions and success rates are 0-1. The pixel beauty estimate "
         f"correlates {beauty_agreement(100):.2f} with the beauty of the true scene on rendered images."
@@ -381,11 +472,21 @@ def main() -> None:
     losses = "Guidance loss of the final images (lower: the method did what its guide asked):\n\n"
     losses += markdown_table(["capability", *METHODS], loss_rows)
     table = markdown_table(["capability", "evaluator", *METHODS, "UNet calls per image"], rows)
+    curves = "DOODL's loss curves (iterations numbered from 1, the unguided start):\n\n" + markdown_table(
+        [
+            "capability",
+            "median change, best vs first loss",
+            "median best iteration",
+            "median largest one-iteration rise",
+            "curves with a rise larger than their whole drop",
+        ],
+        [stability(name, scores["DOODL"]) for name, scores in all_scores.items()],
+    )
     write_report(
         out,
         "quality",
         "Quality: DOODL vs one-step guidance",
-        [notes, verdicts, losses, table],
+        [notes, verdicts, curves, losses, table],
         plot(all_scores),
     )
 

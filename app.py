@@ -35,7 +35,7 @@ from doodl import (
     load_pipeline,
     one_step_guidance,
 )
-from doodl.embedded import Preset, is_embedded, presets
+from doodl.embedded import EXAMPLES, Preset, is_embedded, presets
 from doodl.guides import Classifier, Clip, GuideNotFoundError, load_aesthetic_head, load_classifier, load_clip
 from doodl.losses import Loss, aesthetic_loss, classifier_loss, clip_image_loss, clip_text_loss
 from doodl.optimize import Result, result_of
@@ -53,20 +53,13 @@ except ImportError:
 
 ROOT = Path(__file__).resolve().parent
 EMBEDDED = "assets/embedded"  # relative to ROOT, as shown in the UI
-EXAMPLES = ROOT / "assets" / "examples"
 
 # Larger uploads are refused before decoding: the model sees 64-1024 px, and a huge file only costs memory.
 MAX_IMAGE_SIDE = 4096
 
-# Each tab's examples, the first one filled in on arrival. They are the embedded world's captions; each shows
-# the guidance at work (an illustration: benchmarks/quality.py is the evidence).
-TEXT_EXAMPLES = [["a red circle above a blue square"], ["a green triangle left of a yellow star"]]
-VOCABULARY_EXAMPLES = [["a red circle", "maroon"], ["a red square", "rose"]]
-PERSONALIZATION_EXAMPLES = [
-    ["a star", [str(EXAMPLES / "rose_star.png")]],
-    ["a star above a blue square", [str(EXAMPLES / "rose_star_dark.png")]],
-]
-AESTHETIC_EXAMPLES = [["a blue circle", None], ["a blue circle", str(EXAMPLES / "corner_circle.png")]]
+TEXT_EXAMPLES, VOCABULARY_EXAMPLES, PERSONALIZATION_EXAMPLES, AESTHETIC_EXAMPLES = (
+    EXAMPLES[name] for name in ("text", "vocabulary", "personalization", "aesthetic")
+)
 
 # Small models make small images: the UI scales them up, without blurring.
 CSS = ".pixels img { image-rendering: pixelated; width: 100%; height: 100%; object-fit: contain; }"

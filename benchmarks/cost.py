@@ -35,7 +35,7 @@ from benchmarks.common import (
     write_report,
 )
 from doodl import MODES, edict_denoise, edict_schedule, latent_grad, one_step_guidance, optimize
-from doodl.embedded import AESTHETIC_HEAD, CLASSIFIER, CLIP, EMBEDDED_PRESETS, SD
+from doodl.embedded import AESTHETIC_HEAD, CLASSIFIER, CLIP, EMBEDDED_PRESETS, EXAMPLES, SD
 from doodl.guides import load_aesthetic_head, load_classifier, load_clip
 from doodl.losses import Loss, aesthetic_loss, classifier_loss, clip_image_loss, clip_text_loss
 from doodl.optimize import conditioning, initial_latents
@@ -128,29 +128,23 @@ def tab_losses() -> dict[str, tuple[str, Callable[[torch.Generator], Loss]]]:
     """Each tab's first example in the app: (prompt, loss factory over a crop generator)."""
     from PIL import Image
 
-    from benchmarks.common import ROOT
-
     clip, classifier = load_clip(str(CLIP)), load_classifier(CLASSIFIER)
     head = load_aesthetic_head(AESTHETIC_HEAD)
-    reference = Image.open(ROOT / "assets" / "examples" / "rose_star.png")
     crops = {name: preset.cutouts for name, preset in EMBEDDED_PRESETS.items()}
+    (text,), (generic, shade), (scene, references), (subject, _) = (v[0] for v in EXAMPLES.values())
+    images = [Image.open(path) for path in references]
     return {
-        "text": (
-            "a red circle above a blue square",
-            lambda g: clip_text_loss(
-                clip, "a red circle above a blue square", cutouts=crops["text"], generator=g
-            ),
-        ),
+        "text": (text, lambda g: clip_text_loss(clip, text, cutouts=crops["text"], generator=g)),
         "vocabulary": (
-            "a red circle",
-            lambda g: classifier_loss(classifier, "maroon", cutouts=crops["vocabulary"], generator=g),
+            generic,
+            lambda g: classifier_loss(classifier, shade, cutouts=crops["vocabulary"], generator=g),
         ),
         "personalization": (
-            "a star",
-            lambda g: clip_image_loss(clip, [reference], cutouts=crops["personalization"], generator=g),
+            scene,
+            lambda g: clip_image_loss(clip, images, cutouts=crops["personalization"], generator=g),
         ),
         "aesthetic": (
-            "a blue circle",
+            subject,
             lambda g: aesthetic_loss(clip, head, cutouts=crops["aesthetic"], generator=g),
         ),
     }

@@ -18,6 +18,7 @@ SD = ROOT / "sd"
 CLIP = ROOT / "clip"
 CLASSIFIER = ROOT / "classifier"
 AESTHETIC_HEAD = ROOT / "aesthetic" / "aesthetic_head.safetensors"
+EXAMPLE_IMAGES = ROOT.parent / "examples"
 
 CAPABILITIES = ("text", "vocabulary", "personalization", "aesthetic")
 
@@ -49,6 +50,20 @@ EMBEDDED_PRESETS = {
     "vocabulary": Preset(replace(_EMBEDDED_BASE, grad_clip=0.03), one_step_scale=10.0),
     "personalization": Preset(replace(_EMBEDDED_BASE, grad_clip=0.01), one_step_scale=0.3),
     "aesthetic": Preset(replace(_EMBEDDED_BASE, grad_clip=0.03), one_step_scale=1.0),
+}
+
+
+# Each capability's examples, in the embedded world's captions: the app's (the first is filled in on
+# arrival) and the runs the cost benchmark times. Each shows the guidance at work at the capability's
+# settings; an illustration, benchmarks/quality.py is the evidence.
+EXAMPLES = {
+    "text": [["a red circle above a blue square"], ["a green triangle left of a yellow star"]],
+    "vocabulary": [["a red circle", "crimson"], ["a red square", "rose"]],
+    "personalization": [
+        ["a star", [str(EXAMPLE_IMAGES / "rose_star.png")]],
+        ["a star above a blue square", [str(EXAMPLE_IMAGES / "rose_star_dark.png")]],
+    ],
+    "aesthetic": [["a blue circle", None], ["a blue circle", str(EXAMPLE_IMAGES / "corner_circle.png")]],
 }
 
 

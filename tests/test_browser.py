@@ -50,6 +50,8 @@ def test_page_shows_the_four_tabs(url, tmp_path):
     dom = chromium(tmp_path / "profile", "--dump-dom", url).stdout
     for tab in TABS:
         assert tab in dom, f"tab {tab!r} is not in the rendered page"
+    # A visitor is told what the embedded model can draw.
+    assert "six colors" in dom and "64 x 64 pixels" in dom
 
 
 def test_screenshot(url, tmp_path):

@@ -4,12 +4,14 @@
     # or, on two cores, two chains side by side (about 70 minutes of wall time):
     python -m doodl.world.train --stage data
     python -m doodl.world.train --stage vae latents decoder unet &
-    python -m doodl.world.train --stage clip classifier aesthetic
+    python -m doodl.world.train --stage clip classifier robust_classifier robust_clip aesthetic
 
 Stages: data (render the cached training set), vae, latents (encode the set once, fix the scaling
 factor), decoder (tune the decoder alone on those fixed latents), unet (UNet and text encoder together,
-then save the Stable Diffusion folder), clip, classifier, aesthetic. The unet stage saves whatever decoder
-is in the cache when it ends, so decoder and unet may also run side by side. Each stage stops at a
+then save the Stable Diffusion folder), clip, classifier, robust_classifier and robust_clip (adversarial
+fine-tuning of the saved guides, `doodl.world.robust`), aesthetic (fitted on the CLIP as saved). The
+unet stage saves whatever decoder is in the cache when it ends, so decoder and unet may also run side by
+side. Each stage stops at a
 wall-clock cap as well as a step count; its learning-rate schedule follows whichever runs out first, so
 a capped run still ends on a decayed learning rate.
 """

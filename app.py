@@ -647,9 +647,9 @@ def aesthetic_tab(names: ModelNames, preset: Preset, model: gr.Textbox) -> None:
 
 EMBEDDED_WORLD = (
     "The embedded model draws a small world: flat circles, squares, triangles and stars in six colors "
-    "(red, yellow, green, cyan, blue, purple, four shades each) on plain backgrounds, at 64 x 64 pixels. "
-    "It runs on a CPU with no download; pass `--model` and the guide flags for Stable Diffusion and real "
-    "guides."
+    "(red, yellow, green, cyan, blue, purple, four shades each) on light or dark backgrounds, at 64 x 64 "
+    "pixels. It runs on a CPU with no download; pass `--model` and the guide flags for Stable Diffusion "
+    "and real guides."
 )
 
 

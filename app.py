@@ -2,26 +2,36 @@
 
     python app.py [--model SD] [--clip CLIP] [--classifier CLASSIFIER] [--aesthetic-clip CLIP]
                   [--aesthetic-head FILE] [--host 127.0.0.1] [--port 7860] [--share]
+                  [--allow-model-choice] [--max-steps N] [--max-iterations N] [--max-cutouts N] ...
 
 Everything here is interface: sampling, optimization, losses and model loading live in `doodl`.
 Models are loaded on first use and kept in `MODELS`, so importing this module loads none of them.
+An app others can reach (a shared link, a non-loopback host, a Space) serves the host's models only,
+within a per-run budget: see `Serving`.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
+import shutil
+import socket
+import tempfile
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import gradio as gr
 import pandas as pd
 import torch
+from huggingface_hub import constants as hf_constants
 from PIL import Image
 
 from doodl import (
@@ -43,12 +53,26 @@ from doodl.world.shapes import PALETTE, SHADE_NAMES
 
 try:  # On a Hugging Face ZeroGPU Space, `spaces.GPU` lends a GPU to each run; elsewhere nothing is needed.
     import spaces
-
-    gpu = spaces.GPU
 except ImportError:
+    spaces = None
 
-    def gpu(function: Callable) -> Callable:
-        return function
+# ZeroGPU holds a GPU for the duration a run asks for. The estimate: the official code's ~10 s per 50-step
+# iteration on an A100, i.e. 0.2 s per step and iteration; the one-step comparison costs about two
+# iterations more, and loading the models a fixed start.
+GPU_SECONDS_PER_STEP_ITERATION = 0.2
+GPU_START_SECONDS = 30
+
+
+def gpu_seconds(
+    *inputs: Any, steps: float = 50, iterations: float = 50, compare: bool = True, **_: Any
+) -> int:
+    """Seconds a run with these settings holds a ZeroGPU GPU (`spaces.GPU` calls it with the run's inputs)."""
+    work = float(steps) * (float(iterations) + (2 if compare else 0))
+    return int(GPU_START_SECONDS + GPU_SECONDS_PER_STEP_ITERATION * work)
+
+
+def gpu(function: Callable, duration: Callable[..., int] | int = gpu_seconds) -> Callable:
+    return function if spaces is None else spaces.GPU(duration=duration)(function)
 
 
 ROOT = Path(__file__).resolve().parent
@@ -64,6 +88,9 @@ TEXT_EXAMPLES, VOCABULARY_EXAMPLES, PERSONALIZATION_EXAMPLES, AESTHETIC_EXAMPLES
 # Small models make small images: the UI scales them up, without blurring.
 CSS = ".pixels img { image-rendering: pixelated; width: 100%; height: 100%; object-fit: contain; }"
 IMAGE = {"format": "png", "interactive": False, "elem_classes": "pixels"}
+
+# Seeds feed torch generators, which take 64-bit integers; the run draws its crops from seed + 1.
+MAX_SEED = 2**63 - 1
 
 # The errors `doodl` raises for bad input or a model it cannot load: shown to the user, never a traceback.
 USER_ERRORS = (ValueError, TypeError, OSError, ModelLoadError, GuideNotFoundError)
@@ -87,6 +114,104 @@ class ModelNames:
     classifier: str = f"{EMBEDDED}/classifier"
     aesthetic_clip: str = f"{EMBEDDED}/clip"
     aesthetic_head: str = f"{EMBEDDED}/aesthetic/aesthetic_head.safetensors"
+
+
+# How each model field is named in messages, keyed by `ModelNames`' fields.
+MODEL_KINDS = {
+    "sd": "Stable Diffusion model",
+    "clip": "CLIP model",
+    "classifier": "classifier",
+    "aesthetic_clip": "CLIP model of the scorer",
+    "aesthetic_head": "aesthetic head",
+}
+
+
+@dataclass(frozen=True)
+class Serving:
+    """What the host serves and what visitors may ask of it: the models, whether they may name others,
+    and the most work one run may cost (None: no limit). `public()` gives the defaults of an app that
+    others can reach; the default instance is a local app's: anything goes."""
+
+    names: ModelNames = ModelNames()
+    allow_model_choice: bool = True
+    max_steps: int | None = None
+    max_iterations: int | None = None
+    max_cutouts: int | None = None
+    max_references: int | None = None
+    queue_size: int | None = None  # runs waiting for the device beyond the one running
+    max_file_size: str | None = None  # of an upload, in gradio's notation ("8mb"); checked before saving
+
+    @classmethod
+    def public(cls, names: ModelNames = ModelNames(), **overrides: Any) -> Serving:
+        """The host's models only, and runs of about a minute: on two CPU cores, the embedded model's
+        presets (20 steps x 10 iterations, ~50-65 s per tab: benchmarks/results/default-runs.md); on a GPU,
+        a real model's 50 steps x 8 iterations (~10 s per iteration for the official code on an A100)."""
+        embedded = is_embedded(locate(names.sd))
+        defaults = {
+            "allow_model_choice": False,
+            "max_steps": 20 if embedded else 50,
+            "max_iterations": 10 if embedded else 8,
+            "max_cutouts": 16,
+            "max_references": 8,
+            "queue_size": 10,
+            "max_file_size": "8mb",
+        }
+        chosen = {name: value for name, value in overrides.items() if value is not None}
+        return cls(names, **{**defaults, **chosen})
+
+    def model(self, kind: str, requested: str | None) -> str:
+        """The model a run may use for `kind` (a `ModelNames` field) when a visitor asks for `requested`.
+
+        Without model choice, only the host's is served (a blank field means it too), and the refusal says
+        nothing of the requested name: whether a file exists on the server is not a visitor's business."""
+        if self.allow_model_choice:
+            return required(requested, MODEL_KINDS[kind])
+        chosen = getattr(self.names, kind)
+        if requested is None or requested.strip() in ("", chosen):
+            return chosen
+        raise ValueError(
+            f"this app serves the {MODEL_KINDS[kind]} its host chose, {chosen}; visitors cannot name "
+            "another (the host allows it with --allow-model-choice)"
+        )
+
+    def check(self, options: RunOptions, references: int = 0) -> None:
+        """Refuse a run that asks for more than the host allows, naming the limit."""
+        limits = [
+            ("steps", options.settings.steps, self.max_steps, "--max-steps"),
+            ("iterations", options.settings.iterations, self.max_iterations, "--max-iterations"),
+            ("cutouts", options.cutouts, self.max_cutouts, "--max-cutouts"),
+            ("reference images", references, self.max_references, "--max-references"),
+        ]
+        for name, value, limit, flag in limits:
+            if limit is not None and value > limit:
+                raise ValueError(
+                    f"{name}={value} is over this app's limit of {limit} per run (set by the host: {flag})"
+                )
+
+    def within_budget(self, preset: Preset) -> Preset:
+        """A tab's preset, cut down to the budget so that its defaults always run."""
+        settings = preset.settings
+        steps, iterations = settings.steps, settings.iterations
+        settings = replace(
+            settings,
+            steps=min(steps, self.max_steps or steps),
+            iterations=min(iterations, self.max_iterations or iterations),
+        )
+        return replace(
+            preset, settings=settings, cutouts=min(preset.cutouts, self.max_cutouts or preset.cutouts)
+        )
+
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def on_space() -> bool:
+    """Whether the app runs on a Hugging Face Space (which sets SPACE_ID in every Space's environment)."""
+    return bool(os.environ.get("SPACE_ID"))
+
+
+def reachable_by_others(host: str, share: bool) -> bool:
+    return share or host not in LOOPBACK or on_space()
 
 
 def pick_device() -> tuple[str, torch.dtype]:
@@ -154,14 +279,10 @@ class ModelCache:
 
 
 MODELS = ModelCache(*pick_device())
+LOCAL = Serving()
 
 # The run functions' `progress` default: gradio sees it and passes each run a tracker of its own.
 PROGRESS = gr.Progress()
-
-
-def app_presets(names: ModelNames) -> dict[str, Preset]:
-    """Each tab's settings: those the quality benchmark chose for the embedded model, else the paper's."""
-    return presets(locate(names.sd))
 
 
 # --- inputs ---------------------------------------------------------------------------------------
@@ -234,6 +355,8 @@ def run_options(
         raise ValueError(f"setting cutouts={cutouts!r} is out of range: 0 (whole image) or more crops")
     if one_step_scale < 0:
         raise ValueError(f"setting one_step_scale={one_step_scale!r} is out of range: it must be 0 or more")
+    if not 0 <= seed <= MAX_SEED or seed != int(seed):
+        raise ValueError(f"setting seed={seed!r} is out of range: a whole number from 0 to {MAX_SEED}")
     settings = DoodlSettings(
         steps=int(steps),
         iterations=int(iterations),
@@ -328,11 +451,18 @@ def starting(progress: gr.Progress) -> Update:
 
 @gpu
 def text_guidance(
-    model: str, prompt: str, clip: str, progress: gr.Progress = PROGRESS, **settings: Any
+    model: str,
+    prompt: str,
+    clip: str,
+    progress: gr.Progress = PROGRESS,
+    serving: Serving = LOCAL,
+    **settings: Any,
 ) -> Iterator[Update]:
     """Demonstration 1: steer the image towards the prompt by CLIP similarity."""
     with user_errors():
         prompt, options = required_prompt(prompt), run_options(**settings)
+        serving.check(options)
+        model, clip = serving.model("sd", model), serving.model("clip", clip)
         yield starting(progress)
         guide, pipeline = MODELS.clip(clip), MODELS.pipeline(model)
 
@@ -349,11 +479,14 @@ def vocabulary_expansion(
     classifier: str,
     target: str,
     progress: gr.Progress = PROGRESS,
+    serving: Serving = LOCAL,
     **settings: Any,
 ) -> Iterator[Update]:
     """Demonstration 2: a generic prompt, steered to a class the classifier knows and the text does not."""
     with user_errors():
         prompt, options = required_prompt(prompt), run_options(**settings)
+        serving.check(options)
+        model, classifier = serving.model("sd", model), serving.model("classifier", classifier)
         target = required(target, "target class")
         yield starting(progress)
         guide = MODELS.classifier(classifier)
@@ -373,6 +506,7 @@ def personalization(
     references: list[str] | None,
     clip: str,
     progress: gr.Progress = PROGRESS,
+    serving: Serving = LOCAL,
     **settings: Any,
 ) -> Iterator[Update]:
     """Demonstration 3: the scene of the prompt, with the entity of the reference images (CLIP vision)."""
@@ -380,6 +514,8 @@ def personalization(
         prompt, options = required_prompt(prompt), run_options(**settings)
         if not references:
             raise ValueError("no reference image: upload at least one image of the entity to draw")
+        serving.check(options, references=len(references))
+        model, clip = serving.model("sd", model), serving.model("clip", clip)
         images = [read_image(path, "reference image") for path in references]
         yield starting(progress)
         guide, pipeline = MODELS.clip(clip), MODELS.pipeline(model)
@@ -398,12 +534,16 @@ def aesthetic(
     clip: str,
     head: str,
     progress: gr.Progress = PROGRESS,
+    serving: Serving = LOCAL,
     **settings: Any,
 ) -> Iterator[Update]:
     """Demonstration 4: raise the predicted aesthetic score of a generated image, or of an uploaded photo
     after EDICT inversion (the prompt then describes the photo)."""
     with user_errors():
         prompt, options = required_prompt(prompt), run_options(**settings)
+        serving.check(options)
+        model = serving.model("sd", model)
+        clip, head = serving.model("aesthetic_clip", clip), serving.model("aesthetic_head", head)
         image = read_image(photo, "photo") if photo else None
         yield starting(progress)
         guide, scorer, pipeline = MODELS.clip(clip), MODELS.aesthetic_head(head), MODELS.pipeline(model)
@@ -538,27 +678,177 @@ def wire_run(
     stop.click(None, cancels=[event])
 
 
-def run_controls(
-    preset: Preset, examples: list[list[Any]], example_inputs: list[gr.Component]
-) -> tuple[dict[str, gr.Component], gr.Button, gr.Button]:
-    """Below a tab's own inputs: the settings, Run and Stop, and examples that fill those inputs."""
+# --- examples -------------------------------------------------------------------------------------
+
+
+def preset_inputs(preset: Preset) -> dict[str, Any]:
+    """A preset as the run functions' settings keywords, side-by-side included."""
+    settings = preset.settings
+    return {
+        "steps": settings.steps,
+        "iterations": settings.iterations,
+        "learning_rate": settings.learning_rate,
+        "grad_clip": settings.grad_clip,
+        "p": settings.p,
+        "guidance_scale": settings.guidance_scale,
+        "cutouts": preset.cutouts,
+        "seed": settings.seed,
+        "mode": settings.mode,
+        "compare": True,
+        "one_step_scale": preset.one_step_scale,
+    }
+
+
+def quiet(*_: Any, **__: Any) -> None:
+    """Progress reporting for cached examples, which gradio runs outside any visitor's page."""
+
+
+@dataclass(frozen=True)
+class ExampleCache:
+    """Where gradio keeps the examples' outputs, and whether it computes them at start-up or at first click.
+
+    Outputs depend on the models, the settings, the examples and the page's layout (gradio names its
+    folders by component ids), so the folder is named by a hash of all four: another model or budget never
+    shows stale images. For the embedded models a cache is shipped in assets/ (`python app.py
+    --cache-examples`): a visitor lands on the first example's results and every click is instant."""
+
+    folder: Path
+    eager: bool
+
+
+SHIPPED_EXAMPLES = ROOT / "assets" / "cached_examples"
+LOCAL_EXAMPLES = Path(tempfile.gettempdir()) / "doodl-examples"  # gradio serves files from the temp dir
+# gradio's cache logs hold absolute file paths: shipped, they stand for the folder the cache is in.
+CACHE_FOLDER = "{cache folder}"
+
+
+def models_digest(names: ModelNames) -> str:
+    """The embedded models' content, for cache keys; other models are known by their names only."""
+    if not is_embedded(locate(names.sd)):
+        return ""
+    digest = hashlib.sha256()
+    folder = ROOT / EMBEDDED
+    for path in sorted(folder.rglob("*")):
+        if path.is_file() and path.suffix != ".txt":  # the training log changes no output
+            digest.update(path.relative_to(folder).as_posix().encode() + path.read_bytes())
+    return digest.hexdigest()
+
+
+def cache_key(serving: Serving, tabs: dict[str, Preset]) -> str:
+    layout = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
+    key = repr((serving.names, tabs, EXAMPLES, models_digest(serving.names), layout))
+    return hashlib.sha256(key.replace(str(ROOT), ".").encode()).hexdigest()[:16]
+
+
+def relocate(source: Path, destination: Path, old: str, new: str) -> None:
+    """Copy a gradio example cache, rewriting the absolute paths of its logs."""
+    shutil.copytree(source, destination, dirs_exist_ok=True)
+    for log in destination.rglob("log.csv"):
+        log.write_text(log.read_text().replace(old, new))
+
+
+def example_cache(serving: Serving, tabs: dict[str, Preset], build: bool = False) -> ExampleCache:
+    """The cache of this configuration: the shipped one if there is one, else filled at first click;
+    `build` computes every example at start-up (then `ship` it)."""
+    name = cache_key(serving, tabs)
+    local, shipped = LOCAL_EXAMPLES / name, SHIPPED_EXAMPLES / name
+    if shipped.is_dir() and not build:
+        relocate(shipped, local, CACHE_FOLDER, str(local))
+    return ExampleCache(local, eager=build or shipped.is_dir())
+
+
+def ship(cache: ExampleCache) -> Path:
+    """Copy a built cache into assets/, where the app finds it at start-up."""
+    shipped = SHIPPED_EXAMPLES / cache.folder.name
+    shutil.rmtree(shipped, ignore_errors=True)
+    relocate(cache.folder, shipped, str(cache.folder), CACHE_FOLDER)
+    return shipped
+
+
+def examples(
+    rows: list[list[Any]],
+    inputs: list[gr.Component],
+    outputs: Outputs,
+    show: Callable[..., Update],
+    cache: ExampleCache,
+) -> gr.Examples:
+    """Examples whose outputs (side-by-side, loss curve, best image) come from the cache at a click.
+
+    Eager: computed at start-up unless already there, and the first one is shown on arrival."""
+    return gr.Examples(
+        rows,
+        inputs=inputs,
+        outputs=outputs.components,
+        fn=show,
+        cache_examples=True,
+        cache_mode="eager" if cache.eager else "lazy",
+        preload=0 if cache.eager else False,
+    )
+
+
+def example_runner(run: Callable, preset: Preset, serving: Serving, models: Callable[..., list]) -> Callable:
+    """A tab's run to the end at its preset, for the cache: `models(*example)` gives the run's inputs."""
+    inputs = preset_inputs(preset)
+
+    def show(*example: Any) -> Update:
+        *_, final = run(*models(*example), progress=quiet, serving=serving, **inputs)
+        return final
+
+    return gpu(show, duration=gpu_seconds(**inputs))
+
+
+# --- interface ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Tab:
+    """What every tab is built from: the host's choices, its settings and its example cache."""
+
+    serving: Serving
+    preset: Preset
+    cache: ExampleCache
+    model: gr.Textbox
+
+    def model_field(self, kind: str, label: str, info: str) -> gr.Textbox:
+        """A model's name: editable when visitors may choose models, else shown read-only."""
+        value = getattr(self.serving.names, kind)
+        return gr.Textbox(value, label=label, info=info, interactive=self.serving.allow_model_choice)
+
+    def first(self, value: Any) -> dict[str, Any]:
+        """An input's value on arrival, as keywords: the first example's, unless the cache preloads it
+        (gradio preloads only inputs built with no value at all)."""
+        return {} if self.cache.eager else {"value": value}
+
+    def run(self, fn: Callable) -> Callable:
+        return partial(fn, serving=self.serving)
+
+
+def run_controls(preset: Preset) -> tuple[dict[str, gr.Component], gr.Button, gr.Button]:
+    """Below a tab's own inputs: the settings, Run and Stop."""
     settings = settings_accordion(preset)
     with gr.Row():
         run, stop = gr.Button("Run", variant="primary"), gr.Button("Stop", variant="stop")
-    gr.Examples(examples, inputs=example_inputs)
     return settings, run, stop
 
 
-def text_guidance_tab(names: ModelNames, preset: Preset, model: gr.Textbox) -> None:
+def text_guidance_tab(tab: Tab) -> None:
+    names = tab.serving.names
     with gr.Tab("Text guidance"):
         gr.Markdown("CLIP similarity to the prompt steers the whole sampling chain towards it.")
         with gr.Row():
-            with gr.Column():
-                prompt = gr.Textbox(TEXT_EXAMPLES[0][0], label="Prompt")
-                clip = gr.Textbox(names.clip, label="CLIP model", info=CLIP_HELP)
-                settings, run, stop = run_controls(preset, TEXT_EXAMPLES, [prompt])
+            with gr.Column() as left:
+                prompt = gr.Textbox(label="Prompt", **tab.first(TEXT_EXAMPLES[0][0]))
+                clip = tab.model_field("clip", "CLIP model", CLIP_HELP)
+                settings, run, stop = run_controls(tab.preset)
             outputs = output_panel("CLIP's spherical distance between the image and the prompt")
-    wire_run(run, stop, text_guidance, [model, prompt, clip], settings, outputs, "text_guidance")
+        with left:
+
+            def models(prompt: str) -> list:
+                return [names.sd, prompt, names.clip]
+
+            show = example_runner(text_guidance, tab.preset, tab.serving, models)
+            examples(TEXT_EXAMPLES, [prompt], outputs, show, tab.cache)
+    wire_run(run, stop, tab.run(text_guidance), [tab.model, prompt, clip], settings, outputs, "text_guidance")
 
 
 def shade_swatches() -> str:
@@ -571,58 +861,80 @@ def shade_swatches() -> str:
     return "<div>The embedded classifier's shades of red: " + "".join(cells) + "</div>"
 
 
-def vocabulary_tab(names: ModelNames, preset: Preset, model: gr.Textbox) -> None:
+def vocabulary_tab(tab: Tab) -> None:
+    names = tab.serving.names
     with gr.Tab("Vocabulary expansion"):
         gr.Markdown("A fine-grained classifier steers a generic prompt to a class the text cannot ask for.")
         if is_embedded(locate(names.sd)):
             gr.HTML(shade_swatches())
         with gr.Row():
-            with gr.Column():
-                prompt = gr.Textbox(VOCABULARY_EXAMPLES[0][0], label="Generic prompt")
-                classifier = gr.Textbox(names.classifier, label="Classifier", info=CLASSIFIER_HELP)
+            with gr.Column() as left:
+                prompt = gr.Textbox(label="Generic prompt", **tab.first(VOCABULARY_EXAMPLES[0][0]))
+                classifier = tab.model_field("classifier", "Classifier", CLASSIFIER_HELP)
                 # Custom values too: an API call may name a class in any case, as the classifier allows.
                 labels = class_labels(names.classifier)
+                first = VOCABULARY_EXAMPLES[0][1]
                 target = gr.Dropdown(
                     labels,
-                    value=VOCABULARY_EXAMPLES[0][1]
-                    if VOCABULARY_EXAMPLES[0][1] in labels
-                    else next(iter(labels), None),
+                    **tab.first(first if first in labels else next(iter(labels), None)),
                     label="Target class",
                     allow_custom_value=True,
                 )
-                settings, run, stop = run_controls(preset, VOCABULARY_EXAMPLES, [prompt, target])
+                settings, run, stop = run_controls(tab.preset)
             outputs = output_panel("cross-entropy of the classifier to the target class")
-    # The class list follows the classifier.
-    gr.on([classifier.submit, classifier.blur], class_choices, [classifier, target], target, queue=False)
-    inputs = [model, prompt, classifier, target]
-    wire_run(run, stop, vocabulary_expansion, inputs, settings, outputs, "vocabulary_expansion")
+        with left:
+
+            def models(prompt: str, target: str) -> list:
+                return [names.sd, prompt, names.classifier, target]
+
+            show = example_runner(vocabulary_expansion, tab.preset, tab.serving, models)
+            examples(VOCABULARY_EXAMPLES, [prompt, target], outputs, show, tab.cache)
+    if tab.serving.allow_model_choice:  # the class list follows the classifier, loaded as a run's are
+        gr.on(
+            [classifier.submit, classifier.blur],
+            class_choices,
+            [classifier, target],
+            target,
+            concurrency_id="device",
+        )
+    inputs = [tab.model, prompt, classifier, target]
+    wire_run(run, stop, tab.run(vocabulary_expansion), inputs, settings, outputs, "vocabulary_expansion")
 
 
 def thumbnails(paths: list[str] | None) -> list[str]:
     return list(paths or [])
 
 
-def personalization_tab(names: ModelNames, preset: Preset, model: gr.Textbox) -> None:
+def personalization_tab(tab: Tab) -> None:
+    names = tab.serving.names
     with gr.Tab("Personalization"):
         gr.Markdown("CLIP similarity to reference images puts their entity into the prompt's scene.")
         with gr.Row():
-            with gr.Column():
-                prompt = gr.Textbox(PERSONALIZATION_EXAMPLES[0][0], label="Scene prompt")
+            with gr.Column() as left:
+                prompt = gr.Textbox(label="Scene prompt", **tab.first(PERSONALIZATION_EXAMPLES[0][0]))
                 references = gr.File(
                     file_count="multiple", file_types=["image"], label="Reference images", height=140
                 )
                 shown = gr.Gallery(
                     label="References", columns=6, height=110, elem_classes="pixels", interactive=False
                 )
-                clip = gr.Textbox(names.clip, label="CLIP model", info=CLIP_HELP)
-                settings, run, stop = run_controls(preset, PERSONALIZATION_EXAMPLES, [prompt, references])
+                clip = tab.model_field("clip", "CLIP model", CLIP_HELP)
+                settings, run, stop = run_controls(tab.preset)
             outputs = output_panel("CLIP's spherical distance between the image and the references")
+        with left:
+
+            def models(prompt: str, references: list[str]) -> list:
+                return [names.sd, prompt, references, names.clip]
+
+            show = example_runner(personalization, tab.preset, tab.serving, models)
+            examples(PERSONALIZATION_EXAMPLES, [prompt, references], outputs, show, tab.cache)
     references.change(thumbnails, references, shown, queue=False)
-    inputs = [model, prompt, references, clip]
-    wire_run(run, stop, personalization, inputs, settings, outputs, "personalization")
+    inputs = [tab.model, prompt, references, clip]
+    wire_run(run, stop, tab.run(personalization), inputs, settings, outputs, "personalization")
 
 
-def aesthetic_tab(names: ModelNames, preset: Preset, model: gr.Textbox) -> None:
+def aesthetic_tab(tab: Tab) -> None:
+    names = tab.serving.names
     with gr.Tab("Aesthetic improvement"):
         gr.Markdown(
             "An aesthetic scorer on CLIP image embeddings improves a generated image, or a real photo "
@@ -630,19 +942,29 @@ def aesthetic_tab(names: ModelNames, preset: Preset, model: gr.Textbox) -> None:
             "more beautiful."
         )
         with gr.Row():
-            with gr.Column():
+            with gr.Column() as left:
                 prompt = gr.Textbox(
-                    AESTHETIC_EXAMPLES[0][0], label="Prompt", info="With a photo: what the photo shows"
+                    label="Prompt",
+                    **tab.first(AESTHETIC_EXAMPLES[0][0]),
+                    info="With a photo: what the photo shows",
                 )
                 photo = gr.File(
                     file_types=["image"], label="Photo to improve (optional: else generate one)", height=140
                 )
                 with gr.Row():
-                    clip = gr.Textbox(names.aesthetic_clip, label="CLIP model of the scorer", info=CLIP_HELP)
-                    head = gr.Textbox(names.aesthetic_head, label="Aesthetic head", info=HEAD_HELP)
-                settings, run, stop = run_controls(preset, AESTHETIC_EXAMPLES, [prompt, photo])
+                    clip = tab.model_field("aesthetic_clip", "CLIP model of the scorer", CLIP_HELP)
+                    head = tab.model_field("aesthetic_head", "Aesthetic head", HEAD_HELP)
+                settings, run, stop = run_controls(tab.preset)
             outputs = output_panel("minus the predicted aesthetic score")
-    wire_run(run, stop, aesthetic, [model, prompt, photo, clip, head], settings, outputs, "aesthetic")
+        with left:
+
+            def models(prompt: str, photo: str | None) -> list:
+                return [names.sd, prompt, photo, names.aesthetic_clip, names.aesthetic_head]
+
+            show = example_runner(aesthetic, tab.preset, tab.serving, models)
+            examples(AESTHETIC_EXAMPLES, [prompt, photo], outputs, show, tab.cache)
+    inputs = [tab.model, prompt, photo, clip, head]
+    wire_run(run, stop, tab.run(aesthetic), inputs, settings, outputs, "aesthetic")
 
 
 EMBEDDED_WORLD = (
@@ -653,10 +975,20 @@ EMBEDDED_WORLD = (
 )
 
 
-def build_app(names: ModelNames = ModelNames()) -> gr.Blocks:
-    """The whole UI, queued so that one job at a time runs on the device. Loads no model."""
-    tabs = app_presets(names)
-    with gr.Blocks(title="DOODL") as demo:
+def app_presets(serving: Serving) -> dict[str, Preset]:
+    """Each tab's settings: those the quality benchmark chose for the embedded model, else the paper's;
+    cut down to the host's budget."""
+    return {name: serving.within_budget(preset) for name, preset in presets(locate(serving.names.sd)).items()}
+
+
+def build_app(serving: Serving = LOCAL, build_cache: bool = False) -> gr.Blocks:
+    """The whole UI, queued so that one job at a time runs on the device. Loads no model but the
+    classifier whose labels the vocabulary tab lists."""
+    names = serving.names
+    tabs = app_presets(serving)
+    cache = example_cache(serving, tabs, build_cache)
+    os.environ["GRADIO_EXAMPLES_CACHE"] = str(cache.folder)  # read by each gr.Examples as it is built
+    with gr.Blocks(title="DOODL", analytics_enabled=False) as demo:
         gr.Markdown(
             "# DOODL: Direct Optimization Of Diffusion Latents\n"
             "The initial noise of Stable Diffusion is optimized through the whole EDICT sampling chain "
@@ -665,28 +997,51 @@ def build_app(names: ModelNames = ModelNames()) -> gr.Blocks:
         )
         with gr.Row():
             model = gr.Textbox(
-                names.sd, label="Stable Diffusion model", info="A diffusers folder or hub id", scale=3
+                names.sd,
+                label="Stable Diffusion model",
+                info="A diffusers folder or hub id",
+                scale=3,
+                interactive=serving.allow_model_choice,
             )
-            gr.Markdown(device_note(names))
-        text_guidance_tab(names, tabs["text"], model)
-        vocabulary_tab(names, tabs["vocabulary"], model)
-        personalization_tab(names, tabs["personalization"], model)
-        aesthetic_tab(names, tabs["aesthetic"], model)
-    return demo.queue(default_concurrency_limit=1)
+            gr.Markdown(device_note(serving))
+        text_guidance_tab(Tab(serving, tabs["text"], cache, model))
+        vocabulary_tab(Tab(serving, tabs["vocabulary"], cache, model))
+        personalization_tab(Tab(serving, tabs["personalization"], cache, model))
+        aesthetic_tab(Tab(serving, tabs["aesthetic"], cache, model))
+    return demo.queue(default_concurrency_limit=1, max_size=serving.queue_size)
 
 
-def device_note(names: ModelNames) -> str:
+def device_note(serving: Serving) -> str:
     note = f"Running on **{MODELS.device}**."
-    if is_embedded(locate(names.sd)):
+    if is_embedded(locate(serving.names.sd)):
         note += (
             " Each tab's settings are the embedded model's: fewer steps and iterations than the paper's "
             "50 and 50, chosen by the quality benchmark (see README)."
         )
+    limits = [
+        f"{limit} {name}"
+        for name, limit in (
+            ("steps", serving.max_steps),
+            ("iterations", serving.max_iterations),
+            ("cutouts", serving.max_cutouts),
+            ("reference images", serving.max_references),
+        )
+        if limit is not None
+    ]
+    if limits:
+        note += " A run here takes at most " + ", ".join(limits) + "."
+    if not serving.allow_model_choice:
+        note += " The models are the host's."
     return note
 
 
 def launch(
-    demo: gr.Blocks, host: str = "127.0.0.1", port: int = 7860, share: bool = False, block: bool = True
+    demo: gr.Blocks,
+    host: str = "127.0.0.1",
+    port: int = 7860,
+    share: bool = False,
+    block: bool = True,
+    max_file_size: str | None = None,
 ) -> tuple[Any, str, str | None]:
     """Serve the app; with block=False, return at once (the server runs in a thread).
 
@@ -698,34 +1053,98 @@ def launch(
         show_error=True,
         prevent_thread_lock=not block,
         css=CSS,
+        max_file_size=max_file_size,
     )
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     default = ModelNames()
     parser = argparse.ArgumentParser(description="Serve the DOODL app.")
-    parser.add_argument("--model", default=default.sd, help="Stable Diffusion: diffusers folder or hub id")
-    parser.add_argument("--clip", default=default.clip, help="CLIP of text guidance and personalization")
-    parser.add_argument("--classifier", default=default.classifier, help="classifier of vocabulary expansion")
-    parser.add_argument(
+    models = parser.add_argument_group("models (the host's choice; visitors see them read-only when public)")
+    models.add_argument("--model", default=default.sd, help="Stable Diffusion: diffusers folder or hub id")
+    models.add_argument("--clip", default=default.clip, help="CLIP of text guidance and personalization")
+    models.add_argument("--classifier", default=default.classifier, help="classifier of vocabulary expansion")
+    models.add_argument(
         "--aesthetic-clip", default=default.aesthetic_clip, help="CLIP of the aesthetic scorer"
     )
-    parser.add_argument("--aesthetic-head", default=default.aesthetic_head, help="aesthetic head file")
+    models.add_argument("--aesthetic-head", default=default.aesthetic_head, help="aesthetic head file")
+    serve = parser.add_argument_group("serving")
     # Hugging Face Spaces say where to serve through gradio's environment variables.
     host, port = (
         os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
         os.environ.get("GRADIO_SERVER_PORT", "7860"),
     )
-    parser.add_argument("--host", default=host, help="address to serve on (0.0.0.0: every interface)")
-    parser.add_argument("--port", type=int, default=int(port))
-    parser.add_argument("--share", action="store_true", help="also serve on a public gradio.live link")
+    serve.add_argument("--host", default=host, help="address to serve on (0.0.0.0: every interface)")
+    serve.add_argument("--port", type=int, default=int(port))
+    serve.add_argument("--share", action="store_true", help="also serve on a public gradio.live link")
+    serve.add_argument(
+        "--allow-model-choice",
+        action="store_true",
+        help="let visitors name other models (always allowed when only this machine can reach the app)",
+    )
+    public = Serving.public()
+    budget = parser.add_argument_group(
+        "budget of one run (no limit for a local app; when others can reach it, the defaults shown)"
+    )
+    for field in ("max_steps", "max_iterations", "max_cutouts", "max_references", "queue_size"):
+        flag = "--" + field.replace("_", "-")
+        budget.add_argument(flag, type=int, help=f"public default {getattr(public, field)}")
+    budget.add_argument(
+        "--max-file-size", help=f"of an upload, e.g. 8mb; public default {public.max_file_size}"
+    )
+    parser.add_argument(
+        "--cache-examples",
+        action="store_true",
+        help="compute every example's outputs into assets/cached_examples, then exit",
+    )
     return parser.parse_args(argv)
+
+
+def serving_of(args: argparse.Namespace) -> Serving:
+    """The host's choices: a public app serves its models only within a budget, unless told otherwise;
+    a local one is open, with only the limits given."""
+    names = ModelNames(args.model, args.clip, args.classifier, args.aesthetic_clip, args.aesthetic_head)
+    limits = {
+        field.name: getattr(args, field.name)
+        for field in fields(Serving)
+        if field.name not in ("names", "allow_model_choice")
+    }
+    if reachable_by_others(args.host, args.share):
+        return Serving.public(names, allow_model_choice=args.allow_model_choice or None, **limits)
+    return Serving(names, allow_model_choice=True, **limits)
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers a connection, within `timeout` seconds."""
+    host = urlparse(hf_constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+def offline_unless_hub_reachable() -> None:
+    """Without the hub, make every hub lookup fail at once instead of after network retries (tens of
+    seconds for a mistyped id): the hub library's own offline mode, which still loads cached models."""
+    if not hf_constants.HF_HUB_OFFLINE and not hub_reachable():
+        os.environ["HF_HUB_OFFLINE"] = "1"  # for libraries that read it later
+        hf_constants.HF_HUB_OFFLINE = True  # read at import, so set where diffusers and transformers look
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
-    names = ModelNames(args.model, args.clip, args.classifier, args.aesthetic_clip, args.aesthetic_head)
-    launch(build_app(names), args.host, args.port, args.share)
+    offline_unless_hub_reachable()
+    serving = serving_of(args)
+    if args.cache_examples:  # gradio computes eager examples as the app starts
+        shutil.rmtree(example_cache(serving, app_presets(serving), build=True).folder, ignore_errors=True)
+        demo = build_app(serving, build_cache=True)
+        launch(demo, "127.0.0.1", args.port, block=False)
+        demo.close()
+        print(f"examples cached in {ship(example_cache(serving, app_presets(serving), build=True))}")
+        return
+    demo = build_app(serving)
+    launch(demo, args.host, args.port, args.share, max_file_size=serving.max_file_size)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no network calls from a test server
 
+import gradio as gr
 import pytest
 import torch
 from gradio_client import Client, handle_file
@@ -66,10 +67,10 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def serve(names: app.ModelNames):
+def serve(serving: app.Serving):
     """Launch the app in a thread on a free port; return the demo and its URL."""
-    demo = app.build_app(names)
-    _, url, _ = app.launch(demo, port=free_port(), block=False)
+    demo = app.build_app(serving)
+    _, url, _ = app.launch(demo, port=free_port(), block=False, max_file_size=serving.max_file_size)
     return demo, url
 
 
@@ -83,10 +84,18 @@ def client(names):
     # The models are small: extra intra-op threads only synchronize, and stall on a busy machine.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    demo, url = serve(names)
+    demo, url = serve(app.Serving(names))
     yield Client(url, verbose=False)
     demo.close()
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def public(names):
+    """The app as served to strangers: the host's models only, within the public budget."""
+    demo, url = serve(app.Serving.public(names))
+    yield demo, Client(url, verbose=False)
+    demo.close()
 
 
 @pytest.fixture(scope="module")
@@ -250,3 +259,144 @@ def test_updates_stream_each_iteration_and_a_stopped_run_keeps_the_best(client, 
     preview, status, curve, best, comparison = updates[-1]
     assert Image.open(best).size == Image.open(preview).size
     assert job.status().code == Status.CANCELLED
+
+
+def loaded_names() -> set[str]:
+    return {name for _, name, _ in app.MODELS._models}
+
+
+def test_public_app_serves_the_hosts_models_only(public, names, tmp_path):
+    demo, client = public
+    fast = {**FAST, "steps": 2}
+    elsewhere = {"model": str(tmp_path), "clip": "/etc/passwd", "head": "/etc/does-not-exist"}
+    asks = [
+        ("/text_guidance", {"model": elsewhere["model"], "clip": names.clip}),
+        ("/text_guidance", {"model": names.sd, "clip": elsewhere["clip"]}),
+        ("/text_guidance", {"model": "org/some-model", "clip": names.clip}),  # a hub id: no download either
+    ]
+    for api_name, models in asks:
+        with pytest.raises(AppError) as error:
+            client.predict(prompt="a red circle", **models, **fast, api_name=api_name)
+        message = str(error.value)
+        assert "its host chose" in message and "--allow-model-choice" in message
+        assert str(tmp_path) not in message and "passwd" not in message and "some-model" not in message
+    with pytest.raises(AppError, match="aesthetic head its host chose"):
+        client.predict(
+            model=names.sd,
+            prompt="a red circle",
+            photo=None,
+            clip=names.aesthetic_clip,
+            head=elsewhere["head"],
+            **fast,
+            api_name="/aesthetic",
+        )
+    assert not loaded_names() & {str(tmp_path), "/etc/passwd", "org/some-model", elsewhere["head"]}
+    # The host's own models run, and the class list is not a second way in.
+    result = client.predict(
+        model=names.sd, prompt="a red circle", clip=names.clip, **fast, api_name="/text_guidance"
+    )
+    assert result[1].startswith("Done")
+    assert "/class_choices" not in client.view_api(return_format="dict", print_info=False)["named_endpoints"]
+    model_fields = [
+        c for c in demo.blocks.values() if isinstance(c, gr.Textbox) and "model" in (c.label or "")
+    ]
+    assert model_fields and not any(field.interactive for field in model_fields)
+
+
+def test_public_app_refuses_runs_over_its_budget(public, names, reference):
+    _, client = public
+    budget = app.Serving.public(names)
+
+    def text(**changes):
+        kwargs = {"model": names.sd, "prompt": "a red circle", "clip": names.clip, **FAST, **changes}
+        return client.predict(**kwargs, api_name="/text_guidance")
+
+    cases = [
+        (lambda: text(steps=budget.max_steps + 1), f"steps={budget.max_steps + 1} is over this app's limit"),
+        (
+            lambda: text(iterations=10_000),
+            f"limit of {budget.max_iterations} per run (set by the host: --max-it",
+        ),
+        (lambda: text(cutouts=budget.max_cutouts + 1), "cutouts=17 is over this app's limit of 16"),
+        (lambda: text(seed=-1), "setting seed=-1 is out of range: a whole number from 0 to"),
+        (lambda: text(seed=2**63), f"setting seed={2**63} is out of range"),
+        (
+            lambda: client.predict(
+                model=names.sd,
+                prompt="a red star",
+                references=[handle_file(reference)] * (budget.max_references + 1),
+                clip=names.clip,
+                **FAST,
+                api_name="/personalization",
+            ),
+            f"reference images={budget.max_references + 1} is over this app's limit",
+        ),
+    ]
+    for call, message in cases:
+        with pytest.raises(AppError) as error:
+            call()
+        assert message in str(error.value)
+
+
+def test_local_app_lets_the_user_choose_models_and_budgets(client, names, tiny_folder):
+    settings = {**FAST, "steps": 21}  # over the public budget
+    result = client.predict(
+        model=str(tiny_folder), prompt="a red circle", clip=names.clip, **settings, api_name="/text_guidance"
+    )
+    assert result[1].startswith("Done")
+    assert str(tiny_folder) in loaded_names()
+
+
+def test_class_list_lookup_waits_for_the_device_like_a_run(names):
+    functions = {fn.api_name: fn for fn in app.build_app(app.Serving(names)).fns.values()}
+    lookup, run = functions["class_choices"], functions["vocabulary_expansion"]
+    assert lookup.queue and lookup.concurrency_id == run.concurrency_id == "device"
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "public"),
+    [
+        ([], {}, False),
+        (["--share"], {}, True),
+        (["--host", "0.0.0.0"], {}, True),
+        ([], {"SPACE_ID": "someone/doodl"}, True),
+    ],
+)
+def test_an_app_others_can_reach_is_locked_unless_the_host_opens_it(monkeypatch, argv, env, public):
+    for name in ("GRADIO_SERVER_NAME", "GRADIO_SERVER_PORT", "SPACE_ID"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    serving = app.serving_of(app.parse_args(argv))
+    assert serving.allow_model_choice is not public
+    assert (serving.max_steps is not None) is public and (serving.queue_size is not None) is public
+    opened = app.serving_of(app.parse_args([*argv, "--allow-model-choice", "--max-steps", "7"]))
+    assert opened.allow_model_choice and opened.max_steps == 7
+
+
+def test_a_hub_id_fails_at_once_without_the_hub(monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(app, "hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    app.offline_unless_hub_reachable()
+    assert constants.HF_HUB_OFFLINE
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("a network connection was attempted")
+
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    with pytest.raises(app.ModelLoadError, match="not a local folder"):
+        app.load_pipeline("org/not-a-model")
+
+
+def test_shipped_examples_are_those_of_this_app():
+    """The embedded models' examples are computed in advance (python app.py --cache-examples), for the local
+    and the public defaults alike: rebuild them when the page, the models or the presets change."""
+    for serving in (app.Serving(), app.Serving.public()):
+        cache = app.example_cache(serving, app.app_presets(serving))
+        assert cache.eager, "assets/cached_examples is stale: run python app.py --cache-examples"
+        logs = sorted(cache.folder.rglob("log.csv"))
+        assert len(logs) == len(app.EXAMPLES)
+        assert all(str(cache.folder) in log.read_text() for log in logs)

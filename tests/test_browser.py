@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+import app
 from tests.test_app import prepare_models, serve
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -36,7 +37,7 @@ FLAGS = (
 
 @pytest.fixture(scope="module")
 def url(tmp_path_factory):
-    demo, url = serve(prepare_models(tmp_path_factory.mktemp("models")))
+    demo, url = serve(app.Serving(prepare_models(tmp_path_factory.mktemp("models"))))
     yield url
     demo.close()
 
@@ -52,6 +53,16 @@ def test_page_shows_the_four_tabs(url, tmp_path):
         assert tab in dom, f"tab {tab!r} is not in the rendered page"
     # A visitor is told what the embedded model can draw.
     assert "six colors" in dom and "64 x 64 pixels" in dom
+
+
+def test_a_visitor_lands_on_the_first_examples_results(url, tmp_path):
+    """The examples' outputs are cached: the first one's side-by-side is on the page before any click."""
+    dom = chromium(tmp_path / "profile", "--dump-dom", url).stdout
+    for shown in ("Done: iteration", "Unguided", "One-step guidance, scale", "DOODL, iteration"):
+        assert shown in dom, f"{shown!r} is not on the page on arrival"
+    screenshot = tmp_path / "arrival.png"
+    chromium(tmp_path / "profile", f"--screenshot={screenshot}", "--window-size=1280,1400", url)
+    assert screenshot.stat().st_size > 50_000  # the images are there, not only the layout
 
 
 def test_screenshot(url, tmp_path):

@@ -46,8 +46,27 @@ from doodl import (
     one_step_guidance,
 )
 from doodl.embedded import EXAMPLES, Preset, is_embedded, presets
-from doodl.guides import Classifier, Clip, GuideNotFoundError, load_aesthetic_head, load_classifier, load_clip
-from doodl.losses import Loss, aesthetic_loss, classifier_loss, clip_image_loss, clip_text_loss
+from doodl.guides import (
+    HPS_ARCHITECTURE,
+    Classifier,
+    Clip,
+    GuideNotFoundError,
+    TransformersClip,
+    load_aesthetic_head,
+    load_classifier,
+    load_clip,
+    load_hps,
+    load_pickscore,
+)
+from doodl.losses import (
+    Loss,
+    aesthetic_loss,
+    classifier_loss,
+    clip_image_loss,
+    clip_text_loss,
+    hps_loss,
+    pickscore_loss,
+)
 from doodl.optimize import Result, result_of
 from doodl.world.shapes import PALETTE, SHADE_NAMES
 
@@ -114,6 +133,15 @@ class ModelNames:
     classifier: str = f"{EMBEDDED}/classifier"
     aesthetic_clip: str = f"{EMBEDDED}/clip"
     aesthetic_head: str = f"{EMBEDDED}/aesthetic/aesthetic_head.safetensors"
+    # Reward models text guidance may use instead of CLIP; none unless the host names them.
+    pickscore: str = ""  # a transformers CLIPModel folder or hub id
+    pickscore_processor: str = ""  # its CLIP processor; blank: the model's own
+    hps: str = ""  # an HPSv2 checkpoint file
+    hps_architecture: str = HPS_ARCHITECTURE
+
+    def text_guides(self) -> list[str]:
+        """The guides text guidance offers: CLIP, and the reward models the host named."""
+        return ["CLIP"] + ["PickScore"] * bool(self.pickscore) + ["HPSv2"] * bool(self.hps)
 
 
 # How each model field is named in messages, keyed by `ModelNames`' fields.
@@ -277,6 +305,15 @@ class ModelCache:
         path = locate(required(path, "aesthetic head"))
         return self.get("aesthetic-head", path, lambda: load_aesthetic_head(path).to(self.device))
 
+    def pickscore(self, name: str, processor: str) -> TransformersClip:
+        name, processor = locate(name), locate(processor) if processor else None
+        key = f"{name} {processor or ''}"
+        return self.get("pickscore", key, lambda: load_pickscore(name, processor, self.device, self.dtype))
+
+    def hps(self, checkpoint: str, architecture: str) -> Clip:
+        path = locate(checkpoint)
+        return self.get("hps", path, lambda: load_hps(path, architecture, self.device, self.dtype))
+
 
 MODELS = ModelCache(*pick_device())
 LOCAL = Serving()
@@ -346,9 +383,13 @@ def run_options(
     mode: str,
     compare: bool,
     one_step_scale: float,
+    height: float | None = None,
+    width: float | None = None,
 ) -> RunOptions:
-    """Settings from the accordion's widgets; DoodlSettings names any value out of range."""
-    blank = [name for name, value in locals().items() if value is None]  # an API call may send nulls
+    """Settings from the accordion's widgets; DoodlSettings and the model name any value out of range.
+    A height or width of 0 (or none) is the model's own."""
+    given = {name: value for name, value in locals().items() if name not in ("height", "width")}
+    blank = [name for name, value in given.items() if value is None]  # an API call may send nulls
     if blank:
         raise ValueError(f"setting {blank[0]} is empty")
     if cutouts < 0:
@@ -366,8 +407,18 @@ def run_options(
         guidance_scale=float(guidance_scale),
         seed=int(seed),
         mode=mode,
+        height=whole(height, "height") or None,
+        width=whole(width, "width") or None,
     )
     return RunOptions(settings, int(cutouts), bool(compare), float(one_step_scale))
+
+
+def whole(value: float | None, name: str) -> int:
+    if value is None:
+        return 0
+    if value != int(value):
+        raise ValueError(f"setting {name}={value!r} is not a whole number of pixels")
+    return int(value)
 
 
 # --- running --------------------------------------------------------------------------------------
@@ -454,20 +505,34 @@ def text_guidance(
     model: str,
     prompt: str,
     clip: str,
+    guide: str = "CLIP",
     progress: gr.Progress = PROGRESS,
     serving: Serving = LOCAL,
     **settings: Any,
 ) -> Iterator[Update]:
-    """Demonstration 1: steer the image towards the prompt by CLIP similarity."""
+    """Demonstration 1: steer the image towards the prompt by CLIP similarity, or by a reward model's
+    score of the image for the prompt (PickScore, HPSv2) when the host provides one."""
     with user_errors():
         prompt, options = required_prompt(prompt), run_options(**settings)
         serving.check(options)
         model, clip = serving.model("sd", model), serving.model("clip", clip)
+        names = serving.names
+        if guide not in names.text_guides():
+            raise ValueError(
+                f"guide {guide!r} is not served here: choose one of {', '.join(names.text_guides())}"
+            )
         yield starting(progress)
-        guide, pipeline = MODELS.clip(clip), MODELS.pipeline(model)
+        if guide == "PickScore":
+            reward = MODELS.pickscore(names.pickscore, names.pickscore_processor)
+            score = partial(pickscore_loss, reward)
+        elif guide == "HPSv2":
+            score = partial(hps_loss, MODELS.hps(names.hps, names.hps_architecture))
+        else:
+            score = partial(clip_text_loss, MODELS.clip(clip))
+        pipeline = MODELS.pipeline(model)
 
         def make_loss(generator: torch.Generator) -> Loss:
-            return clip_text_loss(guide, prompt, cutouts=options.cutouts, generator=generator)
+            return score(prompt, cutouts=options.cutouts, generator=generator)
 
         yield from stream_doodl(pipeline, prompt, make_loss, options, progress)
 
@@ -623,6 +688,10 @@ def settings_accordion(preset: Preset) -> dict[str, gr.Component]:
             label="One-step guidance scale",
             info="strength of the baseline shown side by side",
         )
+        with gr.Row():
+            size = "pixels, a multiple of the VAE's 8; 0: the model's own"
+            height = gr.Number(preset.settings.height or 0, label="Height", precision=0, info=size)
+            width = gr.Number(preset.settings.width or 0, label="Width", precision=0, info=size)
     compare = gr.Checkbox(True, label="Show unguided / one-step guidance / DOODL side by side")
     return {
         "steps": steps,
@@ -636,6 +705,8 @@ def settings_accordion(preset: Preset) -> dict[str, gr.Component]:
         "mode": mode,
         "compare": compare,
         "one_step_scale": one_step_scale,
+        "height": height,
+        "width": width,
     }
 
 
@@ -696,6 +767,8 @@ def preset_inputs(preset: Preset) -> dict[str, Any]:
         "mode": settings.mode,
         "compare": True,
         "one_step_scale": preset.one_step_scale,
+        "height": settings.height,
+        "width": settings.width,
     }
 
 
@@ -838,9 +911,19 @@ def text_guidance_tab(tab: Tab) -> None:
         with gr.Row():
             with gr.Column() as left:
                 prompt = gr.Textbox(label="Prompt", **tab.first(TEXT_EXAMPLES[0][0]))
+                guides = names.text_guides()
+                guide = gr.Radio(
+                    guides,
+                    value="CLIP",
+                    label="Guide",
+                    info="CLIP similarity, or a reward model's score of the image for the prompt",
+                    visible=len(guides) > 1,
+                )
                 clip = tab.model_field("clip", "CLIP model", CLIP_HELP)
                 settings, run, stop = run_controls(tab.preset)
-            outputs = output_panel("CLIP's spherical distance between the image and the prompt")
+            outputs = output_panel(
+                "CLIP's spherical distance between the image and the prompt (a reward model: minus its score)"
+            )
         with left:
 
             def models(prompt: str) -> list:
@@ -848,7 +931,8 @@ def text_guidance_tab(tab: Tab) -> None:
 
             show = example_runner(text_guidance, tab.preset, tab.serving, models)
             examples(TEXT_EXAMPLES, [prompt], outputs, show, tab.cache)
-    wire_run(run, stop, tab.run(text_guidance), [tab.model, prompt, clip], settings, outputs, "text_guidance")
+    inputs = [tab.model, prompt, clip, guide]
+    wire_run(run, stop, tab.run(text_guidance), inputs, settings, outputs, "text_guidance")
 
 
 def shade_swatches() -> str:
@@ -1068,6 +1152,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--aesthetic-clip", default=default.aesthetic_clip, help="CLIP of the aesthetic scorer"
     )
     models.add_argument("--aesthetic-head", default=default.aesthetic_head, help="aesthetic head file")
+    models.add_argument("--pickscore", default="", help="offer PickScore in text guidance: folder or hub id")
+    models.add_argument("--pickscore-processor", default="", help="its CLIP processor (default: the model's)")
+    models.add_argument("--hps", default="", help="offer HPSv2 in text guidance: its checkpoint file")
+    models.add_argument(
+        "--hps-architecture", default=default.hps_architecture, help="open_clip name of --hps"
+    )
     serve = parser.add_argument_group("serving")
     # Hugging Face Spaces say where to serve through gradio's environment variables.
     host, port = (
@@ -1103,7 +1193,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def serving_of(args: argparse.Namespace) -> Serving:
     """The host's choices: a public app serves its models only within a budget, unless told otherwise;
     a local one is open, with only the limits given."""
-    names = ModelNames(args.model, args.clip, args.classifier, args.aesthetic_clip, args.aesthetic_head)
+    names = ModelNames(
+        args.model,
+        args.clip,
+        args.classifier,
+        args.aesthetic_clip,
+        args.aesthetic_head,
+        args.pickscore,
+        args.pickscore_processor,
+        args.hps,
+        args.hps_architecture,
+    )
     limits = {
         field.name: getattr(args, field.name)
         for field in fields(Serving)

@@ -24,6 +24,7 @@ from matplotlib.figure import Figure
 from doodl import DoodlSettings, LatentDiffusion, initial_latents, load_pipeline
 from doodl.gradient import FinalLoss
 from doodl.losses import symmetry_loss
+from doodl.optimize import final_loss
 from doodl.pipeline import NoisePredictor
 from doodl.tiny import save_tiny_pipeline
 
@@ -129,13 +130,8 @@ def problem(
     model = load_pipeline(folder, device, dtype)
     eps = model.noise_predictor(model.encode_prompt(PROMPT), GUIDANCE)
     latents = initial_latents(model, DoodlSettings(seed=seed, precision=precision))
-    symmetry = symmetry_loss()
-
-    def loss(x0: torch.Tensor, y0: torch.Tensor) -> torch.Tensor:
-        # Decode both latents and score mirror symmetry: as DOODL's loss, but cheap, so the UNet dominates.
-        return symmetry(model.decode(torch.cat([x0, y0])))
-
-    return Problem(model, eps, latents, loss)
+    # Each latent decoded and scored for mirror symmetry in turn, as DOODL does; cheap, so the UNet dominates.
+    return Problem(model, eps, latents, final_loss(model, symmetry_loss()))
 
 
 # --- measuring ------------------------------------------------------------------------------------

@@ -21,7 +21,17 @@ from PIL import Image, UnidentifiedImageError
 
 from doodl import embedded
 from doodl.baseline import one_step_guidance
-from doodl.guides import load_aesthetic_head, load_classifier, load_clip
+from doodl.guides import (
+    HPS_ARCHITECTURE,
+    HPS_CHECKPOINT_URL,
+    PICKSCORE_MODEL,
+    PICKSCORE_PROCESSOR,
+    load_aesthetic_head,
+    load_classifier,
+    load_clip,
+    load_hps,
+    load_pickscore,
+)
 from doodl.losses import (
     LOSSES,
     Loss,
@@ -29,6 +39,8 @@ from doodl.losses import (
     classifier_loss,
     clip_image_loss,
     clip_text_loss,
+    hps_loss,
+    pickscore_loss,
     symmetry_loss,
     weighted_sum,
 )
@@ -50,7 +62,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     guide = parser.add_argument_group("guidance models and targets")
     guide.add_argument("--clip", default=str(embedded.CLIP), help="open_clip name, hf-hub:, or folder")
     guide.add_argument("--clip-pretrained", help="open_clip weights tag, for a built-in architecture")
-    guide.add_argument("--text", help="text the CLIP loss aims at (default: the prompt)")
+    guide.add_argument("--text", help="text the CLIP and reward losses aim at (default: the prompt)")
     guide.add_argument("--reference", action="append", default=[], help="reference image (clip-image)")
     guide.add_argument("--classifier", default=str(embedded.CLASSIFIER), help="transformers id or folder")
     guide.add_argument("--target", help="the classifier's target class: a label or an index")
@@ -58,6 +70,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     guide.add_argument("--aesthetic-pretrained")
     guide.add_argument("--aesthetic-head", default=str(embedded.AESTHETIC_HEAD), help="'laion': download")
     guide.add_argument("--aesthetic-target", type=float, help="aim at this score instead of maximizing")
+    guide.add_argument("--pickscore", default=PICKSCORE_MODEL, help="PickScore model: hub id or folder")
+    guide.add_argument(
+        "--pickscore-processor", help=f"its CLIP processor (default: the model's, or {PICKSCORE_PROCESSOR})"
+    )
+    guide.add_argument("--hps", metavar="FILE", help="HPSv2 checkpoint file, e.g. HPS_v2.1_compressed.pt")
+    guide.add_argument("--hps-architecture", default=HPS_ARCHITECTURE, help="open_clip architecture of --hps")
     guide.add_argument(
         "--cutouts", type=int, help="random views per image (default: the preset's; paper: 16)"
     )
@@ -70,6 +88,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if field.type in ("int", "float", "str", "bool") and field.name not in ("height", "width"):
             kind = {"int": int, "float": float, "str": str, "bool": _boolean}[field.type]
             run.add_argument(f"--{field.name.replace('_', '-')}", type=kind)
+    for side in ("height", "width"):
+        run.add_argument(
+            f"--{side}",
+            type=int,
+            help=f"image {side} in px: a multiple of 8 for SD, a quarter to twice the model's resolution "
+            "(the default)",
+        )
     run.add_argument("--init-image", help="start from this real image, EDICT-inverted, instead of noise")
     run.add_argument("--baseline-scale", type=float, help="also save one-step guidance at this scale")
     run.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -96,6 +121,8 @@ CAPABILITY = {
     "clip-image": "personalization",
     "aesthetic": "aesthetic",
     "symmetry": "text",
+    "pickscore": "text",
+    "hps": "text",
 }
 
 
@@ -138,10 +165,26 @@ def build_loss(args: argparse.Namespace, cutouts: int, device: str, generator: t
             clip = load_clip(args.aesthetic_clip, args.aesthetic_pretrained, device)
             head = load_aesthetic_head(None if args.aesthetic_head == "laion" else args.aesthetic_head)
             loss = aesthetic_loss(clip, head, args.aesthetic_target, **crops)
+        elif name == "pickscore":
+            reward = load_pickscore(args.pickscore, args.pickscore_processor, device)
+            loss = pickscore_loss(reward, args.text or args.prompt, **crops)
+        elif name == "hps":
+            if args.hps is None:
+                raise ValueError(f"the hps loss needs --hps, an HPSv2 checkpoint file ({HPS_CHECKPOINT_URL})")
+            hps = load_hps(args.hps, args.hps_architecture, device)
+            loss = hps_loss(hps, args.text or args.prompt, **crops)
         else:
             loss = symmetry_loss()
         terms.append((float(weight or 1.0), loss))
     return terms[0][1] if len(terms) == 1 and terms[0][0] == 1.0 else weighted_sum(terms)
+
+
+# Model cards of few-step models (SD-Turbo) write guidance_scale=0.0 for "guidance off", diffusers' reading
+# of any scale <= 1; here the scale is taken literally, and 0 is the unconditional prediction.
+UNCONDITIONAL_NOTE = (
+    "note: --guidance-scale 0 ignores the prompt (the unconditional prediction); to sample with the prompt "
+    "and no classifier-free guidance, as few-step models like SD-Turbo do, use --guidance-scale 1"
+)
 
 
 def report(step: Step, total: int) -> None:
@@ -156,6 +199,9 @@ def main(argv: list[str] | None = None) -> int:
         settings, cutouts = chosen_settings(args)
         dtype = torch.float16 if args.device.startswith("cuda") else torch.float32
         model = load_pipeline(args.model, args.device, dtype)
+        model.latent_shape(settings.height, settings.width)  # a bad size is refused before guides load
+        if settings.guidance_scale == 0:
+            print(UNCONDITIONAL_NOTE, file=sys.stderr)
         loss = build_loss(args, cutouts, args.device, torch.Generator().manual_seed(settings.seed))
         init = None
         if args.init_image:

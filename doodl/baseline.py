@@ -2,8 +2,9 @@
 
 At each step the clean image is guessed from the current latent, x0* = (z - sqrt(1 - abar) eps) / sqrt(abar),
 decoded, scored, and the loss gradient w.r.t. z is folded into the noise prediction:
-eps' = eps + scale * sqrt(1 - abar) * grad. It runs on the same EDICT sampler from the same initial
-latents, so with scale 0 it gives exactly DOODL's unguided image, and any difference is the guidance.
+eps' = eps + scale * sqrt(1 - abar) * grad. It runs on DOODL's chain (EDICT, or DDIM for few steps) from
+the same initial latents, so with scale 0 it gives exactly DOODL's unguided image, and any difference is
+the guidance.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import torch
 from PIL import Image
 
-from doodl.edict import edict_denoise
 from doodl.optimize import DoodlSettings, Loss, Pair, conditioning, initial_latents
 from doodl.pipeline import LatentDiffusion, NoisePredictor, to_pil
 
@@ -49,5 +49,5 @@ def one_step_guidance(
         eps = one_step_guided(eps, model.decode, loss, model.scheduler.alphas_cumprod.double(), scale)
     x, y = initial_latents(model, settings) if init is None else init
     with torch.no_grad():
-        x, _ = edict_denoise(eps, x, y, settings.schedule(model))
+        x, _ = settings.denoise(eps, x, y, model, from_photo=init is not None)
         return to_pil(model.decode(x))[0]

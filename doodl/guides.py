@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import difflib
 import os
+import pickle
 import re
 import tempfile
 import urllib.request
+import warnings
+import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -156,7 +159,8 @@ def load_clip(
 
     `name` is a built-in architecture (then `pretrained` names its weights: a tag such as
     "laion2b_s32b_b82k" or a checkpoint file), "hf-hub:org/repo", "local-dir:/path", or a path to a
-    folder holding open_clip_config.json and weights.
+    folder holding open_clip_config.json and weights. A checkpoint file in OpenAI's format (their
+    TorchScript release, or a state dict taken from it) gets QuickGELU, the activation it was trained with.
     """
     model_name = _clip_model_name(name)
     builtin = not model_name.startswith((_HF_HUB, _LOCAL_DIR))
@@ -166,19 +170,31 @@ def load_clip(
             f"CLIP architecture {name!r} needs `pretrained` weights (a tag or a file); "
             f"known tags: {', '.join(tags) or 'none'}."
         )
-    # open_clip builds an architecture as configured, even when the tag's weights were trained with
-    # QuickGELU (OpenAI's, which LAION's aesthetic head expects): match the weights, not the config.
-    quick_gelu = builtin and bool(open_clip.get_pretrained_cfg(model_name, pretrained).get("quick_gelu"))
+    tag = open_clip.get_pretrained_cfg(model_name, pretrained) if builtin else {}
+    # A known tag wins over a file of that name, as in open_clip; otherwise `pretrained` may be a file.
+    checkpoint = Path(pretrained).expanduser() if builtin and not tag else None
+    from_file = checkpoint is not None and checkpoint.is_file()
     try:
-        model = open_clip.create_model(
-            model_name,
-            pretrained=pretrained if builtin else None,
-            device=device,
-            force_quick_gelu=quick_gelu,
-        )
-    except (RuntimeError, OSError) as error:
+        if from_file:
+            model = _clip_from_checkpoint(model_name, checkpoint, device)
+        else:
+            # open_clip builds an architecture as configured, even when the tag's weights were trained with
+            # QuickGELU (OpenAI's, which LAION's aesthetic head expects): match the weights, not the config.
+            model = open_clip.create_model(
+                model_name,
+                pretrained=pretrained if builtin else None,
+                device=device,
+                force_quick_gelu=bool(tag.get("quick_gelu")),
+            )
+    except (RuntimeError, OSError, pickle.UnpicklingError) as error:
         if model_name.startswith(_LOCAL_DIR):
             raise  # the folder was checked: its files are there but do not load
+        if from_file:
+            raise ValueError(
+                f"CLIP checkpoint {checkpoint} does not load into the {name!r} architecture: is it this "
+                "architecture's weights, as a state dict (possibly under 'state_dict') or OpenAI's "
+                f"TorchScript file? Cause: {error}"
+            ) from error
         raise GuideNotFoundError(
             f"CLIP model {name!r}"
             + (f" with pretrained={pretrained!r}" if builtin else "")
@@ -195,6 +211,184 @@ def load_clip(
         mean=tuple(preprocess["mean"]),
         std=tuple(preprocess["std"]),
     )
+
+
+# Entries of OpenAI's CLIP release (a TorchScript archive) that are not weights; open_clip's own state dicts
+# never hold them, so they also mark a state dict taken from OpenAI's file.
+_OPENAI_ONLY_KEYS = ("input_resolution", "context_length", "vocab_size")
+
+
+def _clip_from_checkpoint(model_name: str, checkpoint: Path, device: str | torch.device) -> torch.nn.Module:
+    """A built-in architecture with the weights of a checkpoint file.
+
+    OpenAI's weights were trained with QuickGELU, but open_clip builds the architecture a file is given for
+    as configured (GELU for "ViT-L-14") and loads the weights silently: their features would be wrong. An
+    OpenAI-format file gets QuickGELU; any other (open_clip's format, e.g. HPSv2's checkpoint wrapped under
+    'state_dict') is loaded by open_clip as it is.
+    """
+    openai_weights = _openai_clip_weights(checkpoint)
+    if openai_weights is None:
+        return open_clip.create_model(model_name, pretrained=str(checkpoint), device=device)
+    model = open_clip.create_model(model_name, pretrained=None, device=device, force_quick_gelu=True)
+    expected = model.state_dict().keys()
+    missing = sorted(expected - openai_weights.keys())
+    if missing:
+        examples = ", ".join(missing[:3])
+        raise RuntimeError(f"the OpenAI-format file lacks {len(missing)} of the weights, e.g. {examples}")
+    model.load_state_dict({key: openai_weights[key] for key in expected})
+    return model
+
+
+def _openai_clip_weights(path: Path) -> dict[str, torch.Tensor] | None:
+    """The weights of an OpenAI-format CLIP file (OpenAI's TorchScript release, or a state dict taken from
+    it); None for a file of any other format."""
+    if _is_torchscript(path):
+        with warnings.catch_warnings():  # torch deprecates TorchScript, but OpenAI's files are TorchScript
+            warnings.simplefilter("ignore", FutureWarning)
+            return dict(torch.jit.load(str(path), map_location="cpu").state_dict())
+    state = _peek_state_dict(path)
+    if state is None or not any(key in state for key in _OPENAI_ONLY_KEYS):
+        return None
+    return state
+
+
+def _is_torchscript(path: Path) -> bool:
+    # torch's own test: a TorchScript archive is a zip file holding constants.pkl.
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(Path(name).name == "constants.pkl" for name in archive.namelist())
+
+
+def _peek_state_dict(path: Path) -> dict[str, torch.Tensor] | None:
+    """A checkpoint's state dict, memory-mapped (its tensors are not read), unwrapped from 'state_dict';
+    None where it is no plain state dict (safetensors, a legacy or pickled-object file): open_clip reads
+    those or says why not."""
+    if path.suffix == ".safetensors":
+        return None  # OpenAI never released safetensors
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (RuntimeError, OSError, ValueError, pickle.UnpicklingError):
+        return None
+    if isinstance(checkpoint, dict) and isinstance(checkpoint.get("state_dict"), dict):
+        checkpoint = checkpoint["state_dict"]
+    return checkpoint if isinstance(checkpoint, dict) else None
+
+
+# --- human-preference rewards: PickScore, HPSv2 ----------------------------------------------------
+
+# PickScore (Kirstain et al. 2023): a CLIP ViT-H-14 fine-tuned on Pick-a-Pic preferences, a transformers
+# CLIPModel; its repository ships no processor, it uses that of the CLIP it was fine-tuned from.
+PICKSCORE_MODEL = "yuvalkirstain/PickScore_v1"
+PICKSCORE_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+# HPSv2 (Wu et al. 2023): open_clip's ViT-H-14 fine-tuned on HPD v2, released as a checkpoint file.
+HPS_ARCHITECTURE = "ViT-H-14"
+HPS_CHECKPOINT_URL = "https://huggingface.co/xswu/HPSv2/resolve/main/HPS_v2.1_compressed.pt"
+
+
+@dataclass(frozen=True)
+class TransformersClip:
+    """A frozen transformers CLIPModel (e.g. PickScore) with its tokenizer and image preprocessing."""
+
+    model: torch.nn.Module
+    tokenizer: Callable[..., dict[str, torch.Tensor]]
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    @property
+    def device(self) -> torch.device:
+        return _first_parameter(self.model).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return _first_parameter(self.model).dtype
+
+    @property
+    def logit_scale(self) -> float:
+        """The learned temperature: a reward such as PickScore is logit_scale * cosine similarity."""
+        return float(self.model.logit_scale.exp())
+
+    def embed_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Unit-norm embeddings (float32) of images (B, 3, H, W) in [0, 1]; differentiable."""
+        pixels = _normalize(resize_center_crop(images, self.image_size), self.mean, self.std)
+        features = self.model.get_image_features(pixel_values=pixels.to(self.device, self.dtype))
+        return F.normalize(_pooled(features).float(), dim=-1)
+
+    def embed_texts(self, texts: list[str]) -> torch.Tensor:
+        """Unit-norm embeddings (float32) of the texts."""
+        tokens = self.tokenizer(texts, padding=True, truncation=True, max_length=77, return_tensors="pt")
+        features = self.model.get_text_features(**{k: v.to(self.device) for k, v in tokens.items()})
+        return F.normalize(_pooled(features).float(), dim=-1)
+
+
+def _pooled(features: torch.Tensor | object) -> torch.Tensor:
+    # transformers 5 returns the projected embeddings as `pooler_output` of a model output; 4.x, a tensor.
+    return features if isinstance(features, torch.Tensor) else features.pooler_output
+
+
+def load_pickscore(
+    model: str | Path = PICKSCORE_MODEL,
+    processor: str | Path | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> TransformersClip:
+    """Load PickScore, or any transformers CLIPModel, frozen, as a differentiable reward guide.
+
+    `model` and `processor` are hub ids or folders written by `save_pretrained`. The processor (tokenizer,
+    input size, normalization) defaults to the one saved with the model; for the official PickScore, which
+    has none, to the CLIP it was fine-tuned from (PICKSCORE_PROCESSOR).
+    """
+    from transformers import AutoConfig, AutoProcessor, CLIPModel
+
+    source = _model_source(model, "reward model")
+    if processor is None:
+        processor = PICKSCORE_PROCESSOR if source == PICKSCORE_MODEL else source
+    processor_source = _model_source(processor, "processor")
+    try:
+        model_type = AutoConfig.from_pretrained(source).model_type
+        if model_type != "clip":
+            raise ValueError(f"reward model {source!r} is a {model_type!r} model, not a CLIP model")
+        module = CLIPModel.from_pretrained(source)
+        loaded = AutoProcessor.from_pretrained(processor_source)
+    except OSError as error:
+        raise GuideNotFoundError(
+            f"reward model {source!r} or its processor {processor_source!r} could not be found locally nor "
+            "downloaded. Connect once to let transformers cache them, or pass folders written by "
+            "`save_pretrained` (the model's config.json and weights; the processor's tokenizer and "
+            f"preprocessor_config.json). Cause: {error}"
+        ) from error
+    image_processor = getattr(loaded, "image_processor", None)
+    tokenizer = getattr(loaded, "tokenizer", None)
+    if image_processor is None or tokenizer is None:
+        raise ValueError(
+            f"processor {processor_source!r} is a {type(loaded).__name__}, not a CLIP processor with a "
+            f"tokenizer and an image processor: pass one, e.g. processor={PICKSCORE_PROCESSOR!r}"
+        )
+    return TransformersClip(
+        model=_freeze(module, device, dtype),
+        tokenizer=tokenizer,
+        image_size=_processor_input_size(image_processor) or module.config.vision_config.image_size,
+        mean=tuple(image_processor.image_mean),
+        std=tuple(image_processor.image_std),
+    )
+
+
+def load_hps(
+    checkpoint: str | Path,
+    architecture: str = HPS_ARCHITECTURE,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> Clip:
+    """Load HPSv2 (or v2.1): open_clip's `architecture` with the weights of its checkpoint file,
+    e.g. HPS_v2.1_compressed.pt (a state dict under 'state_dict', which open_clip unwraps)."""
+    path = Path(checkpoint).expanduser()
+    if not path.is_file():
+        raise GuideNotFoundError(
+            f"HPSv2 checkpoint {path} does not exist: download HPS_v2.1_compressed.pt from "
+            f"{HPS_CHECKPOINT_URL} and pass its path."
+        )
+    return load_clip(architecture, str(path), device, dtype)
 
 
 # --- image classifiers ----------------------------------------------------------------------------
@@ -248,7 +442,7 @@ class Classifier:
         )
 
 
-def _classifier_source(model: str | Path) -> str:
+def _model_source(model: str | Path, what: str = "image classifier") -> str:
     """A local folder, or else a hub id; a name that can only be a path must exist."""
     path = Path(model).expanduser()
     if path.is_dir():
@@ -256,7 +450,7 @@ def _classifier_source(model: str | Path) -> str:
     name = str(model)
     # Hub ids are "repo" or "org/repo": anything else that looks like a path is a missing folder.
     if isinstance(model, Path) or name.startswith((".", "/", "~")) or name.count("/") > 1:
-        raise GuideNotFoundError(f"image classifier {name!r}: folder {path} does not exist.")
+        raise GuideNotFoundError(f"{what} {name!r}: folder {path} does not exist.")
     return name
 
 
@@ -324,7 +518,7 @@ def load_classifier(
             raise ValueError("`labels` is required when the classifier is a torch module")
         classifier = Classifier(model, tuple(labels), 224, IMAGENET_MEAN, IMAGENET_STD)
     else:
-        classifier = _transformers_classifier(_classifier_source(model))
+        classifier = _transformers_classifier(_model_source(model))
     return replace(
         classifier,
         module=_freeze(classifier.module, device, dtype),

@@ -9,12 +9,31 @@ from dataclasses import dataclass, field
 import torch
 from PIL import Image
 
-from doodl.edict import EdictSchedule, Pair, edict_denoise, edict_invert, edict_schedule
-from doodl.gradient import MODES, latent_grad
-from doodl.pipeline import LatentDiffusion, NoisePredictor, to_pil, to_tensor
+from doodl.edict import (
+    FEW_STEPS,
+    EdictSchedule,
+    Pair,
+    ddim_denoise,
+    ddim_step,
+    edict_denoise,
+    edict_invert,
+    edict_schedule,
+    edict_step,
+)
+from doodl.gradient import BOTH_LATENTS, FIRST_LATENT_ONLY, MODES, FinalLoss, PerLatentLoss, latent_grad
+from doodl.pipeline import LatentDiffusion, NoisePredictor, decoder_checkpointing, to_pil, to_tensor
 
 # A guidance loss: images (B, 3, H, W) in [0, 1] -> scalar to minimize.
 Loss = Callable[[torch.Tensor], torch.Tensor]
+
+DECODER_CHECKPOINTING = ("auto", "on", "off")
+SAMPLERS = ("auto", "edict", "ddim")
+# "auto" checkpoints the VAE decoder from this latent side up (256 px in SD). Measured with SD 1.5's VAE
+# and UNet in float32 (python -m benchmarks.memory --arch sd15): decoding one latent with its backward
+# grows memory more than a UNet VJP from 32x32 latents on (1.47 GB vs 0.79 GB; 5.82 vs 3.02 GB at 64x64;
+# checkpointed: 0.58 GB at 32x32), while at the embedded model's 8x8 the decoder is small and
+# checkpointing would only add a forward.
+DECODER_CHECKPOINT_MIN_LATENT_SIDE = 32
 
 
 @dataclass(frozen=True)
@@ -37,6 +56,20 @@ class DoodlSettings:
     height: int | None = None  # default: the model's resolution
     width: int | None = None
     precision: torch.dtype = torch.float64  # of the coupling arithmetic (official EDICT: float64)
+    # Judge x_0 alone instead of the mean of x_0 and y_0 (official: optimize_first_edict_image_only):
+    # half the decoding and scoring. Off by default: the paper judges both latents of the pair.
+    first_image_only: bool = False
+    # Gradient checkpointing in the VAE decoder: "on", "off", or "auto" (on for large latents, see
+    # DECODER_CHECKPOINT_MIN_LATENT_SIDE). Same gradient; one more decoder forward per judged latent.
+    decoder_checkpointing: str = "auto"
+    # Decode, score and back-propagate x_0 and y_0 one at a time: "on", "off" (both in one batch, on the
+    # same random views), or "auto": apart from DECODER_CHECKPOINT_MIN_LATENT_SIDE up, where holding both
+    # graphs costs most (SD 1.5 at 256 px: 2.86 GB for both, 1.47 GB for one); below, one batch is faster.
+    separate_decoding: str = "auto"
+    # The chain: "edict"; "ddim", plain DDIM, whose few steps are stored for the gradient (checkpoint or
+    # autograd); or "auto": DDIM below doodl.edict.FEW_STEPS steps from noise, where EDICT's coupled
+    # chain is no longer the model's own sample (few-step models such as SD-Turbo), else EDICT.
+    sampler: str = "auto"
 
     def __post_init__(self) -> None:
         check = {
@@ -48,15 +81,57 @@ class DoodlSettings:
             "perturbation": self.perturbation >= 0,
             "p": 0 < self.p <= 1,
             "guidance_scale": self.guidance_scale >= 0,
+            # The model's own range is checked against the model: `LatentDiffusion.latent_shape`.
+            "height": self.height is None or (isinstance(self.height, int) and self.height > 0),
+            "width": self.width is None or (isinstance(self.width, int) and self.width > 0),
         }
         for name, ok in check.items():
             if not ok:
                 raise ValueError(f"setting {name}={getattr(self, name)!r} is out of range")
         if self.mode not in MODES:
             raise ValueError(f"unknown gradient mode {self.mode!r}: choose one of {', '.join(MODES)}")
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"setting sampler={self.sampler!r} is not one of {', '.join(SAMPLERS)}")
+        for name in ("decoder_checkpointing", "separate_decoding"):
+            if getattr(self, name) not in DECODER_CHECKPOINTING:
+                raise ValueError(
+                    f"setting {name}={getattr(self, name)!r} is not one of {', '.join(DECODER_CHECKPOINTING)}"
+                )
 
     def schedule(self, model: LatentDiffusion) -> EdictSchedule:
         return edict_schedule(model.scheduler, self.steps, self.p, self.leapfrog)
+
+    def few_step_chain(self, from_photo: bool = False) -> bool:
+        """Whether the chain is plain DDIM. A photo's latents stay with EDICT, whose inversion is exact."""
+        if self.sampler != "auto":
+            return self.sampler == "ddim"
+        return not from_photo and self.steps < FEW_STEPS
+
+    def denoise(
+        self,
+        eps: NoisePredictor,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        model: LatentDiffusion,
+        from_photo: bool = False,
+    ) -> Pair:
+        """The whole chain, from (x_T, y_T) to (x_0, y_0), with this setting's sampler."""
+        chain = ddim_denoise if self.few_step_chain(from_photo) else edict_denoise
+        return chain(eps, x, y, self.schedule(model))
+
+    def checkpoints_decoder(self, model: LatentDiffusion) -> bool:
+        """Whether the VAE decoder runs with gradient checkpointing for this model and image size."""
+        return self._large_latents(self.decoder_checkpointing, model)
+
+    def decodes_separately(self, model: LatentDiffusion) -> bool:
+        """Whether x_0 and y_0 are decoded and judged one at a time for this model and image size."""
+        return self._large_latents(self.separate_decoding, model)
+
+    def _large_latents(self, choice: str, model: LatentDiffusion) -> bool:
+        if choice != "auto":
+            return choice == "on"
+        _, _, height, width = model.latent_shape(self.height, self.width)
+        return min(height, width) >= DECODER_CHECKPOINT_MIN_LATENT_SIDE
 
 
 @dataclass(frozen=True)
@@ -110,6 +185,39 @@ def invert_image(
         return edict_invert(conditioning(model, prompt, settings), z, z.clone(), settings.schedule(model))
 
 
+def final_loss(
+    model: LatentDiffusion,
+    loss: Loss,
+    first_image_only: bool = False,
+    images: list[torch.Tensor] | None = None,
+    separately: bool = True,
+) -> FinalLoss:
+    """DOODL's loss on the final pair: `loss` of each decoded latent, averaged (or of x_0 alone).
+
+    `separately`, each latent is decoded and scored on its own, with its own draw of random views, as the
+    official code does; `latent_grad` then back-propagates one latent at a time. Else both are decoded
+    and scored in one batch, on the same views. The two agree when the loss draws nothing at random. The
+    decoded images (detached, x_0 first) are appended to `images` when it is given.
+    """
+    if not separately and not first_image_only:
+
+        def loss_of_pair(x0: torch.Tensor, y0: torch.Tensor) -> torch.Tensor:
+            decoded = model.decode(torch.cat([x0, y0]))
+            if images is not None:
+                images.append(decoded[:1].detach())
+            return loss(decoded)
+
+        return loss_of_pair
+
+    def loss_of_latent(latent: torch.Tensor) -> torch.Tensor:
+        decoded = model.decode(latent)
+        if images is not None:
+            images.append(decoded.detach())
+        return loss(decoded)
+
+    return PerLatentLoss(loss_of_latent, FIRST_LATENT_ONLY if first_image_only else BOTH_LATENTS)
+
+
 def doodl(
     model: LatentDiffusion,
     prompt: str,
@@ -129,18 +237,23 @@ def doodl(
     velocity = (torch.zeros_like(x), torch.zeros_like(y))
     generator = torch.Generator().manual_seed(settings.seed + 1)
 
-    decoded = []  # the image of x_0, kept from the loss's own decoding rather than decoded again
-
-    def loss_of_final(x0: torch.Tensor, y0: torch.Tensor) -> torch.Tensor:
-        # Both latents of the pair are decoded and judged, as in the official code.
-        images = model.decode(torch.cat([x0, y0]))
-        decoded.append(images[:1].detach())
-        return loss(images)
+    decoded: list[torch.Tensor] = []  # x_0's image, kept from the loss's own decoding, not decoded again
+    # A DDIM chain carries one sample (x_0 = y_0), judged once; its few steps are stored, not rebuilt.
+    few_steps = settings.few_step_chain(from_photo=init is not None)
+    step, mode = (
+        (ddim_step, "checkpoint" if settings.mode == "reversible" else settings.mode)
+        if few_steps
+        else (edict_step, settings.mode)
+    )
+    separately = settings.decodes_separately(model)
+    loss_of_final = final_loss(model, loss, settings.first_image_only or few_steps, decoded, separately)
 
     start = time.perf_counter()
     for iteration in range(settings.iterations):
-        result = latent_grad(eps, x, y, schedule, loss_of_final, settings.mode)
-        image = to_pil(decoded.pop())[0]
+        with decoder_checkpointing(model.vae, settings.checkpoints_decoder(model)):
+            result = latent_grad(eps, x, y, schedule, loss_of_final, mode, step)
+        image = to_pil(decoded[0])[0]
+        decoded.clear()
         yield Step(iteration, result.loss, image, time.perf_counter() - start, (x, y))
         if iteration + 1 < settings.iterations:
             x, y, velocity = _sgd_step((x, y), result.grad, velocity, norms, settings, generator)
@@ -191,9 +304,9 @@ def result_of(steps: list[Step]) -> Result:
 def sample(
     model: LatentDiffusion, prompt: str, settings: DoodlSettings = DoodlSettings(), init: Pair | None = None
 ) -> Image.Image:
-    """One unguided EDICT sample: the image iteration 0 of `doodl` shows."""
+    """One unguided sample: the image iteration 0 of `doodl` shows."""
     eps = conditioning(model, prompt, settings)
     x, y = initial_latents(model, settings) if init is None else init
     with torch.no_grad():
-        x, _ = edict_denoise(eps, x, y, settings.schedule(model))
+        x, _ = settings.denoise(eps, x, y, model, from_photo=init is not None)
         return to_pil(model.decode(x))[0]

@@ -16,7 +16,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.models.unets.unet_2d_blocks import UpDecoderBlock2D
 from PIL import Image
+from torch.utils.checkpoint import checkpoint
 from transformers import CLIPTextModel, CLIPTokenizer
 
 # eps(latents, t) -> predicted noise, in the latents' dtype. The EDICT sampler is written against this.
@@ -58,10 +60,32 @@ class LatentDiffusion:
         """The image side the UNet was trained for."""
         return self.unet.config.sample_size * self.vae_scale
 
+    @property
+    def size_range(self) -> tuple[int, int]:
+        """The image sides (px) this model is run at: a quarter to twice its trained side.
+
+        Beyond twice, Stable Diffusion repeats its subject (two heads, tiled scenes); below a quarter its
+        deepest UNet level is one or two cells wide and images fall apart.
+        """
+        return max(self.vae_scale, self.resolution // 4), 2 * self.resolution
+
     def latent_shape(self, height: int | None = None, width: int | None = None) -> tuple[int, int, int, int]:
+        """The (1, C, h, w) latent of an image of height x width px (default: the model's resolution).
+
+        Each side must be a multiple of the VAE's downsampling factor and within `size_range`."""
         height, width = height or self.resolution, width or self.resolution
-        if height % self.vae_scale or width % self.vae_scale:
-            raise ValueError(f"image size {width}x{height} must be a multiple of {self.vae_scale}")
+        low, high = self.size_range
+        for name, side in (("height", height), ("width", width)):
+            if side % self.vae_scale:
+                raise ValueError(
+                    f"setting {name}={side} must be a multiple of {self.vae_scale}, the VAE's downsampling "
+                    "factor"
+                )
+            if not low <= side <= high:
+                raise ValueError(
+                    f"setting {name}={side} is out of this model's range, {low} to {high} px "
+                    f"(a quarter to twice the {self.resolution} px it was trained at)"
+                )
         return (1, self.unet.config.in_channels, height // self.vae_scale, width // self.vae_scale)
 
     @torch.no_grad()
@@ -77,20 +101,29 @@ class LatentDiffusion:
         return self.text_encoder(tokens)[0].to(self.dtype)
 
     def noise_predictor(self, prompt_embeds: torch.Tensor, guidance_scale: float) -> NoisePredictor:
-        """eps(latents, t) with classifier-free guidance, in ONE batched UNet call per evaluation."""
+        """eps(latents, t) with classifier-free guidance, in ONE batched UNet call per evaluation.
+
+        The guided prediction is uncond + guidance_scale * (cond - uncond). At guidance_scale 1 it is the
+        conditional prediction and at 0 the unconditional one, so only that half of the batch is run:
+        guidance off costs half. Few-step models distilled to sample without guidance (SD-Turbo) want 1;
+        note that diffusers' pipelines read any scale <= 1 as "off" (conditional), here 0 ignores the prompt.
+        """
         alphas_cumprod = self.scheduler.alphas_cumprod.double()
         v_prediction = self.scheduler.config.prediction_type == "v_prediction"
-        uncond, cond = prompt_embeds.chunk(2)
+        halves = guidance_halves(prompt_embeds, guidance_scale)
 
         def eps(latents: torch.Tensor, t: int) -> torch.Tensor:
             n = latents.shape[0]
-            unet_in = torch.cat([latents, latents]).to(self.dtype)
-            context = torch.cat([uncond.expand(n, -1, -1), cond.expand(n, -1, -1)])
+            unet_in = latents.repeat(len(halves), 1, 1, 1)
+            context = torch.cat([half.expand(n, -1, -1) for half in halves])
             with onednn(max(latents.shape[-2:]) > ONEDNN_MIN_LATENT_SIDE):
-                out = self.unet(unet_in, t, encoder_hidden_states=context).sample.to(latents.dtype)
+                out = self.unet(unet_in.to(self.dtype), t, encoder_hidden_states=context).sample
+            out = out.to(latents.dtype)
             if v_prediction:  # SD 2.x predicts v = sqrt(abar) eps - sqrt(1 - abar) x; EDICT needs eps.
                 abar = alphas_cumprod[t].to(latents.dtype)
-                out = abar.sqrt() * out + (1 - abar).sqrt() * torch.cat([latents, latents])
+                out = abar.sqrt() * out + (1 - abar).sqrt() * unet_in
+            if len(halves) == 1:
+                return out
             out_uncond, out_cond = out.chunk(2)
             return out_uncond + guidance_scale * (out_cond - out_uncond)
 
@@ -110,6 +143,20 @@ class LatentDiffusion:
         return moments.mean * self.vae.config.scaling_factor
 
 
+def guidance_halves(prompt_embeds: torch.Tensor, guidance_scale: float) -> tuple[torch.Tensor, ...]:
+    """The text embeddings the UNet must see: (uncond, cond), or only the one a scale of 0 or 1 keeps."""
+    if prompt_embeds.shape[0] != 2:
+        raise ValueError(
+            f"prompt_embeds must stack [unconditional, conditional] (2 rows), got {prompt_embeds.shape[0]}"
+        )
+    uncond, cond = prompt_embeds.chunk(2)
+    if guidance_scale == 1:
+        return (cond,)
+    if guidance_scale == 0:
+        return (uncond,)
+    return uncond, cond
+
+
 @contextmanager
 def onednn(enabled: bool) -> Iterator[None]:
     """Turn oneDNN (mkldnn) on or off for a block; unlike torch's `flags()`, it touches no other setting."""
@@ -119,6 +166,47 @@ def onednn(enabled: bool) -> Iterator[None]:
         yield
     finally:
         torch.backends.mkldnn.enabled = before
+
+
+@contextmanager
+def decoder_checkpointing(vae: torch.nn.Module, enabled: bool) -> Iterator[None]:
+    """diffusers' gradient checkpointing in the VAE on (or off) for a block, then off again if it was.
+
+    With it, a decode under autograd keeps only the inputs of the decoder's pieces and recomputes each
+    piece in the backward pass (`checkpoint_resnets`). The block must hold the backward too: a checkpoint
+    recomputed under other flags would not rebuild the tensors its forward saved. A VAE class without
+    support is left as it is.
+    """
+    if not getattr(vae, "_supports_gradient_checkpointing", False):
+        yield
+        return
+    before = any(getattr(m, "gradient_checkpointing", False) for m in vae.modules())
+    if enabled:
+        vae.enable_gradient_checkpointing(checkpoint_resnets)
+    else:
+        vae.disable_gradient_checkpointing()
+    try:
+        yield
+    finally:
+        if not before:
+            vae.disable_gradient_checkpointing()
+
+
+def checkpoint_resnets(module: torch.nn.Module, *args: torch.Tensor | None) -> torch.Tensor:
+    """diffusers' checkpointing function, one resnet at a time in the decoder's up blocks.
+
+    diffusers checkpoints whole blocks: the backward of SD's last up block (three resnets on 128 channels
+    at full resolution) then rebuilds all of them at once, more than a UNet VJP (SD 1.5 at 512 px: 3.2 GB
+    for the checkpointed decode vs 3.0 GB). An UpDecoderBlock2D is resnets then upsamplers (its forward).
+    """
+    if type(module) is UpDecoderBlock2D:
+        hidden, temb = args
+        for resnet in module.resnets:
+            hidden = checkpoint(resnet, hidden, temb, use_reentrant=False)
+        for upsampler in module.upsamplers or ():
+            hidden = checkpoint(upsampler, hidden, use_reentrant=False)
+        return hidden
+    return checkpoint(module.__call__, *args, use_reentrant=False)
 
 
 def load_pipeline(

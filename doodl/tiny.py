@@ -7,11 +7,19 @@ model takes: same classes, same files, only smaller.
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    EulerDiscreteScheduler,
+    SchedulerMixin,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from doodl.tokenizer import clip_tokenizer
@@ -23,8 +31,12 @@ def save_tiny_pipeline(
     channels: tuple[int, ...] = (32, 64),
     prediction_type: str = "epsilon",
     seed: int = 0,
+    scheduler: SchedulerMixin | None = None,
 ) -> Path:
-    """Save a random SD-architecture pipeline whose latents are sample_size x sample_size."""
+    """Save a random SD-architecture pipeline whose latents are sample_size x sample_size.
+
+    `scheduler` replaces SD 1.x's DDIM scheduler, and then sets the prediction type: e.g. `turbo_scheduler()`.
+    """
     torch.manual_seed(seed)
     text_width = 32
     unet = UNet2DConditionModel(
@@ -60,7 +72,7 @@ def save_tiny_pipeline(
             max_position_embeddings=77,
         )
     )
-    scheduler = DDIMScheduler(
+    scheduler = scheduler or DDIMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
         beta_schedule="scaled_linear",
@@ -81,6 +93,26 @@ def save_tiny_pipeline(
     )
     pipe.save_pretrained(folder)
     return Path(folder)
+
+
+def turbo_scheduler(prediction_type: str = "v_prediction") -> EulerDiscreteScheduler:
+    """The scheduler a few-step model such as SD-Turbo ships: Euler, SD's noise schedule, trailing timesteps
+    (one step starts from t=999), and no set_alpha_to_one entry (DDIM's default, True, then applies)."""
+    return EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        timestep_spacing="trailing",
+        steps_offset=1,
+        prediction_type=prediction_type,
+    )
+
+
+def save_tiny_turbo_pipeline(
+    folder: str | Path, prediction_type: str = "v_prediction", seed: int = 0
+) -> Path:
+    """Save a random pipeline configured like SD-Turbo: SD 2.x's kind of scheduler, trailing timesteps."""
+    return save_tiny_pipeline(folder, seed=seed, scheduler=turbo_scheduler(prediction_type))
 
 
 # A CLIP of open_clip's own architecture, a few thousand times smaller than ViT-B-32.
@@ -104,6 +136,82 @@ def save_tiny_clip(folder: str | Path, seed: int = 0) -> Path:
     (folder / "open_clip_config.json").write_text(json.dumps(config))
     save_file(open_clip.CLIP(**TINY_CLIP).state_dict(), folder / "open_clip_model.safetensors")
     return folder
+
+
+TINY_CLIP_ARCHITECTURE = "doodl-tiny-clip"
+
+
+def register_tiny_clip_architecture(folder: str | Path) -> str:
+    """Make TINY_CLIP a built-in open_clip architecture, as ViT-H-14 is, so that checkpoint files load by
+    name (`load_clip(name, file)`); returns the name. open_clip keeps it for the rest of the process."""
+    import open_clip
+
+    path = Path(folder) / f"{TINY_CLIP_ARCHITECTURE}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(TINY_CLIP))
+    open_clip.add_model_config(path)
+    return TINY_CLIP_ARCHITECTURE
+
+
+# Layouts of a CLIP checkpoint file: open_clip's state dict, HPSv2's (the same under 'state_dict'),
+# OpenAI's release (a TorchScript archive) and a state dict taken from it (with its non-weight entries).
+CHECKPOINT_LAYOUTS = ("open_clip", "hps", "openai", "openai-state-dict")
+
+
+def save_tiny_clip_checkpoint(path: str | Path, layout: str = "open_clip", seed: int = 0) -> Path:
+    """Save a random TINY_CLIP as one checkpoint file in one of CHECKPOINT_LAYOUTS."""
+    import open_clip
+
+    if layout not in CHECKPOINT_LAYOUTS:
+        choices = ", ".join(CHECKPOINT_LAYOUTS)
+        raise ValueError(f"unknown checkpoint layout {layout!r}: choose one of {choices}")
+    torch.manual_seed(seed)
+    model = open_clip.CLIP(**TINY_CLIP, quick_gelu=layout.startswith("openai")).eval()
+    path = Path(path)
+    if layout == "openai":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # TorchScript is deprecated; OpenAI's files are it
+            torch.jit.save(torch.jit.script(model), str(path))
+        return path
+    state = model.state_dict()
+    if layout == "openai-state-dict":
+        state |= {"input_resolution": torch.tensor(32), "context_length": torch.tensor(77)}
+        state["vocab_size"] = torch.tensor(49408)
+    torch.save({"state_dict": state} if layout == "hps" else state, path)
+    return path
+
+
+def save_tiny_pickscore(folder: str | Path, seed: int = 0) -> Path:
+    """Save a random transformers CLIPModel with a CLIPProcessor (tokenizer + image processor) beside it:
+    PickScore's classes and files, a few thousand times smaller."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    torch.manual_seed(seed)
+    config = CLIPConfig(
+        text_config={
+            "vocab_size": 49408,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "max_position_embeddings": 77,
+            "bos_token_id": 49406,
+            "eos_token_id": 49407,
+        },
+        vision_config={
+            "image_size": 32,
+            "patch_size": 8,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+        },
+        projection_dim=16,
+    )
+    CLIPModel(config).save_pretrained(folder)
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    CLIPProcessor(image_processor=image_processor, tokenizer=clip_tokenizer()).save_pretrained(folder)
+    return Path(folder)
 
 
 def save_tiny_classifier(folder: str | Path, labels: Sequence[str], seed: int = 0) -> Path:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+from dataclasses import replace
 from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no network calls from a test server
@@ -23,7 +24,15 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import app
-from doodl.tiny import TINY_CLIP, save_tiny_classifier, save_tiny_clip, save_tiny_pipeline
+from doodl.tiny import (
+    TINY_CLIP,
+    register_tiny_clip_architecture,
+    save_tiny_classifier,
+    save_tiny_clip,
+    save_tiny_clip_checkpoint,
+    save_tiny_pickscore,
+    save_tiny_pipeline,
+)
 
 LABELS = ("maroon", "crimson", "scarlet", "rose")  # the embedded classifier's, so tests read the same
 # Enough to go through every code path (an SGD update, the comparison) in seconds.
@@ -400,3 +409,51 @@ def test_shipped_examples_are_those_of_this_app():
         logs = sorted(cache.folder.rglob("log.csv"))
         assert len(logs) == len(app.EXAMPLES)
         assert all(str(cache.folder) in log.read_text() for log in logs)
+
+
+def test_text_guidance_with_the_reward_models_the_host_names(names, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("rewards")
+    rewarded = replace(
+        names,
+        pickscore=str(save_tiny_pickscore(folder / "pickscore")),
+        hps=str(save_tiny_clip_checkpoint(folder / "HPS_v2.1_compressed.pt", "hps")),
+        hps_architecture=register_tiny_clip_architecture(folder),
+    )
+    demo, url = serve(app.Serving(rewarded))
+    client = Client(url, verbose=False)
+    try:
+        for guide in ("PickScore", "HPSv2"):
+            result = client.predict(
+                model=names.sd,
+                prompt="a red circle",
+                clip=names.clip,
+                guide=guide,
+                **FAST,
+                api_name="/text_guidance",
+            )
+            assert result[1].startswith("Done")
+        assert {rewarded.pickscore + " ", rewarded.hps} <= loaded_names()
+        with pytest.raises(
+            AppError,
+            match="'ImageReward' .* is not in the list of choices: \\['CLIP', 'PickScore', 'HPSv2'\\]",
+        ):
+            client.predict(
+                model=names.sd,
+                prompt="a red circle",
+                clip=names.clip,
+                guide="ImageReward",
+                **FAST,
+                api_name="/text_guidance",
+            )
+    finally:
+        demo.close()
+
+
+def test_image_size_is_a_setting(client, names, side):
+    kwargs = {"model": names.sd, "prompt": "a red circle", "clip": names.clip, **FAST}
+    result = client.predict(**kwargs, height=side + 16, width=side - 16, api_name="/text_guidance")
+    assert Image.open(result[3]).size == (side - 16, side + 16)
+    with pytest.raises(AppError, match="setting width=.* must be a multiple of 8"):
+        client.predict(**kwargs, height=side, width=side + 4, api_name="/text_guidance")
+    with pytest.raises(AppError, match="setting height=.* is out of this model's range"):
+        client.predict(**kwargs, height=4 * side, width=side, api_name="/text_guidance")

@@ -53,7 +53,8 @@ def test_embedded_guides_load_through_the_loaders_and_resist_invisible_changes()
 
 
 def test_app_and_command_line_use_the_same_settings_per_capability(tiny_folder):
-    assert app.app_presets(app.ModelNames()) == embedded.EMBEDDED_PRESETS
+    for serving in (app.Serving(), app.Serving.public()):  # the public budget leaves them whole
+        assert app.app_presets(serving) == embedded.EMBEDDED_PRESETS
     for loss, capability in (("clip-text", "text"), ("classifier", "vocabulary"), ("aesthetic", "aesthetic")):
         settings, cutouts = chosen_settings(parse_args(["--prompt", "x", "--loss", loss]))
         assert settings == embedded.EMBEDDED_PRESETS[capability].settings

@@ -357,8 +357,11 @@ def test_scores_without_gradient(clip, classifier):
 
 
 def test_registry_lists_every_loss():
-    assert losses.loss_names() == ["clip-text", "clip-image", "classifier", "aesthetic", "symmetry"]
-    assert {spec.guide for spec in losses.LOSSES.values()} == {"clip", "classifier", "clip+aesthetic", None}
+    assert losses.loss_names() == [
+        "clip-text", "clip-image", "classifier", "aesthetic", "symmetry", "pickscore", "hps"
+    ]  # fmt: skip
+    guides = {spec.guide for spec in losses.LOSSES.values()}
+    assert guides == {"clip", "classifier", "clip+aesthetic", "pickscore", "hps", None}
     assert losses.LOSSES["symmetry"].factory()(images()).ndim == 0
     with pytest.raises(TypeError):
         losses.LOSSES["new"] = losses.LOSSES["symmetry"]

@@ -742,6 +742,7 @@ def wire_run(
         inputs_kwargs=settings,
         outputs=outputs.components,
         api_name=api_name,
+        api_description=getattr(fn, "func", fn).__doc__,  # a partial's own doc says only "partial(...)"
         concurrency_id="device",  # all four tabs share one queue slot: one job at a time on the device
         show_progress_on=[outputs.status],  # keep the live preview visible under the progress bar
     )
@@ -1172,13 +1173,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="let visitors name other models (always allowed when only this machine can reach the app)",
     )
-    public = Serving.public()
+    public, public_real = Serving.public(), Serving.public(ModelNames(sd="a real model"))
     budget = parser.add_argument_group(
         "budget of one run (no limit for a local app; when others can reach it, the defaults shown)"
     )
     for field in ("max_steps", "max_iterations", "max_cutouts", "max_references", "queue_size"):
         flag = "--" + field.replace("_", "-")
-        budget.add_argument(flag, type=int, help=f"public default {getattr(public, field)}")
+        embedded, real = getattr(public, field), getattr(public_real, field)
+        default = (
+            f"{embedded}" if embedded == real else f"{embedded} with the embedded model, {real} with others"
+        )
+        budget.add_argument(flag, type=int, help=f"public default {default}")
     budget.add_argument(
         "--max-file-size", help=f"of an upload, e.g. 8mb; public default {public.max_file_size}"
     )

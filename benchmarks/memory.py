@@ -64,7 +64,7 @@ from doodl.pipeline import decoder_checkpointing, load_pipeline
 FLAT = 0.05  # the most the reversible mode's growth may rise from the fewest to the most steps
 MB = 2**20
 GB = 2**30
-# Issue #11's targets for a whole reversible iteration, float32 on the CPU (growth, GB): with a pixel loss
+# The targets for a whole reversible iteration, float32 on the CPU (growth, GB): with a pixel loss
 # at 256 px (it was 2.84), and with ViT-L-14 on 16 views at 512 px (it was about 19).
 TARGET_256_PIXEL_LOSS = 1.0
 TARGET_512_GUIDE = 3.5
@@ -223,7 +223,7 @@ def measure_case(sd: Path, clip_folder: Path, case: Case, device: str, threads: 
 
 
 def arch_verdicts(cases: list[Case], growth: list[float]) -> list[str]:
-    """Issue #11's targets, checked on the whole iterations measured."""
+    """The targets, checked on the whole iterations measured."""
     said = []
     lean = {c.steps: g for c, g in zip(cases, growth) if c.piece == "iteration" and not c.guide}
     if lean:
@@ -263,7 +263,7 @@ def arch_report(args: argparse.Namespace, out: Path) -> None:
         "`load_pipeline` / `load_clip`; before = memory held by the loaded models and inputs; growth = peak "
         "during the work - before. Whole iterations: `latent_grad` (reversible) with `final_loss` (each "
         "latent decoded, scored and back-propagated in turn), except the row marked 'before' (both latents "
-        f"decoded in one graph, as until issue #11). Guide rows: `clip_text_loss` on a {max(args.sizes)} px "
+        f"decoded in one graph, as DOODL did before). Guide rows: `clip_text_loss` on a {max(args.sizes)} px "
         "image."
     )
     table = markdown_table(

@@ -781,10 +781,10 @@ def quiet(*_: Any, **__: Any) -> None:
 class ExampleCache:
     """Where gradio keeps the examples' outputs, and whether it computes them at start-up or at first click.
 
-    Outputs depend on the models, the settings, the examples and the page's layout (gradio names its
-    folders by component ids), so the folder is named by a hash of all four: another model or budget never
-    shows stale images. For the embedded models a cache is shipped in assets/ (`python app.py
-    --cache-examples`): a visitor lands on the first example's results and every click is instant."""
+    Outputs depend on the models, the settings and the examples, so the folder is named by a hash of the
+    three (and of what a row holds): another model or budget never shows stale images. For the embedded
+    models a cache is shipped in assets/ (`python app.py --cache-examples`): a visitor lands on the first
+    example's results and every click is instant."""
 
     folder: Path
     eager: bool
@@ -809,8 +809,8 @@ def models_digest(names: ModelNames) -> str:
 
 
 def cache_key(serving: Serving, tabs: dict[str, Preset]) -> str:
-    layout = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
-    key = repr((serving.names, tabs, EXAMPLES, models_digest(serving.names), layout))
+    outputs = [field.name for field in fields(Outputs)]  # what each cached row holds, in order
+    key = repr((serving.names, tabs, EXAMPLES, models_digest(serving.names), outputs))
     return hashlib.sha256(key.replace(str(ROOT), ".").encode()).hexdigest()[:16]
 
 
@@ -840,6 +840,7 @@ def ship(cache: ExampleCache) -> Path:
 
 
 def examples(
+    tab: str,
     rows: list[list[Any]],
     inputs: list[gr.Component],
     outputs: Outputs,
@@ -849,7 +850,7 @@ def examples(
     """Examples whose outputs (side-by-side, loss curve, best image) come from the cache at a click.
 
     Eager: computed at start-up unless already there, and the first one is shown on arrival."""
-    return gr.Examples(
+    shown = gr.Examples(
         rows,
         inputs=inputs,
         outputs=outputs.components,
@@ -858,6 +859,12 @@ def examples(
         cache_mode="eager" if cache.eager else "lazy",
         preload=0 if cache.eager else False,
     )
+    # gradio names the folder by a component id, which a process counts across every page it builds:
+    # named by the tab, the cache is found by any process.
+    shown.cached_folder = cache.folder / tab
+    shown.cached_file = shown.cached_folder / "log.csv"
+    shown.cached_indices_file = shown.cached_folder / "indices.csv"
+    return shown
 
 
 def example_runner(run: Callable, preset: Preset, serving: Serving, models: Callable[..., list]) -> Callable:
@@ -931,7 +938,7 @@ def text_guidance_tab(tab: Tab) -> None:
                 return [names.sd, prompt, names.clip]
 
             show = example_runner(text_guidance, tab.preset, tab.serving, models)
-            examples(TEXT_EXAMPLES, [prompt], outputs, show, tab.cache)
+            examples("text", TEXT_EXAMPLES, [prompt], outputs, show, tab.cache)
     inputs = [tab.model, prompt, clip, guide]
     wire_run(run, stop, tab.run(text_guidance), inputs, settings, outputs, "text_guidance")
 
@@ -973,7 +980,7 @@ def vocabulary_tab(tab: Tab) -> None:
                 return [names.sd, prompt, names.classifier, target]
 
             show = example_runner(vocabulary_expansion, tab.preset, tab.serving, models)
-            examples(VOCABULARY_EXAMPLES, [prompt, target], outputs, show, tab.cache)
+            examples("vocabulary", VOCABULARY_EXAMPLES, [prompt, target], outputs, show, tab.cache)
     if tab.serving.allow_model_choice:  # the class list follows the classifier, loaded as a run's are
         gr.on(
             [classifier.submit, classifier.blur],
@@ -1012,7 +1019,9 @@ def personalization_tab(tab: Tab) -> None:
                 return [names.sd, prompt, references, names.clip]
 
             show = example_runner(personalization, tab.preset, tab.serving, models)
-            examples(PERSONALIZATION_EXAMPLES, [prompt, references], outputs, show, tab.cache)
+            examples(
+                "personalization", PERSONALIZATION_EXAMPLES, [prompt, references], outputs, show, tab.cache
+            )
     references.change(thumbnails, references, shown, queue=False)
     inputs = [tab.model, prompt, references, clip]
     wire_run(run, stop, tab.run(personalization), inputs, settings, outputs, "personalization")
@@ -1047,7 +1056,7 @@ def aesthetic_tab(tab: Tab) -> None:
                 return [names.sd, prompt, photo, names.aesthetic_clip, names.aesthetic_head]
 
             show = example_runner(aesthetic, tab.preset, tab.serving, models)
-            examples(AESTHETIC_EXAMPLES, [prompt, photo], outputs, show, tab.cache)
+            examples("aesthetic", AESTHETIC_EXAMPLES, [prompt, photo], outputs, show, tab.cache)
     inputs = [tab.model, prompt, photo, clip, head]
     wire_run(run, stop, tab.run(aesthetic), inputs, settings, outputs, "aesthetic")
 
@@ -1072,7 +1081,6 @@ def build_app(serving: Serving = LOCAL, build_cache: bool = False) -> gr.Blocks:
     names = serving.names
     tabs = app_presets(serving)
     cache = example_cache(serving, tabs, build_cache)
-    os.environ["GRADIO_EXAMPLES_CACHE"] = str(cache.folder)  # read by each gr.Examples as it is built
     with gr.Blocks(title="DOODL", analytics_enabled=False) as demo:
         gr.Markdown(
             "# DOODL: Direct Optimization Of Diffusion Latents\n"

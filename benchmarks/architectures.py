@@ -11,10 +11,10 @@ import json
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from doodl.tokenizer import clip_tokenizer
+from doodl.tiny import save_sd_pipeline, sd_scheduler
 
 # runwayml/stable-diffusion-v1-5 and stabilityai/stable-diffusion-2-1: what differs between the two.
 SD_ARCHITECTURES = {
@@ -62,27 +62,8 @@ def save_random_sd(folder: str | Path, arch: str = "sd15", dtype: torch.dtype = 
         sample_size=spec["unet"]["sample_size"] * 8,
     )
     text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, **spec["text"]))
-    scheduler = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-        prediction_type=spec["prediction_type"],
-    )
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=clip_tokenizer(),
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.to(dtype).save_pretrained(folder)
-    return Path(folder)
+    scheduler = sd_scheduler(spec["prediction_type"])
+    return save_sd_pipeline(folder, unet, vae, text_encoder, scheduler, dtype)
 
 
 def save_random_clip(folder: str | Path, arch: str = GUIDE_ARCHITECTURE) -> Path:

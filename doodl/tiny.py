@@ -72,7 +72,12 @@ def save_tiny_pipeline(
             max_position_embeddings=77,
         )
     )
-    scheduler = scheduler or DDIMScheduler(
+    return save_sd_pipeline(folder, unet, vae, text_encoder, scheduler or sd_scheduler(prediction_type))
+
+
+def sd_scheduler(prediction_type: str = "epsilon") -> DDIMScheduler:
+    """Stable Diffusion's DDIM scheduler (SD 1.5's config; SD 2.1's with "v_prediction")."""
+    return DDIMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
         beta_schedule="scaled_linear",
@@ -81,6 +86,17 @@ def save_tiny_pipeline(
         steps_offset=1,
         prediction_type=prediction_type,
     )
+
+
+def save_sd_pipeline(
+    folder: str | Path,
+    unet: UNet2DConditionModel,
+    vae: AutoencoderKL,
+    text_encoder: CLIPTextModel,
+    scheduler: SchedulerMixin,
+    dtype: torch.dtype | None = None,
+) -> Path:
+    """Save the parts as a StableDiffusionPipeline folder (offline CLIP tokenizer, no safety checker)."""
     pipe = StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
@@ -91,6 +107,8 @@ def save_tiny_pipeline(
         feature_extractor=None,
         requires_safety_checker=False,
     )
+    if dtype is not None:
+        pipe.to(dtype)
     pipe.save_pretrained(folder)
     return Path(folder)
 

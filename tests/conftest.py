@@ -19,3 +19,12 @@ def tiny(tiny_folder):
 def tiny64(tiny_folder):
     """The same model entirely in float64, for finite differences."""
     return load_pipeline(tiny_folder, dtype=torch.float64)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny models: more only synchronize, and stall on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -25,12 +25,7 @@ ITERATIONS = 7
 MIN_PIXEL_CHANGE = 10.0  # mean absolute change of a 0-255 pixel value between the first and best image
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def red_objects(n: int) -> tuple[torch.Tensor, torch.Tensor]:

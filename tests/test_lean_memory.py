@@ -22,13 +22,7 @@ from doodl.tiny import save_tiny_classifier, save_tiny_clip, save_tiny_pipeline
 PROMPT = "a red circle above a blue square"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny models: extra intra-op threads only synchronize, and stall on a busy machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

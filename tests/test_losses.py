@@ -29,13 +29,7 @@ EMBED_DIM = TINY_CLIP["embed_dim"]
 LABELS = ("Crimson Red", "scarlet_red", "Deep Blue")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The models are tiny: extra intra-op threads only synchronize, and stall on a busy machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -135,8 +135,8 @@ _cutouts = cutouts  # the loss factories' `cutouts` argument shadows the functio
 # UNet VJP (2.99 GB); chunks of 4 keep the guide near 1 GB, and the cost is one more guide forward.
 VIEWS_PER_CHUNK = 4
 # Views smaller than this side are scored at once whatever the chunk size: guides of small inputs (the
-# embedded ones take 64 px) need a few MB per view, and chunks would only cost time (measured: the embedded
-# CLIP's 2 x 16 views with their backward take 0.30 s at once, 0.63 s in chunks of 4).
+# embedded ones take 64 px) need a few MB per view, and chunks would only cost time: each chunk's forward
+# runs twice.
 CHUNK_MIN_VIEW_SIDE = 224
 
 

@@ -19,9 +19,10 @@ import shutil
 import socket
 import tempfile
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, fields, replace
 from functools import partial
 from pathlib import Path
@@ -443,6 +444,43 @@ def loss_curve(losses: Sequence[float]) -> pd.DataFrame:
     return pd.DataFrame({"iteration": range(1, len(losses) + 1), "loss": losses})
 
 
+# Every run writes its images into a folder of its own, each image once, and hands gradio their paths. Gradio
+# stores a PIL image at a path named by its bytes, rewriting the file in place each time: two runs making the
+# same image (identical requests) rewrote a file while it was being served, and a visitor got a truncated
+# one. A file path it copies into its cache under a temporary name, then renames: never seen half-written.
+RUN_FOLDERS = Path(tempfile.gettempdir()) / "doodl-runs"
+# Gradio copies each update's files as the update is sent (cached examples: as the run returns), so a
+# folder this old is no longer read; the next run removes it.
+RUN_FOLDER_SECONDS = 3600
+
+
+class RunImages:
+    """One run's images as PNG files in a new folder; the same image object is written once."""
+
+    def __init__(self, root: Path = RUN_FOLDERS) -> None:
+        root.mkdir(parents=True, exist_ok=True)
+        remove_old_folders(root, RUN_FOLDER_SECONDS)
+        self.folder = Path(tempfile.mkdtemp(dir=root))
+        self._paths: dict[int, tuple[Image.Image, str]] = {}  # keeps each image alive, so ids stay unique
+
+    def path(self, image: Image.Image | None) -> str | None:
+        if image is None:
+            return None
+        if id(image) not in self._paths:
+            path = self.folder / f"{len(self._paths)}.png"
+            image.save(path)
+            self._paths[id(image)] = (image, str(path))
+        return self._paths[id(image)][1]
+
+
+def remove_old_folders(root: Path, seconds: float) -> None:
+    now = time.time()
+    for folder in root.iterdir():
+        with suppress(OSError):  # another process may be removing it too
+            if folder.is_dir() and now - folder.stat().st_mtime > seconds:
+                shutil.rmtree(folder)
+
+
 def status_line(result: Result, total: int, done: bool = False) -> str:
     best, last = result.best, result.last
     state = "Done: iteration" if done else "Iteration"
@@ -465,12 +503,14 @@ def stream_doodl(
     run keeps it. With `compare`, end with the unguided, one-step-guided and DOODL images side by side."""
     total = options.settings.iterations
     steps: list[Step] = []
+    files = RunImages()
     # The loss's crops are drawn from a generator seeded by the run's seed: same seed, same run.
     for step in doodl(model, prompt, make_loss(seeded(options.settings.seed)), options.settings, init):
         steps.append(step)
         progress(number(step) / total, desc=f"DOODL iteration {number(step)}/{total}")
         result = result_of(steps)
-        yield step.image, status_line(result, total), loss_curve(result.losses), result.image, gr.skip()
+        status, curve = status_line(result, total), loss_curve(result.losses)
+        yield files.path(step.image), status, curve, files.path(result.image), gr.skip()
     result = result_of(steps)
     gallery = []
     if options.compare:
@@ -484,14 +524,14 @@ def stream_doodl(
             init,
         )
         gallery = [
-            *([(photo, "Uploaded photo")] if photo is not None else []),
+            *([(files.path(photo), "Uploaded photo")] if photo is not None else []),
             # DOODL's iteration 0 is the unguided sample (or, from a photo, its EDICT reconstruction).
-            (steps[0].image, "Unguided" if photo is None else "Unguided reconstruction"),
-            (one_step, f"One-step guidance, scale {options.one_step_scale:g}"),
-            (result.image, f"DOODL, iteration {number(result.best)}"),
+            (files.path(steps[0].image), "Unguided" if photo is None else "Unguided reconstruction"),
+            (files.path(one_step), f"One-step guidance, scale {options.one_step_scale:g}"),
+            (files.path(result.image), f"DOODL, iteration {number(result.best)}"),
         ]
     status = status_line(result, total, done=True)
-    yield result.last.image, status, loss_curve(result.losses), result.image, gallery
+    yield files.path(result.last.image), status, loss_curve(result.losses), files.path(result.image), gallery
 
 
 def starting(progress: gr.Progress) -> Update:
@@ -715,7 +755,7 @@ def output_panel(loss_help: str) -> Outputs:
         status = gr.Markdown("Press Run: the current iteration and the best image so far update live.")
         with gr.Row():
             preview = gr.Image(label="Current iteration", height=280, **IMAGE)
-            best = gr.Image(label="Best image", height=280, **IMAGE)
+            best = gr.Image(label="Best image", height=280, **{**IMAGE, "elem_classes": ["pixels", "best"]})
         curve = gr.LinePlot(x="iteration", y="loss", label=f"Loss: {loss_help}", height=220)
         comparison = gr.Gallery(
             label="Side by side, from the same initial noise",
@@ -808,9 +848,13 @@ def models_digest(names: ModelNames) -> str:
     return digest.hexdigest()
 
 
+# What a cached row holds and how (raise it when that changes: the loss curve is stored as an update since 2).
+CACHE_FORMAT = 2
+
+
 def cache_key(serving: Serving, tabs: dict[str, Preset]) -> str:
     outputs = [field.name for field in fields(Outputs)]  # what each cached row holds, in order
-    key = repr((serving.names, tabs, EXAMPLES, models_digest(serving.names), outputs))
+    key = repr((serving.names, tabs, EXAMPLES, models_digest(serving.names), outputs, CACHE_FORMAT))
     return hashlib.sha256(key.replace(str(ROOT), ".").encode()).hexdigest()[:16]
 
 
@@ -839,6 +883,19 @@ def ship(cache: ExampleCache) -> Path:
     return shipped
 
 
+# Each tab's examples say what to compare in the side by side, which shows every example's run.
+LOOK_AT = {
+    "text": "Examples: in the side by side, check each image against the prompt: its colors, its shapes, "
+    "and which one is above or left of the other.",
+    "vocabulary": "Examples: in the side by side, compare the shape's shade with the target's swatch above: "
+    "the prompt cannot name the shade, the classifier can.",
+    "personalization": "Examples: in the side by side, compare each image's shape and color with the "
+    "reference image's.",
+    "aesthetic": "Examples: in the side by side, look for what the scorer rewards: a whole shape near the "
+    "middle, of a fair size, standing out from its background.",
+}
+
+
 def examples(
     tab: str,
     rows: list[list[Any]],
@@ -847,11 +904,13 @@ def examples(
     show: Callable[..., Update],
     cache: ExampleCache,
 ) -> gr.Examples:
-    """Examples whose outputs (side-by-side, loss curve, best image) come from the cache at a click.
-
-    Eager: computed at start-up unless already there, and the first one is shown on arrival."""
+    """Examples whose outputs (side-by-side, loss curve, best image) come from the cache at a click, under a
+    line saying what to look at. Eager: computed at start-up unless already there, and the first one is
+    shown on arrival."""
     shown = gr.Examples(
         rows,
+        label=LOOK_AT[tab],
+        elem_id=f"{tab}-examples",
         inputs=inputs,
         outputs=outputs.components,
         fn=show,
@@ -872,8 +931,12 @@ def example_runner(run: Callable, preset: Preset, serving: Serving, models: Call
     inputs = preset_inputs(preset)
 
     def show(*example: Any) -> Update:
-        *_, final = run(*models(*example), progress=quiet, serving=serving, **inputs)
-        return final
+        *_, (preview, status, curve, best, comparison) = run(
+            *models(*example), progress=quiet, serving=serving, **inputs
+        )
+        # As an update: gradio's cache reads an update's dict back whole, but a plot's own cell as an
+        # unparsed JSON string, which the page cannot draw (it froze the page on arrival).
+        return preview, status, gr.update(value=curve), best, comparison
 
     return gpu(show, duration=gpu_seconds(**inputs))
 

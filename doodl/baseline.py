@@ -12,8 +12,10 @@ from __future__ import annotations
 import torch
 from PIL import Image
 
-from doodl.optimize import DoodlSettings, Loss, Pair, conditioning, initial_latents
-from doodl.pipeline import LatentDiffusion, NoisePredictor, to_pil
+from doodl.edict import NoisePredictor, Pair
+from doodl.losses import Loss
+from doodl.optimize import DoodlSettings, conditioning, initial_latents
+from doodl.pipeline import LatentDiffusion, to_pil
 
 
 def one_step_guided(

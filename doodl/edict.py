@@ -7,13 +7,15 @@ same code samples, inverts real images and rebuilds inputs during the reversible
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from diffusers import DDIMScheduler
 
-from doodl.pipeline import NoisePredictor
-
+# eps(latents, t) -> predicted noise, in the latents' dtype. The sampler is written against this callable
+# alone, so that it never depends on how a model is loaded (doodl.pipeline builds one).
+NoisePredictor = Callable[[torch.Tensor, int], torch.Tensor]
 Pair = tuple[torch.Tensor, torch.Tensor]
 
 

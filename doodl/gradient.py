@@ -20,8 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from doodl.edict import EdictSchedule, Pair, edict_step, unmix
-from doodl.pipeline import NoisePredictor
+from doodl.edict import EdictSchedule, NoisePredictor, Pair, edict_step, unmix
 
 MODES = ("reversible", "checkpoint", "autograd")
 

@@ -16,6 +16,7 @@ import tempfile
 import urllib.request
 import warnings
 import zipfile
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -84,31 +85,52 @@ def _freeze(module: torch.nn.Module, device: str | torch.device, dtype: torch.dt
     return module.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 
-# --- CLIP ---------------------------------------------------------------------------------------
+# Keyword-only, so that each guide's own fields keep their places at the front of its constructor.
+@dataclass(frozen=True, kw_only=True)
+class Guide(ABC):
+    """A frozen network of images and the square, normalized input it expects: what every guide shares."""
 
-
-@dataclass(frozen=True)
-class Clip:
-    """A frozen open_clip model with the preprocessing its image tower expects."""
-
-    model: torch.nn.Module
-    tokenizer: Callable[[list[str]], torch.Tensor]
     image_size: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
 
     @property
+    @abstractmethod
+    def network(self) -> torch.nn.Module:
+        """The module whose parameters set the device and dtype of its input."""
+
+    @property
     def device(self) -> torch.device:
-        return _first_parameter(self.model).device
+        return _first_parameter(self.network).device
 
     @property
     def dtype(self) -> torch.dtype:
-        return _first_parameter(self.model).dtype
+        return _first_parameter(self.network).dtype
+
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W) in [0, 1] as the network takes them: center square of `image_size`,
+        normalized, on its device and dtype; differentiable."""
+        pixels = _normalize(resize_center_crop(images, self.image_size), self.mean, self.std)
+        return pixels.to(self.device, self.dtype)
+
+
+# --- CLIP ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Clip(Guide):
+    """A frozen open_clip model with the preprocessing its image tower expects."""
+
+    model: torch.nn.Module
+    tokenizer: Callable[[list[str]], torch.Tensor]
+
+    @property
+    def network(self) -> torch.nn.Module:
+        return self.model
 
     def embed_images(self, images: torch.Tensor) -> torch.Tensor:
         """Unit-norm embeddings (float32) of images (B, 3, H, W) in [0, 1]; differentiable."""
-        pixels = _normalize(resize_center_crop(images, self.image_size), self.mean, self.std)
-        features = self.model.encode_image(pixels.to(self.device, self.dtype))
+        features = self.model.encode_image(self.preprocess(images))
         return F.normalize(features.float(), dim=-1)
 
     def embed_texts(self, texts: list[str]) -> torch.Tensor:
@@ -287,22 +309,15 @@ HPS_CHECKPOINT_URL = "https://huggingface.co/xswu/HPSv2/resolve/main/HPS_v2.1_co
 
 
 @dataclass(frozen=True)
-class TransformersClip:
+class TransformersClip(Guide):
     """A frozen transformers CLIPModel (e.g. PickScore) with its tokenizer and image preprocessing."""
 
     model: torch.nn.Module
     tokenizer: Callable[..., dict[str, torch.Tensor]]
-    image_size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
 
     @property
-    def device(self) -> torch.device:
-        return _first_parameter(self.model).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return _first_parameter(self.model).dtype
+    def network(self) -> torch.nn.Module:
+        return self.model
 
     @property
     def logit_scale(self) -> float:
@@ -311,8 +326,7 @@ class TransformersClip:
 
     def embed_images(self, images: torch.Tensor) -> torch.Tensor:
         """Unit-norm embeddings (float32) of images (B, 3, H, W) in [0, 1]; differentiable."""
-        pixels = _normalize(resize_center_crop(images, self.image_size), self.mean, self.std)
-        features = self.model.get_image_features(pixel_values=pixels.to(self.device, self.dtype))
+        features = self.model.get_image_features(pixel_values=self.preprocess(images))
         return F.normalize(_pooled(features).float(), dim=-1)
 
     def embed_texts(self, texts: list[str]) -> torch.Tensor:
@@ -400,27 +414,19 @@ def _label_key(label: str) -> str:
 
 
 @dataclass(frozen=True)
-class Classifier:
+class Classifier(Guide):
     """A frozen image classifier, its class names and the preprocessing it expects."""
 
     module: torch.nn.Module
     labels: tuple[str, ...]
-    image_size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
 
     @property
-    def device(self) -> torch.device:
-        return _first_parameter(self.module).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return _first_parameter(self.module).dtype
+    def network(self) -> torch.nn.Module:
+        return self.module
 
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         """Class logits (float32) of images (B, 3, H, W) in [0, 1]; differentiable."""
-        pixels = _normalize(resize_center_crop(images, self.image_size), self.mean, self.std)
-        output = self.module(pixels.to(self.device, self.dtype))
+        output = self.module(self.preprocess(images))
         return getattr(output, "logits", output).float()  # transformers wraps logits in a ModelOutput
 
     def class_index(self, target: int | str) -> int:
@@ -516,7 +522,7 @@ def load_classifier(
     if isinstance(model, torch.nn.Module):
         if labels is None:
             raise ValueError("`labels` is required when the classifier is a torch module")
-        classifier = Classifier(model, tuple(labels), 224, IMAGENET_MEAN, IMAGENET_STD)
+        classifier = Classifier(model, tuple(labels), image_size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD)
     else:
         classifier = _transformers_classifier(_model_source(model))
     return replace(

@@ -12,6 +12,7 @@ from PIL import Image
 from doodl.edict import (
     FEW_STEPS,
     EdictSchedule,
+    NoisePredictor,
     Pair,
     ddim_denoise,
     ddim_step,
@@ -20,11 +21,20 @@ from doodl.edict import (
     edict_schedule,
     edict_step,
 )
-from doodl.gradient import BOTH_LATENTS, FIRST_LATENT_ONLY, MODES, FinalLoss, PerLatentLoss, latent_grad
-from doodl.pipeline import LatentDiffusion, NoisePredictor, decoder_checkpointing, to_pil, to_tensor
+from doodl.gradient import (
+    BOTH_LATENTS,
+    FIRST_LATENT_ONLY,
+    MODES,
+    ChainStep,
+    FinalLoss,
+    PerLatentLoss,
+    latent_grad,
+)
+from doodl.losses import Loss  # benchmarks import it from here too
+from doodl.pipeline import LatentDiffusion, decoder_checkpointing, to_pil, to_tensor
 
-# A guidance loss: images (B, 3, H, W) in [0, 1] -> scalar to minimize.
-Loss = Callable[[torch.Tensor], torch.Tensor]
+# denoise(eps, x_T, y_T, schedule) -> (x_0, y_0): `edict_denoise`, or `ddim_denoise` for few-step chains.
+ChainDenoise = Callable[[NoisePredictor, torch.Tensor, torch.Tensor, EdictSchedule], Pair]
 
 DECODER_CHECKPOINTING = ("auto", "on", "off")
 SAMPLERS = ("auto", "edict", "ddim")
@@ -34,6 +44,16 @@ SAMPLERS = ("auto", "edict", "ddim")
 # checkpointed: 0.58 GB at 32x32), while at the embedded model's 8x8 the decoder is small and
 # checkpointing would only add a forward.
 DECODER_CHECKPOINT_MIN_LATENT_SIDE = 32
+
+
+@dataclass(frozen=True)
+class Chain:
+    """The sampling chain of a run and how its gradient is taken, as `DoodlSettings.chain` decides."""
+
+    step: ChainStep
+    denoise: ChainDenoise
+    mode: str  # the gradient mode of `latent_grad`
+    few_steps: bool  # plain DDIM: the pair carries one sample, x_0 = y_0
 
 
 @dataclass(frozen=True)
@@ -107,6 +127,14 @@ class DoodlSettings:
             return self.sampler == "ddim"
         return not from_photo and self.steps < FEW_STEPS
 
+    def chain(self, from_photo: bool = False) -> Chain:
+        """The chain these settings sample with, and the gradient mode it takes."""
+        if not self.few_step_chain(from_photo):
+            return Chain(edict_step, edict_denoise, self.mode, few_steps=False)
+        # DDIM cannot be run backwards exactly: its few step inputs are stored instead of rebuilt.
+        mode = "checkpoint" if self.mode == "reversible" else self.mode
+        return Chain(ddim_step, ddim_denoise, mode, few_steps=True)
+
     def denoise(
         self,
         eps: NoisePredictor,
@@ -116,8 +144,7 @@ class DoodlSettings:
         from_photo: bool = False,
     ) -> Pair:
         """The whole chain, from (x_T, y_T) to (x_0, y_0), with this setting's sampler."""
-        chain = ddim_denoise if self.few_step_chain(from_photo) else edict_denoise
-        return chain(eps, x, y, self.schedule(model))
+        return self.chain(from_photo).denoise(eps, x, y, self.schedule(model))
 
     def checkpoints_decoder(self, model: LatentDiffusion) -> bool:
         """Whether the VAE decoder runs with gradient checkpointing for this model and image size."""
@@ -238,20 +265,15 @@ def doodl(
     generator = torch.Generator().manual_seed(settings.seed + 1)
 
     decoded: list[torch.Tensor] = []  # x_0's image, kept from the loss's own decoding, not decoded again
-    # A DDIM chain carries one sample (x_0 = y_0), judged once; its few steps are stored, not rebuilt.
-    few_steps = settings.few_step_chain(from_photo=init is not None)
-    step, mode = (
-        (ddim_step, "checkpoint" if settings.mode == "reversible" else settings.mode)
-        if few_steps
-        else (edict_step, settings.mode)
-    )
+    chain = settings.chain(from_photo=init is not None)
     separately = settings.decodes_separately(model)
-    loss_of_final = final_loss(model, loss, settings.first_image_only or few_steps, decoded, separately)
+    # A DDIM chain carries one sample (x_0 = y_0): judged once.
+    loss_of_final = final_loss(model, loss, settings.first_image_only or chain.few_steps, decoded, separately)
 
     start = time.perf_counter()
     for iteration in range(settings.iterations):
         with decoder_checkpointing(model.vae, settings.checkpoints_decoder(model)):
-            result = latent_grad(eps, x, y, schedule, loss_of_final, mode, step)
+            result = latent_grad(eps, x, y, schedule, loss_of_final, chain.mode, chain.step)
         image = to_pil(decoded[0])[0]
         decoded.clear()
         yield Step(iteration, result.loss, image, time.perf_counter() - start, (x, y))

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import json
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -25,6 +26,19 @@ from transformers import CLIPTextConfig, CLIPTextModel
 from doodl.tokenizer import clip_tokenizer
 
 
+@contextmanager
+def seeded_torch(seed: int) -> Iterator[None]:
+    """Seed torch's global CPU generator for the block, and give the caller its own state back afterwards.
+
+    Module constructors draw their initial weights from that generator, so seeding it is what makes a build
+    reproducible; restoring it keeps a build from changing what the caller draws next. Only the CPU
+    generator is seeded (models are built on the CPU), so the GPUs' generators are left untouched too.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.random.default_generator.manual_seed(seed)
+        yield
+
+
 def save_tiny_pipeline(
     folder: str | Path,
     sample_size: int = 8,
@@ -37,7 +51,15 @@ def save_tiny_pipeline(
 
     `scheduler` replaces SD 1.x's DDIM scheduler, and then sets the prediction type: e.g. `turbo_scheduler()`.
     """
-    torch.manual_seed(seed)
+    with seeded_torch(seed):
+        unet, vae, text_encoder = tiny_sd_models(sample_size, channels)
+    return save_sd_pipeline(folder, unet, vae, text_encoder, scheduler or sd_scheduler(prediction_type))
+
+
+def tiny_sd_models(
+    sample_size: int, channels: tuple[int, ...]
+) -> tuple[UNet2DConditionModel, AutoencoderKL, CLIPTextModel]:
+    """Randomly initialised UNet, VAE and text encoder of SD's architecture, drawn from torch's global RNG."""
     text_width = 32
     unet = UNet2DConditionModel(
         sample_size=sample_size,
@@ -72,7 +94,7 @@ def save_tiny_pipeline(
             max_position_embeddings=77,
         )
     )
-    return save_sd_pipeline(folder, unet, vae, text_encoder, scheduler or sd_scheduler(prediction_type))
+    return unet, vae, text_encoder
 
 
 def sd_scheduler(prediction_type: str = "epsilon") -> DDIMScheduler:
@@ -147,12 +169,13 @@ def save_tiny_clip(folder: str | Path, seed: int = 0) -> Path:
     import open_clip
     from safetensors.torch import save_file
 
-    torch.manual_seed(seed)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     config = {"model_cfg": TINY_CLIP, "preprocess_cfg": TINY_CLIP_PREPROCESS}
     (folder / "open_clip_config.json").write_text(json.dumps(config))
-    save_file(open_clip.CLIP(**TINY_CLIP).state_dict(), folder / "open_clip_model.safetensors")
+    with seeded_torch(seed):
+        model = open_clip.CLIP(**TINY_CLIP)
+    save_file(model.state_dict(), folder / "open_clip_model.safetensors")
     return folder
 
 
@@ -183,8 +206,8 @@ def save_tiny_clip_checkpoint(path: str | Path, layout: str = "open_clip", seed:
     if layout not in CHECKPOINT_LAYOUTS:
         choices = ", ".join(CHECKPOINT_LAYOUTS)
         raise ValueError(f"unknown checkpoint layout {layout!r}: choose one of {choices}")
-    torch.manual_seed(seed)
-    model = open_clip.CLIP(**TINY_CLIP, quick_gelu=layout.startswith("openai")).eval()
+    with seeded_torch(seed):
+        model = open_clip.CLIP(**TINY_CLIP, quick_gelu=layout.startswith("openai")).eval()
     path = Path(path)
     if layout == "openai":
         with warnings.catch_warnings():
@@ -204,7 +227,6 @@ def save_tiny_pickscore(folder: str | Path, seed: int = 0) -> Path:
     PickScore's classes and files, a few thousand times smaller."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-    torch.manual_seed(seed)
     config = CLIPConfig(
         text_config={
             "vocab_size": 49408,
@@ -226,7 +248,9 @@ def save_tiny_pickscore(folder: str | Path, seed: int = 0) -> Path:
         },
         projection_dim=16,
     )
-    CLIPModel(config).save_pretrained(folder)
+    with seeded_torch(seed):
+        model = CLIPModel(config)
+    model.save_pretrained(folder)
     image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     CLIPProcessor(image_processor=image_processor, tokenizer=clip_tokenizer()).save_pretrained(folder)
     return Path(folder)
@@ -236,7 +260,6 @@ def save_tiny_classifier(folder: str | Path, labels: Sequence[str], seed: int = 
     """Save a random transformers ResNet image classifier, with its image processor, for `load_classifier`."""
     from transformers import ResNetConfig, ResNetForImageClassification, ViTImageProcessor
 
-    torch.manual_seed(seed)
     config = ResNetConfig(
         embedding_size=8,
         hidden_sizes=[8, 16],
@@ -245,7 +268,9 @@ def save_tiny_classifier(folder: str | Path, labels: Sequence[str], seed: int = 
         id2label=dict(enumerate(labels)),
         label2id={label: i for i, label in enumerate(labels)},
     )
-    ResNetForImageClassification(config).save_pretrained(folder)
+    with seeded_torch(seed):
+        model = ResNetForImageClassification(config)
+    model.save_pretrained(folder)
     processor = ViTImageProcessor(size={"height": 24, "width": 24}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
     processor.save_pretrained(folder)
     return Path(folder)

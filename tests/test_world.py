@@ -119,3 +119,77 @@ def test_embedded_classifier_and_aesthetic_head_load():
     assert classifier(**inputs).logits.shape == (1, 4)
     head = load_file(ASSETS / "aesthetic" / "aesthetic_head.safetensors")
     assert head["weight"].shape == (1, 64) and head["bias"].shape == (1,)
+
+
+def safetensors_weights(folder: Path) -> dict:
+    """Every tensor saved under a folder, keyed by file and name."""
+    from safetensors.torch import load_file
+
+    return {
+        f"{path.relative_to(folder)}:{name}": tensor
+        for path in sorted(folder.rglob("*.safetensors"))
+        for name, tensor in load_file(path).items()
+    }
+
+
+def test_tiny_build_repeats_from_its_seed_and_leaves_the_global_rng_alone(tmp_path):
+    import torch
+
+    from doodl.tiny import save_tiny_pipeline
+
+    state = torch.get_rng_state()
+    first = safetensors_weights(save_tiny_pipeline(tmp_path / "first", seed=5))
+    assert torch.equal(torch.get_rng_state(), state)
+    with torch.random.fork_rng(devices=[]):
+        torch.rand(3)  # a caller that has drawn numbers of its own gets the same model
+        second = safetensors_weights(save_tiny_pipeline(tmp_path / "second", seed=5))
+    other = safetensors_weights(save_tiny_pipeline(tmp_path / "other", seed=6))
+    assert first.keys() == second.keys() == other.keys()
+    assert all(torch.equal(first[key], second[key]) for key in first)
+    assert not all(torch.equal(first[key], other[key]) for key in first)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_seeded_stage_draws_from_the_seed_and_leaves_the_global_rng_alone():
+    import torch
+
+    from doodl.world.train import TrainSettings, seeded_stage
+
+    drawn = []
+    stage = seeded_stage(lambda s, log: drawn.append(torch.rand(3)))
+    state = torch.get_rng_state()
+    stage(TrainSettings(seed=4), print)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(drawn[0], torch.rand(3, generator=torch.Generator().manual_seed(4)))
+
+
+def test_fit_follows_the_schedule_and_logs_averaged_losses():
+    import torch
+
+    from doodl.world.train import Progress, StepLog, StepLoss, fit, learning_rate
+
+    weight = torch.nn.Parameter(torch.tensor(3.0))
+    optimizer = torch.optim.SGD([weight], lr=0.0)
+    lines, rates, losses = [], [], []
+
+    def step_loss() -> StepLoss:
+        loss = (weight - 1) ** 2
+        losses.append(loss.item())
+        return StepLoss(loss, (loss, 2 * loss))
+
+    steps = fit(
+        optimizer,
+        step_loss,
+        Progress(steps=4, minutes=1e9),  # the wall-clock cap out of reach: the schedule follows the steps
+        lr=0.1,
+        warmup=2,
+        logging=StepLog(lines.append, "toy", losses="loss {:.4f} twice {:.4f}", every=2),
+        after_step=lambda step: rates.append(optimizer.param_groups[0]["lr"]),
+    )
+    assert steps == 4
+    assert rates == pytest.approx([learning_rate(0.1, step, step / 4, 2) for step in range(4)])
+    assert losses[1] < losses[0]  # the steps were taken
+    assert [line.rsplit(" (", 1)[0] for line in lines] == [
+        f"toy step {n} loss {np.mean(losses[n - 2 : n]):.4f} twice {2 * np.mean(losses[n - 2 : n]):.4f}"
+        for n in (2, 4)
+    ]

@@ -6,7 +6,7 @@ under two seconds on two cores, and the whole set of weights must ship in a few 
 
 from __future__ import annotations
 
-from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, ResNetConfig, ResNetForImageClassification
 
 from doodl.world.shapes import IMAGE_SIZE, SHADE_NAMES
@@ -61,20 +61,6 @@ def tiny_text_encoder() -> CLIPTextModel:
         pad_token_id=49407,
     )
     return CLIPTextModel(config)
-
-
-def sd_scheduler() -> DDIMScheduler:
-    """Stable Diffusion 1.x's noise schedule, with DDIM sampling."""
-    return DDIMScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-        prediction_type="epsilon",
-    )
 
 
 def clip_config() -> dict:

@@ -20,31 +20,22 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from doodl.tiny import sd_scheduler, seeded_torch
 from doodl.world import beauty, models, robust, shapes
-
-STAGES = (
-    "data",
-    "vae",
-    "latents",
-    "decoder",
-    "unet",
-    "clip",
-    "classifier",
-    "robust_clip",
-    "robust_classifier",
-    "aesthetic",
-)
 
 
 @dataclass
@@ -139,6 +130,79 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
+class StepLoss(NamedTuple):
+    """One training step's losses: what the optimizer minimises, and what the progress lines average."""
+
+    objective: torch.Tensor
+    # One loss, or several for a line that reports several (in the order of `StepLog.losses`).
+    logged: torch.Tensor | tuple[torch.Tensor, ...]
+
+
+@dataclass
+class StepLog:
+    """The progress lines of a training loop: "<name> step <n> <losses> (<elapsed>s)" every `every` steps,
+    with the losses averaged since the previous line."""
+
+    log: Callable[[str], None]
+    name: str
+    losses: str = "loss {:.5f}"  # a format of the logged losses, in order
+    every: int = 100
+
+
+def fit(
+    optimizer: torch.optim.Optimizer,
+    step_loss: Callable[[], StepLoss],
+    progress: Progress,
+    *,
+    lr: float,
+    warmup: int,
+    logging: StepLog,
+    max_grad_norm: float | None = None,
+    after_step: Callable[[int], None] | None = None,
+) -> int:
+    """Take optimizer steps on the losses `step_loss` draws, one batch each, until `progress` runs out, on
+    `learning_rate`'s warmup-cosine schedule from `lr`; returns the number of steps taken.
+
+    `max_grad_norm` clips the norm of the gradient of all the optimizer's parameters; `after_step(step)` runs
+    after each update, for what must follow it (a moving average, a clamp)."""
+    running: list = []
+    step = 0
+    while progress(step) < 1:
+        objective, logged = step_loss()
+        set_lr(optimizer, learning_rate(lr, step, progress(step), warmup))
+        optimizer.zero_grad(set_to_none=True)
+        objective.backward()
+        if max_grad_norm is not None:
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        optimizer.step()
+        if after_step is not None:
+            after_step(step)
+        # A single loss is kept as a float, not a 1-tuple: numpy averages the two shapes in different orders.
+        running.append(logged.item() if isinstance(logged, torch.Tensor) else tuple(x.item() for x in logged))
+        step += 1
+        if step % logging.every == 0:
+            losses = logging.losses.format(*np.atleast_1d(np.mean(running, 0)))
+            logging.log(f"{logging.name} step {step} {losses} ({progress.elapsed():.0f}s)")
+            running = []
+    return step
+
+
+Stage = Callable[[TrainSettings, Callable[[str], None]], None]
+
+
+def seeded_stage(stage: Stage) -> Stage:
+    """Run the stage with torch's global generator seeded by the settings' seed, which the models' initial
+    weights are drawn from, and give the caller its own generator state back afterwards."""
+
+    @functools.wraps(stage)
+    def run(s: TrainSettings, log: Callable[[str], None]) -> None:
+        with seeded_torch(s.seed):
+            stage(s, log)
+
+    return run
+
+
 def to_tensor(images: np.ndarray) -> torch.Tensor:
     """uint8 NHWC -> float NCHW in [-1, 1]."""
     return torch.from_numpy(np.array(images)).permute(0, 3, 1, 2).float().div(127.5).sub(1)
@@ -190,30 +254,26 @@ def reconstruction_loss(recon: torch.Tensor, target: torch.Tensor) -> torch.Tens
     return (weight * error).mean() / weight.mean()
 
 
+@seeded_stage
 def stage_vae(s: TrainSettings, log: Log) -> None:
-    torch.manual_seed(s.seed)
     images, _ = load_data(s)
     vae = models.tiny_vae()
     optimizer = torch.optim.AdamW(vae.parameters(), lr=s.vae_lr, weight_decay=0.0)
     rng = np.random.default_rng(s.seed + 1)
-    progress, running = Progress(s.vae_steps, s.vae_minutes), []
-    step = 0
-    while progress(step) < 1:
+
+    def step_loss() -> StepLoss:
         batch = to_tensor(images[np.sort(rng.choice(len(images), s.vae_batch, replace=False))])
         posterior = vae.encode(batch).latent_dist
         # Decode the posterior mean: a short run learns faster without sampling noise, the KL term still
         # keeps the means bounded, and the decoder stage adds latent noise for robustness later.
         recon = vae.decode(posterior.mode()).sample
         loss = reconstruction_loss(recon, batch) + s.vae_kl_weight * posterior.kl().mean()
-        set_lr(optimizer, learning_rate(s.vae_lr, step, progress(step), s.warmup_steps))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        running.append(loss.item())
-        step += 1
-        if step % 100 == 0:
-            log(f"vae step {step} loss {np.mean(running):.5f} ({progress.elapsed():.0f}s)")
-            running = []
+        return StepLoss(loss, loss)
+
+    progress = Progress(s.vae_steps, s.vae_minutes)
+    step = fit(
+        optimizer, step_loss, progress, lr=s.vae_lr, warmup=s.warmup_steps, logging=StepLog(log, "vae")
+    )
     vae.save_pretrained(Path(s.cache) / "vae")
     log(f"vae: {step} steps in {progress.elapsed() / 60:.1f} min")
 
@@ -241,13 +301,13 @@ def stage_latents(s: TrainSettings, log: Log) -> None:
     )
 
 
+@seeded_stage
 def stage_decoder(s: TrainSettings, log: Log) -> None:
     """Keep training the decoder alone on the cached latents. The encoder is frozen, so the latents the
     UNet learns from do not move and this stage may run beside the UNet's. Noise on the latents teaches
     the decoder to forgive the UNet's small errors."""
     from diffusers import AutoencoderKL
 
-    torch.manual_seed(s.seed)
     images, _ = load_data(s)
     vae = AutoencoderKL.from_pretrained(Path(s.cache) / "vae")
     latents = torch.load(Path(s.cache) / "latents.pt")
@@ -256,20 +316,22 @@ def stage_decoder(s: TrainSettings, log: Log) -> None:
     optimizer = torch.optim.AdamW(params, lr=s.decoder_lr, weight_decay=0.0)
     generator = torch.Generator().manual_seed(s.seed + 6)
     noise_scale = s.decoder_noise * latents.std()
-    progress, running, step = Progress(s.decoder_steps, s.decoder_minutes), [], 0
-    while progress(step) < 1:
+
+    def step_loss() -> StepLoss:
         idx = torch.randint(len(latents), (s.decoder_batch,), generator=generator).sort().values
         z = latents[idx] + noise_scale * torch.randn(latents[idx].shape, generator=generator)
         loss = reconstruction_loss(vae.decode(z).sample, to_tensor(images[idx.numpy()]))
-        set_lr(optimizer, learning_rate(s.decoder_lr, step, progress(step), s.warmup_steps))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        running.append(loss.item())
-        step += 1
-        if step % 100 == 0:
-            log(f"decoder step {step} loss {np.mean(running):.5f} ({progress.elapsed():.0f}s)")
-            running = []
+        return StepLoss(loss, loss)
+
+    progress = Progress(s.decoder_steps, s.decoder_minutes)
+    step = fit(
+        optimizer,
+        step_loss,
+        progress,
+        lr=s.decoder_lr,
+        warmup=s.warmup_steps,
+        logging=StepLog(log, "decoder"),
+    )
     vae.save_pretrained(Path(s.cache) / "vae")
     log(f"decoder: {step} steps in {progress.elapsed() / 60:.1f} min")
 
@@ -311,7 +373,7 @@ def save_generator(folder: Path, vae, text_encoder, unet) -> None:
         text_encoder=text_encoder,
         tokenizer=clip_tokenizer(),
         unet=unet.half(),
-        scheduler=models.sd_scheduler(),
+        scheduler=sd_scheduler(),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
@@ -320,15 +382,15 @@ def save_generator(folder: Path, vae, text_encoder, unet) -> None:
     unet.float()
 
 
+@seeded_stage
 def stage_unet(s: TrainSettings, log: Log) -> None:
     from diffusers import AutoencoderKL
 
-    torch.manual_seed(s.seed)
     _, captions = load_data(s)
     vae = AutoencoderKL.from_pretrained(Path(s.cache) / "vae")
     latents = torch.load(Path(s.cache) / "latents.pt") * vae.config.scaling_factor
     tokens, caption_index, empty = caption_tokens(captions)
-    unet, text_encoder, scheduler = models.tiny_unet(), models.tiny_text_encoder(), models.sd_scheduler()
+    unet, text_encoder, scheduler = models.tiny_unet(), models.tiny_text_encoder(), sd_scheduler()
     ema_unet, ema_text = models.tiny_unet(), models.tiny_text_encoder()
     ema_unet.load_state_dict(unet.state_dict())
     ema_text.load_state_dict(text_encoder.state_dict())
@@ -336,8 +398,8 @@ def stage_unet(s: TrainSettings, log: Log) -> None:
     optimizer = torch.optim.AdamW(params, lr=s.unet_lr, weight_decay=0.01)
     alphas = scheduler.alphas_cumprod
     generator = torch.Generator().manual_seed(s.seed + 2)
-    progress, running, step = Progress(s.unet_steps, s.unet_minutes), [], 0
-    while progress(step) < 1:
+
+    def step_loss() -> StepLoss:
         idx = torch.randint(len(latents), (s.unet_batch,), generator=generator)
         x0 = latents[idx]
         ids = tokens[caption_index[idx]]
@@ -349,20 +411,25 @@ def stage_unet(s: TrainSettings, log: Log) -> None:
         noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
         prediction = unet(noisy, t, text_encoder(ids)[0]).sample
         loss = F.mse_loss(prediction, noise)
-        set_lr(optimizer, learning_rate(s.unet_lr, step, progress(step), s.warmup_steps))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
+        return StepLoss(loss, loss)
+
+    def update_averages(step: int) -> None:
         # Short runs: warm the average up quickly so early steps do not dominate it.
         decay = min(s.ema_decay, (1 + step) / (10 + step))
         ema_update(ema_unet, unet, decay)
         ema_update(ema_text, text_encoder, decay)
-        running.append(loss.item())
-        step += 1
-        if step % 100 == 0:
-            log(f"unet step {step} loss {np.mean(running):.5f} ({progress.elapsed():.0f}s)")
-            running = []
+
+    progress = Progress(s.unet_steps, s.unet_minutes)
+    step = fit(
+        optimizer,
+        step_loss,
+        progress,
+        lr=s.unet_lr,
+        warmup=s.warmup_steps,
+        logging=StepLog(log, "unet"),
+        max_grad_norm=1.0,
+        after_step=update_averages,
+    )
     vae = AutoencoderKL.from_pretrained(Path(s.cache) / "vae")  # the decoder may have been tuned meanwhile
     save_generator(Path(s.out) / "sd", vae, ema_text, ema_unet)
     log(f"unet: {step} steps in {progress.elapsed() / 60:.1f} min; saved {Path(s.out) / 'sd'}")
@@ -415,12 +482,12 @@ def composition_caption(scene: shapes.Scene) -> str:
     return text
 
 
+@seeded_stage
 def stage_clip(s: TrainSettings, log: Log) -> None:
     """Contrastive training on world images, plus freely composed ones with composition captions. A linear
     probe of the beauty score rides along so that the embedding keeps composition, not only content."""
     import open_clip
 
-    torch.manual_seed(s.seed)
     images, captions = load_data(s)
     config = models.clip_config()
     model = open_clip.CLIP(**config["model_cfg"])
@@ -431,8 +498,8 @@ def stage_clip(s: TrainSettings, log: Log) -> None:
     optimizer = torch.optim.AdamW(params, lr=s.clip_lr, weight_decay=0.1)
     rng = np.random.default_rng(s.seed + 3)
     generator = torch.Generator().manual_seed(s.seed + 3)
-    progress, running, step = Progress(s.clip_steps, s.clip_minutes), [], 0
-    while progress(step) < 1:
+
+    def step_loss() -> StepLoss:
         idx = np.sort(rng.choice(len(images), s.clip_batch, replace=False))
         composed = [beauty.random_composition(rng) for _ in range(s.clip_compositions)]
         pixels = np.concatenate([images[idx], shapes.render_dataset(composed)])
@@ -444,18 +511,22 @@ def stage_clip(s: TrainSettings, log: Log) -> None:
         loss = (
             contrastive_loss(image_features, text_features, scale, texts) + s.clip_probe_weight * probe_loss
         )
-        set_lr(optimizer, learning_rate(s.clip_lr, step, progress(step), s.warmup_steps))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        with torch.no_grad():
-            model.logit_scale.clamp_(0, math.log(100))
-        running.append((loss.item(), probe_loss.item()))
-        step += 1
-        if step % 100 == 0:
-            total, probe_mse = np.mean(running, 0)
-            log(f"clip step {step} loss {total:.4f} probe mse {probe_mse:.4f} ({progress.elapsed():.0f}s)")
-            running = []
+        return StepLoss(loss, (loss, probe_loss))
+
+    @torch.no_grad()
+    def clamp_logit_scale(step: int) -> None:
+        model.logit_scale.clamp_(0, math.log(100))
+
+    progress = Progress(s.clip_steps, s.clip_minutes)
+    step = fit(
+        optimizer,
+        step_loss,
+        progress,
+        lr=s.clip_lr,
+        warmup=s.warmup_steps,
+        logging=StepLog(log, "clip", losses="loss {:.4f} probe mse {:.4f}"),
+        after_step=clamp_logit_scale,
+    )
     save_clip(model, config, clip_dir(s))
     log(f"clip: {step} steps in {progress.elapsed() / 60:.1f} min; saved {clip_dir(s)}")
 
@@ -509,13 +580,13 @@ def clip_zero_shot(model: torch.nn.Module, s: TrainSettings, n: int = 200) -> st
     return ", ".join(found)
 
 
+@seeded_stage
 def stage_robust_clip(s: TrainSettings, log: Log) -> None:
     """Adversarial fine-tuning of the CLIP's image tower against its frozen text tower: the text embeddings
     the losses target stay where they are, and the image tower learns to map attacked images next to them.
     The beauty probe rides along as in `stage_clip`, so that the embedding keeps composition."""
     import open_clip
 
-    torch.manual_seed(s.seed)
     model, config = load_saved_clip(clip_dir(s))
     log(f"robust clip: before, zero-shot {clip_zero_shot(model, s)}")
     model.requires_grad_(False).visual.requires_grad_(True)
@@ -525,8 +596,8 @@ def stage_robust_clip(s: TrainSettings, log: Log) -> None:
     rng = np.random.default_rng(s.seed + 6)
     generator = torch.Generator().manual_seed(s.seed + 6)
     scale = model.logit_scale.exp().detach()
-    progress, running, step = Progress(s.robust_clip_steps, s.robust_clip_minutes), [], 0
-    while progress(step) < 1:
+
+    def step_loss() -> StepLoss:
         scenes, texts = world_batch(rng, s.robust_clip_batch, s.clip_compositions)
         pixels = torch.from_numpy(shapes.render_dataset(scenes)).permute(0, 3, 1, 2).float() / 255
         clean = robust.augment(random_blur(pixels, generator), generator)
@@ -544,16 +615,17 @@ def stage_robust_clip(s: TrainSettings, log: Log) -> None:
         composed = [sc for sc in scenes[s.robust_clip_batch :]]
         target = (torch.tensor([beauty.beauty(sc) for sc in composed]) - 5.5) / 2.5
         probe_loss = F.mse_loss(probe(features[s.robust_clip_batch : n]).squeeze(1), target)
-        set_lr(optimizer, learning_rate(s.robust_clip_lr, step, progress(step), s.warmup_steps))
-        optimizer.zero_grad(set_to_none=True)
-        (loss + s.clip_probe_weight * probe_loss).backward()
-        optimizer.step()
-        running.append((loss.item(), probe_loss.item()))
-        step += 1
-        if step % 50 == 0:
-            total, probe_mse = np.mean(running, 0)
-            log(f"robust clip step {step} loss {total:.4f} probe {probe_mse:.4f} ({progress.elapsed():.0f}s)")
-            running = []
+        return StepLoss(loss + s.clip_probe_weight * probe_loss, (loss, probe_loss))
+
+    progress = Progress(s.robust_clip_steps, s.robust_clip_minutes)
+    step = fit(
+        optimizer,
+        step_loss,
+        progress,
+        lr=s.robust_clip_lr,
+        warmup=s.warmup_steps,
+        logging=StepLog(log, "robust clip", losses="loss {:.4f} probe {:.4f}", every=50),
+    )
     model.eval()
     save_clip(model, config, clip_dir(s))
     log(
@@ -581,28 +653,24 @@ def classifier_data(s: TrainSettings) -> tuple[np.ndarray, np.ndarray]:
     return shapes.render_dataset(scenes), np.array(labels)
 
 
+@seeded_stage
 def stage_classifier(s: TrainSettings, log: Log) -> None:
-    torch.manual_seed(s.seed)
     images, labels = classifier_data(s)
     n_val = 1000
     model = models.shade_classifier()
     optimizer = torch.optim.AdamW(model.parameters(), lr=s.classifier_lr, weight_decay=0.01)
     generator = torch.Generator().manual_seed(s.seed + 4)
     rng = np.random.default_rng(s.seed + 4)
-    progress, running, step = Progress(s.classifier_steps, s.classifier_minutes), [], 0
-    while progress(step) < 1:
+
+    def step_loss() -> StepLoss:
         idx = rng.choice(len(images) - n_val, s.classifier_batch, replace=False) + n_val
         batch = random_blur(to_tensor(images[idx]), generator)
         loss = F.cross_entropy(model(batch).logits, torch.from_numpy(labels[idx]))
-        set_lr(optimizer, learning_rate(s.classifier_lr, step, progress(step), s.warmup_steps))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        running.append(loss.item())
-        step += 1
-        if step % 100 == 0:
-            log(f"classifier step {step} loss {np.mean(running):.4f} ({progress.elapsed():.0f}s)")
-            running = []
+        return StepLoss(loss, loss)
+
+    progress = Progress(s.classifier_steps, s.classifier_minutes)
+    logging = StepLog(log, "classifier", losses="loss {:.4f}")
+    step = fit(optimizer, step_loss, progress, lr=s.classifier_lr, warmup=s.warmup_steps, logging=logging)
     model.eval()
     with torch.no_grad():
         predicted = model(to_tensor(images[:n_val])).logits.argmax(1).numpy()
@@ -626,11 +694,11 @@ def save_classifier(model: torch.nn.Module, folder: Path) -> None:
     processor.save_pretrained(folder)
 
 
+@seeded_stage
 def stage_robust_classifier(s: TrainSettings, log: Log) -> None:
     """Adversarial fine-tuning of the shade classifier on augmented views, as DOODL's loss shows them."""
     from transformers import ResNetForImageClassification
 
-    torch.manual_seed(s.seed)
     images, labels = classifier_data(s)
     pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
     targets = torch.from_numpy(labels)
@@ -651,8 +719,8 @@ def stage_robust_classifier(s: TrainSettings, log: Log) -> None:
     log(f"robust classifier: before, held-out accuracy {held_out()}")
     optimizer = torch.optim.AdamW(model.parameters(), lr=s.robust_classifier_lr, weight_decay=0.01)
     rng = np.random.default_rng(s.seed + 7)
-    progress, running, step = Progress(s.robust_classifier_steps, s.robust_classifier_minutes), [], 0
-    while progress(step) < 1:
+
+    def step_loss() -> StepLoss:
         idx = torch.from_numpy(rng.choice(len(images) - n_val, s.classifier_batch, replace=False) + n_val)
         clean = robust.augment(random_blur(pixels[idx], generator), generator)
         batch_targets = targets[idx]
@@ -665,15 +733,17 @@ def stage_robust_classifier(s: TrainSettings, log: Log) -> None:
         )
         model.train()
         loss = F.cross_entropy(logits_of(torch.cat([clean, attacked])), batch_targets.repeat(2))
-        set_lr(optimizer, learning_rate(s.robust_classifier_lr, step, progress(step), s.warmup_steps))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        running.append(loss.item())
-        step += 1
-        if step % 100 == 0:
-            log(f"robust classifier step {step} loss {np.mean(running):.4f} ({progress.elapsed():.0f}s)")
-            running = []
+        return StepLoss(loss, loss)
+
+    progress = Progress(s.robust_classifier_steps, s.robust_classifier_minutes)
+    step = fit(
+        optimizer,
+        step_loss,
+        progress,
+        lr=s.robust_classifier_lr,
+        warmup=s.warmup_steps,
+        logging=StepLog(log, "robust classifier", losses="loss {:.4f}"),
+    )
     accuracy = held_out()
     model.eval()
     save_classifier(model, folder)
@@ -743,11 +813,26 @@ def score_inflation(model: torch.nn.Module, head: torch.nn.Linear, images: np.nd
         return float((score(attacked) - score(pixels)).mean())
 
 
+# Every stage, in the order a full run takes them.
+STAGES: dict[str, Stage] = {
+    "data": stage_data,
+    "vae": stage_vae,
+    "latents": stage_latents,
+    "decoder": stage_decoder,
+    "unet": stage_unet,
+    "clip": stage_clip,
+    "classifier": stage_classifier,
+    "robust_clip": stage_robust_clip,
+    "robust_classifier": stage_robust_classifier,
+    "aesthetic": stage_aesthetic,
+}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--stage", nargs="+", choices=STAGES, default=list(STAGES))
+    parser.add_argument("--stage", nargs="+", choices=list(STAGES), default=list(STAGES))
     for f in dataclasses.fields(TrainSettings):
         parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
     args = parser.parse_args()
@@ -755,10 +840,9 @@ def main() -> None:
     torch.set_num_threads(settings.threads)
     log = Log(Path(settings.out) / "training_log.txt")
     log(f"stages {args.stage} with {settings}")
-    stages = {name: globals()[f"stage_{name}"] for name in STAGES}
     for name in args.stage:
         start = time.time()
-        stages[name](settings, log)
+        STAGES[name](settings, log)
         log(f"stage {name} done: {(time.time() - start) / 60:.1f} min wall")
 
 

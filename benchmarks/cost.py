@@ -35,11 +35,13 @@ from benchmarks.common import (
     write_report,
 )
 from doodl import MODES, edict_denoise, edict_schedule, latent_grad, one_step_guidance, optimize
-from doodl.embedded import AESTHETIC_HEAD, CLASSIFIER, CLIP, EMBEDDED_PRESETS, EXAMPLES, SD
-from doodl.guides import load_aesthetic_head, load_classifier, load_clip
-from doodl.losses import Loss, aesthetic_loss, classifier_loss, clip_image_loss, clip_text_loss
+from doodl.capabilities import Crops, build_loss, load_guides
+from doodl.embedded import EMBEDDED_PRESETS, EXAMPLES, SD
+from doodl.losses import Loss
 from doodl.optimize import conditioning, initial_latents
 from doodl.pipeline import load_pipeline
+from doodl.serving import ModelCache, Serving
+from doodl.showcase import example_request
 
 TARGET = 4.3  # iteration / sample for the reversible mode
 COUNT_SIZE = 8  # UNet calls do not depend on the model: count them on the smallest one
@@ -125,29 +127,20 @@ DEFAULT_RUN_TARGET = 45.0  # seconds for all iterations plus the side-by-side, o
 
 
 def tab_losses() -> dict[str, tuple[str, Callable[[torch.Generator], Loss]]]:
-    """Each tab's first example in the app: (prompt, loss factory over a crop generator)."""
-    from PIL import Image
+    """Each tab's first example in the app: (prompt, loss factory over a crop generator), as the app
+    builds it."""
+    serving, models, losses = Serving(), ModelCache("cpu", torch.float32), {}
+    for tab, preset in serving.presets().items():
+        asked = example_request(serving, tab, EXAMPLES[tab][0], preset)
+        guides = load_guides([asked.loss], asked.guides, models.guide)
 
-    clip, classifier = load_clip(str(CLIP)), load_classifier(CLASSIFIER)
-    head = load_aesthetic_head(AESTHETIC_HEAD)
-    crops = {name: preset.cutouts for name, preset in EMBEDDED_PRESETS.items()}
-    (text,), (generic, shade), (scene, references), (subject, _) = (v[0] for v in EXAMPLES.values())
-    images = [Image.open(path) for path in references]
-    return {
-        "text": (text, lambda g: clip_text_loss(clip, text, cutouts=crops["text"], generator=g)),
-        "vocabulary": (
-            generic,
-            lambda g: classifier_loss(classifier, shade, cutouts=crops["vocabulary"], generator=g),
-        ),
-        "personalization": (
-            scene,
-            lambda g: clip_image_loss(clip, images, cutouts=crops["personalization"], generator=g),
-        ),
-        "aesthetic": (
-            subject,
-            lambda g: aesthetic_loss(clip, head, cutouts=crops["aesthetic"], generator=g),
-        ),
-    }
+        def make_loss(generator: torch.Generator, asked=asked, guides=guides) -> Loss:
+            return build_loss(
+                asked.loss, guides, asked.target, Crops(asked.options.cutouts, generator=generator)
+            )
+
+        losses[tab] = (asked.prompt, make_loss)
+    return losses
 
 
 def timed(run: Callable[[], object]) -> float:

@@ -26,6 +26,7 @@ import json
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -44,10 +45,17 @@ from benchmarks.common import (
     write_report,
 )
 from benchmarks.evaluators import beauty_agreement, measured_shade, pixel_beauty
-from doodl import DoodlSettings, initial_latents, load_pipeline, one_step_guidance, optimize, sample
+from doodl import (
+    DoodlSettings,
+    capabilities,
+    initial_latents,
+    load_pipeline,
+    one_step_guidance,
+    optimize,
+    sample,
+)
 from doodl.embedded import EMBEDDED_PRESETS, Preset
-from doodl.guides import load_aesthetic_head, load_classifier, load_clip
-from doodl.losses import Loss, aesthetic_loss, classifier_loss, clip_image_loss, clip_text_loss
+from doodl.losses import Loss
 from doodl.pipeline import LatentDiffusion
 from doodl.world import judge, shapes
 
@@ -94,12 +102,19 @@ class Capability:
 # --- the four capabilities -----------------------------------------------------------------------
 
 
+def guided(guides: dict, capability: str, target: capabilities.Target) -> Loss:
+    """The capability's loss, built as the app builds it, with its preset's number of views."""
+    loss = capabilities.CAPABILITIES[capability].losses[0]
+    crops = capabilities.Crops(EMBEDDED_PRESETS[capability].cutouts)
+    return capabilities.build_loss(loss, guides, target, crops)
+
+
 def text_task(guides: dict, rng: np.random.Generator) -> Task:
     """A two-object caption (the compositional kind text models get wrong), guided by CLIP text."""
     caption = shapes.caption(shapes.random_scene(rng, 2))
     return Task(
         caption,
-        clip_text_loss(guides["clip"], caption, cutouts=EMBEDDED_PRESETS["text"].cutouts),
+        guided(guides, "text", capabilities.Target(text=caption)),
         lambda image: attributes_right(judge.judge(image, caption)),
     )
 
@@ -110,7 +125,7 @@ def vocabulary_task(guides: dict, rng: np.random.Generator) -> Task:
     label = shapes.SHADE_NAMES["red"][shade]
     return Task(
         f"a red {rng.choice(shapes.SHAPES)}",
-        classifier_loss(guides["classifier"], label, cutouts=EMBEDDED_PRESETS["vocabulary"].cutouts),
+        guided(guides, "vocabulary", capabilities.Target(target_class=label)),
         lambda image: float(measured_shade(image, "red") == shade),
     )
 
@@ -129,7 +144,7 @@ def personalization_task(guides: dict, rng: np.random.Generator) -> Task:
     target = shapes.Description((shapes.ObjectSpec(entity.color, entity.shape),))
     return Task(
         f"a {entity.shape}",
-        clip_image_loss(guides["clip"], references, cutouts=EMBEDDED_PRESETS["personalization"].cutouts),
+        guided(guides, "personalization", capabilities.Target(references=tuple(references))),
         lambda image: attributes_right(judge.judge_description(image, target)),
     )
 
@@ -137,8 +152,7 @@ def personalization_task(guides: dict, rng: np.random.Generator) -> Task:
 def aesthetic_task(guides: dict, rng: np.random.Generator) -> Task:
     """A one-object caption, guided by the aesthetic head; rated by the beauty rule on the pixels."""
     caption = shapes.caption(shapes.random_scene(rng, 1))
-    cutouts = EMBEDDED_PRESETS["aesthetic"].cutouts
-    return Task(caption, aesthetic_loss(guides["clip"], guides["head"], cutouts=cutouts), pixel_beauty)
+    return Task(caption, guided(guides, "aesthetic", capabilities.Target(text=caption)), pixel_beauty)
 
 
 CAPABILITIES = (
@@ -407,11 +421,16 @@ def write_tuning(out: Path, args, model, guides, chosen: list[Capability]) -> No
 
 
 def load_guides(assets: Path, device: str) -> dict:
-    return {
-        "clip": load_clip(str(assets / "clip"), device=device),
-        "classifier": load_classifier(assets / "classifier", device=device),
-        "head": load_aesthetic_head(assets / "aesthetic" / "aesthetic_head.safetensors"),
+    """Every capability's guides, by role, loaded as the app and the command line load them."""
+    clip = str(assets / "clip")
+    models = {
+        "clip": clip,
+        "classifier": str(assets / "classifier"),
+        "aesthetic_clip": clip,
+        "aesthetic_head": str(assets / "aesthetic" / "aesthetic_head.safetensors"),
     }
+    losses = [capability.losses[0] for capability in capabilities.CAPABILITIES.values()]
+    return capabilities.load_guides(losses, models, partial(capabilities.load_guide, device=device))
 
 
 def main() -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 from dataclasses import fields, replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -21,29 +22,18 @@ from PIL import Image, UnidentifiedImageError
 
 from doodl import embedded
 from doodl.baseline import one_step_guidance
-from doodl.guides import (
-    HPS_ARCHITECTURE,
-    HPS_CHECKPOINT_URL,
-    PICKSCORE_MODEL,
-    PICKSCORE_PROCESSOR,
-    load_aesthetic_head,
-    load_classifier,
-    load_clip,
-    load_hps,
-    load_pickscore,
-)
-from doodl.losses import (
+from doodl.capabilities import (
     LOSSES,
-    Loss,
-    aesthetic_loss,
-    classifier_loss,
-    clip_image_loss,
-    clip_text_loss,
-    hps_loss,
-    pickscore_loss,
-    symmetry_loss,
-    weighted_sum,
+    Crops,
+    Target,
+    build_weighted,
+    capability_of,
+    load_guide,
+    load_guides,
+    loss_kind,
 )
+from doodl.guides import HPS_ARCHITECTURE, PICKSCORE_MODEL, PICKSCORE_PROCESSOR
+from doodl.losses import Loss
 from doodl.optimize import DoodlSettings, Step, invert_image, optimize
 from doodl.pipeline import ModelLoadError, load_pipeline
 
@@ -114,22 +104,10 @@ def open_image(path: str) -> Image.Image:
         raise ValueError(f"{path} is not a readable image ({error})") from error
 
 
-# The app's tab, and so the embedded model's preset, that each loss belongs to.
-CAPABILITY = {
-    "clip-text": "text",
-    "classifier": "vocabulary",
-    "clip-image": "personalization",
-    "aesthetic": "aesthetic",
-    "symmetry": "text",
-    "pickscore": "text",
-    "hps": "text",
-}
-
-
 def chosen_settings(args: argparse.Namespace) -> tuple[DoodlSettings, int]:
     """(settings, cutouts): the model's preset for the first loss, with what the command line sets."""
     first = (args.loss or ["clip-text"])[0].partition("=")[0]
-    preset = embedded.presets(args.model)[CAPABILITY.get(first, "text")]
+    preset = embedded.presets(args.model)[capability_of(first)]
     given = {
         f.name: getattr(args, f.name)
         for f in fields(DoodlSettings)
@@ -139,44 +117,38 @@ def chosen_settings(args: argparse.Namespace) -> tuple[DoodlSettings, int]:
     return replace(preset.settings, **given), cutouts
 
 
+def _joined(name: str | None, second: str | None) -> str:
+    return f"{name} {second}" if name and second else name or ""
+
+
+def guide_models(args: argparse.Namespace) -> dict[str, str]:
+    """The model of each guide role (`doodl.capabilities`), as the command line names it."""
+    return {
+        "clip": _joined(args.clip, args.clip_pretrained),
+        "classifier": args.classifier,
+        "aesthetic_clip": _joined(args.aesthetic_clip, args.aesthetic_pretrained),
+        "aesthetic_head": args.aesthetic_head,
+        "pickscore": _joined(args.pickscore, args.pickscore_processor),
+        "hps": _joined(args.hps, args.hps_architecture),
+    }
+
+
 def build_loss(args: argparse.Namespace, cutouts: int, device: str, generator: torch.Generator) -> Loss:
     """The weighted sum of the named losses, each with its guidance model loaded."""
-    crops = dict(cutouts=cutouts, cut_power=args.cut_power, generator=generator)
-    terms = []
-    for item in args.loss or ["clip-text"]:
-        name, _, weight = item.partition("=")
-        if name not in LOSSES:
-            raise ValueError(f"unknown loss {name!r}: choose among {', '.join(LOSSES)}")
-        if name == "clip-text":
-            loss = clip_text_loss(
-                load_clip(args.clip, args.clip_pretrained, device), args.text or args.prompt, **crops
-            )
-        elif name == "clip-image":
-            if not args.reference:
-                raise ValueError("the clip-image loss needs at least one --reference image")
-            references = [open_image(path) for path in args.reference]
-            loss = clip_image_loss(load_clip(args.clip, args.clip_pretrained, device), references, **crops)
-        elif name == "classifier":
-            if args.target is None:
-                raise ValueError("the classifier loss needs a --target class")
-            target = int(args.target) if args.target.isdigit() else args.target
-            loss = classifier_loss(load_classifier(args.classifier, device), target, **crops)
-        elif name == "aesthetic":
-            clip = load_clip(args.aesthetic_clip, args.aesthetic_pretrained, device)
-            head = load_aesthetic_head(None if args.aesthetic_head == "laion" else args.aesthetic_head)
-            loss = aesthetic_loss(clip, head, args.aesthetic_target, **crops)
-        elif name == "pickscore":
-            reward = load_pickscore(args.pickscore, args.pickscore_processor, device)
-            loss = pickscore_loss(reward, args.text or args.prompt, **crops)
-        elif name == "hps":
-            if args.hps is None:
-                raise ValueError(f"the hps loss needs --hps, an HPSv2 checkpoint file ({HPS_CHECKPOINT_URL})")
-            hps = load_hps(args.hps, args.hps_architecture, device)
-            loss = hps_loss(hps, args.text or args.prompt, **crops)
-        else:
-            loss = symmetry_loss()
-        terms.append((float(weight or 1.0), loss))
-    return terms[0][1] if len(terms) == 1 and terms[0][0] == 1.0 else weighted_sum(terms)
+    terms = [
+        (name, float(weight or 1.0))
+        for name, _, weight in (t.partition("=") for t in args.loss or ["clip-text"])
+    ]
+    for name, _ in terms:
+        loss_kind(name)  # an unknown name fails before any guide loads
+    target = Target(
+        text=args.text or args.prompt,
+        references=tuple(open_image(path) for path in args.reference),
+        target_class=int(args.target) if args.target and args.target.isdigit() else args.target,
+        score=args.aesthetic_target,
+    )
+    guides = load_guides([name for name, _ in terms], guide_models(args), partial(load_guide, device=device))
+    return build_weighted(terms, guides, target, Crops(cutouts, args.cut_power, generator))
 
 
 # Model cards of few-step models (SD-Turbo) write guidance_scale=0.0 for "guidance off", diffusers' reading

@@ -10,9 +10,7 @@ adversarial pixel patterns tuned to one fixed view.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from types import MappingProxyType
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +20,7 @@ from torchvision.transforms.functional import pil_to_tensor
 
 from doodl.guides import Classifier, Clip, TransformersClip, resize_center_crop
 
+# A guidance loss: images (B, 3, H, W) in [0, 1] -> scalar to minimize. What doodl.optimize steers by.
 Loss = Callable[[torch.Tensor], torch.Tensor]
 
 # Defaults of the DOODL paper's multi-crop augmentation: 16 crops, sizes biased towards large ones.
@@ -419,43 +418,3 @@ def weighted_sum(terms: Sequence[tuple[float, Loss]]) -> Loss:
         return sum(weight * term(images) for weight, term in terms)
 
     return loss
-
-
-# --- registry -------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class LossSpec:
-    """A loss factory and what it needs: `guide` is the kind of guidance model its first arguments are."""
-
-    name: str
-    description: str
-    factory: Callable[..., Loss]
-    # "clip", "classifier", "clip+aesthetic" (a Clip and a head), "pickscore" (`load_pickscore`), "hps" (a
-    # Clip from `load_hps`) or None
-    guide: str | None
-
-
-LOSSES: Mapping[str, LossSpec] = MappingProxyType(
-    {
-        spec.name: spec
-        for spec in (
-            LossSpec("clip-text", "CLIP similarity to a text prompt", clip_text_loss, "clip"),
-            LossSpec("clip-image", "CLIP similarity to reference images", clip_image_loss, "clip"),
-            LossSpec(
-                "classifier", "cross-entropy to a classifier's target class", classifier_loss, "classifier"
-            ),
-            LossSpec("aesthetic", "LAION aesthetic predictor score", aesthetic_loss, "clip+aesthetic"),
-            LossSpec("symmetry", "left-right mirror symmetry", symmetry_loss, None),
-            LossSpec(
-                "pickscore", "PickScore human-preference reward for the prompt", pickscore_loss, "pickscore"
-            ),
-            LossSpec("hps", "HPSv2 human-preference score for the prompt", hps_loss, "hps"),
-        )
-    }
-)
-
-
-def loss_names() -> list[str]:
-    """Names of the registered losses."""
-    return list(LOSSES)

@@ -24,6 +24,10 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import app
+from doodl import DoodlSettings, ModelLoadError, load_pipeline
+from doodl.embedded import EXAMPLES, Preset
+from doodl.serving import ROOT, ModelNames, Serving, locate, offline_unless_hub_reachable
+from doodl.showcase import ExampleStore
 from doodl.tiny import (
     TINY_CLIP,
     register_tiny_clip_architecture,
@@ -40,19 +44,26 @@ FAST = {"steps": 2, "iterations": 2, "cutouts": 2, "seed": 0, "compare": False}
 
 
 def embedded_models_present() -> bool:
-    names = app.ModelNames()
+    names = ModelNames()
     needed = [f"{names.sd}/model_index.json", names.clip, names.classifier, names.aesthetic_head]
-    return all((app.ROOT / name).exists() for name in needed)
+    return all((ROOT / name).exists() for name in needed)
 
 
-def save_tiny_guides(folder: Path) -> app.ModelNames:
+def save_tiny_guides(folder: Path) -> ModelNames:
     """A tiny random CLIP, shade classifier and aesthetic head, saved the way the embedded ones are."""
     clip = save_tiny_clip(folder / "clip")
     classifier = save_tiny_classifier(folder / "classifier", LABELS)
     head = folder / "aesthetic_head.safetensors"
     # A bias mid-scale keeps random scores inside the clamped 1-10 range, where gradients flow.
-    save_file({"weight": 0.5 * torch.randn(1, TINY_CLIP["embed_dim"]), "bias": torch.tensor([5.5])}, head)
-    return app.ModelNames(
+    save_file(
+        {
+            "weight": 0.5
+            * torch.randn(1, TINY_CLIP["embed_dim"], generator=torch.Generator().manual_seed(0)),
+            "bias": torch.tensor([5.5]),
+        },
+        head,
+    )
+    return ModelNames(
         sd=str(folder / "sd"),
         clip=str(clip),
         classifier=str(classifier),
@@ -61,10 +72,10 @@ def save_tiny_guides(folder: Path) -> app.ModelNames:
     )
 
 
-def prepare_models(folder: Path) -> app.ModelNames:
+def prepare_models(folder: Path) -> ModelNames:
     """The embedded models if trained, else tiny random ones written under `folder`."""
     if embedded_models_present():
-        return app.ModelNames()
+        return ModelNames()
     names = save_tiny_guides(folder)
     save_tiny_pipeline(names.sd)
     return names
@@ -76,7 +87,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def serve(serving: app.Serving):
+def serve(serving: Serving):
     """Launch the app in a thread on a free port; return the demo and its URL."""
     demo = app.build_app(serving)
     _, url, _ = app.launch(demo, port=free_port(), block=False, max_file_size=serving.max_file_size)
@@ -84,7 +95,7 @@ def serve(serving: app.Serving):
 
 
 @pytest.fixture(scope="module")
-def names(tmp_path_factory) -> app.ModelNames:
+def names(tmp_path_factory) -> ModelNames:
     return prepare_models(tmp_path_factory.mktemp("models"))
 
 
@@ -93,7 +104,7 @@ def client(names):
     # The models are small: extra intra-op threads only synchronize, and stall on a busy machine.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    demo, url = serve(app.Serving(names))
+    demo, url = serve(Serving(names))
     yield Client(url, verbose=False)
     demo.close()
     torch.set_num_threads(threads)
@@ -102,7 +113,7 @@ def client(names):
 @pytest.fixture(scope="module")
 def public(names):
     """The app as served to strangers: the host's models only, within the public budget."""
-    demo, url = serve(app.Serving.public(names))
+    demo, url = serve(Serving.public(names))
     yield demo, Client(url, verbose=False)
     demo.close()
 
@@ -237,19 +248,13 @@ def test_command_line_overrides_every_model(monkeypatch):
     args = app.parse_args(["--model", "m", "--clip", "c", "--classifier", "k", "--aesthetic-head", "h.pth"])
     assert (args.model, args.clip, args.classifier, args.aesthetic_head) == ("m", "c", "k", "h.pth")
     assert (args.host, args.port, args.share) == ("127.0.0.1", 7860, False)
-    assert args.aesthetic_clip == app.ModelNames().aesthetic_clip
+    assert args.aesthetic_clip == ModelNames().aesthetic_clip
 
 
 def test_relative_model_paths_are_found_from_any_working_directory(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
-    assert app.locate("assets/examples") == str(app.ROOT / "assets" / "examples")
-    assert app.locate("org/repo") == "org/repo"  # not a path here: a hub id
-
-
-def test_clip_reference_splits_architecture_and_tag():
-    assert app.clip_reference("ViT-L-14 openai") == ("ViT-L-14", "openai")
-    assert app.clip_reference("hf-hub:org/repo") == ("hf-hub:org/repo", None)
-    assert app.clip_reference(" ViT-B-32 ") == ("ViT-B-32", None)
+    assert locate("assets/examples") == str(ROOT / "assets" / "examples")
+    assert locate("org/repo") == "org/repo"  # not a path here: a hub id
 
 
 def test_updates_stream_each_iteration_and_a_stopped_run_keeps_the_best(client, names):
@@ -271,7 +276,7 @@ def test_updates_stream_each_iteration_and_a_stopped_run_keeps_the_best(client, 
 
 
 def loaded_names() -> set[str]:
-    return {name for _, name, _ in app.MODELS._models}
+    return app.MODELS.loaded()
 
 
 def test_public_app_serves_the_hosts_models_only(public, names, tmp_path):
@@ -314,7 +319,7 @@ def test_public_app_serves_the_hosts_models_only(public, names, tmp_path):
 
 def test_public_app_refuses_runs_over_its_budget(public, names, reference):
     _, client = public
-    budget = app.Serving.public(names)
+    budget = Serving.public(names)
 
     def text(**changes):
         kwargs = {"model": names.sd, "prompt": "a red circle", "clip": names.clip, **FAST, **changes}
@@ -357,7 +362,7 @@ def test_local_app_lets_the_user_choose_models_and_budgets(client, names, tiny_f
 
 
 def test_class_list_lookup_waits_for_the_device_like_a_run(names):
-    functions = {fn.api_name: fn for fn in app.build_app(app.Serving(names)).fns.values()}
+    functions = {fn.api_name: fn for fn in app.build_app(Serving(names)).fns.values()}
     lookup, run = functions["class_choices"], functions["vocabulary_expansion"]
     assert lookup.queue and lookup.concurrency_id == run.concurrency_id == "device"
 
@@ -386,29 +391,39 @@ def test_an_app_others_can_reach_is_locked_unless_the_host_opens_it(monkeypatch,
 def test_a_hub_id_fails_at_once_without_the_hub(monkeypatch):
     from huggingface_hub import constants
 
-    monkeypatch.setattr(app, "hub_reachable", lambda timeout=3.0: False)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
-    app.offline_unless_hub_reachable()
+    offline_unless_hub_reachable(reachable=lambda: False)
     assert constants.HF_HUB_OFFLINE
 
     def no_network(*args, **kwargs):
         raise AssertionError("a network connection was attempted")
 
     monkeypatch.setattr(socket, "create_connection", no_network)
-    with pytest.raises(app.ModelLoadError, match="not a local folder"):
-        app.load_pipeline("org/not-a-model")
+    with pytest.raises(ModelLoadError, match="not a local folder"):
+        load_pipeline("org/not-a-model")
 
 
 def test_shipped_examples_are_those_of_this_app():
-    """The embedded models' examples are computed in advance (python app.py --cache-examples), for the local
-    and the public defaults alike: rebuild them when the page, the models or the presets change."""
-    for serving in (app.Serving(), app.Serving.public()):
-        cache = app.example_cache(serving, app.app_presets(serving))
-        assert cache.eager, "assets/cached_examples is stale: run python app.py --cache-examples"
-        logs = sorted(cache.folder.rglob("log.csv"))
-        assert len(logs) == len(app.EXAMPLES)
-        assert all(str(cache.folder) in log.read_text() for log in logs)
+    """The embedded models' examples are run in advance (python app.py --cache-examples), for the local
+    and the public defaults alike: rebuild them when the models, the presets or the examples change."""
+    for serving in (Serving(), Serving.public()):
+        store = ExampleStore.of(serving)
+        assert store.folder == ExampleStore.shipped(serving).folder and store.complete(), (
+            "assets/cached_examples is stale: run python app.py --cache-examples"
+        )
+        for tab, rows in EXAMPLES.items():
+            for index in range(len(rows)):
+                shown = store.load(tab, index)
+                assert (
+                    shown.status.startswith("Done")
+                    and len(shown.losses) == serving.presets()[tab].settings.iterations
+                )
+                assert [caption.split(",")[0] for _, caption in shown.gallery][-3:] == [
+                    "Unguided" if tab != "aesthetic" or index == 0 else "Unguided reconstruction",
+                    "One-step guidance",
+                    "DOODL",
+                ]
 
 
 def test_text_guidance_with_the_reward_models_the_host_names(names, tmp_path_factory):
@@ -419,7 +434,7 @@ def test_text_guidance_with_the_reward_models_the_host_names(names, tmp_path_fac
         hps=str(save_tiny_clip_checkpoint(folder / "HPS_v2.1_compressed.pt", "hps")),
         hps_architecture=register_tiny_clip_architecture(folder),
     )
-    demo, url = serve(app.Serving(rewarded))
+    demo, url = serve(Serving(rewarded))
     client = Client(url, verbose=False)
     try:
         for guide in ("PickScore", "HPSv2"):
@@ -432,7 +447,7 @@ def test_text_guidance_with_the_reward_models_the_host_names(names, tmp_path_fac
                 api_name="/text_guidance",
             )
             assert result[1].startswith("Done")
-        assert {rewarded.pickscore + " ", rewarded.hps} <= loaded_names()
+        assert {rewarded.pickscore, f"{rewarded.hps} {rewarded.hps_architecture}"} <= loaded_names()
         with pytest.raises(
             AppError,
             match="'ImageReward' .* is not in the list of choices: \\['CLIP', 'PickScore', 'HPSv2'\\]",
@@ -457,3 +472,18 @@ def test_image_size_is_a_setting(client, names, side):
         client.predict(**kwargs, height=side, width=side + 4, api_name="/text_guidance")
     with pytest.raises(AppError, match="setting height=.* is out of this model's range"):
         client.predict(**kwargs, height=4 * side, width=side, api_name="/text_guidance")
+
+
+def test_an_example_not_stored_is_run_at_its_first_click_then_shown_from_the_store(names, tmp_path):
+    """Other models than the embedded ones have no shipped runs: the first click runs the example."""
+    preset = Preset(DoodlSettings(steps=2, iterations=2), cutouts=2)
+    store = ExampleStore(tmp_path / "store")
+    tab = app.Tab("vocabulary", Serving(names), preset, store, model=None)
+    assert tab.stored((0, None)) == (gr.skip(),) * 5  # nothing to show yet: the inputs are filled only
+    updates = list(tab.run_missing((0, None)))
+    assert updates[0][1].startswith("Loading models") and updates[-1][1].startswith("Done: iteration 2 of 2")
+    shown = store.load("vocabulary", 0)
+    assert shown.status == updates[-1][1] and len(shown.gallery) == 3
+    assert all(Path(image).is_file() for image, _ in shown.gallery)
+    assert tab.stored((0, None))[1] == shown.status
+    assert list(tab.run_missing((0, None))) == [(gr.skip(),) * 5]  # stored: never run twice

@@ -1,6 +1,6 @@
-"""The page as a visitor uses it, in Debian's Chromium driven by Playwright: every tab opens, every example shows
-its run (side by side and loss curve), a live run streams its progress, and Stop keeps the best image so far.
-Any error the page raises or logs fails the test.
+"""The page as a visitor uses it, in Debian's Chromium driven by Playwright: every tab opens, every example
+shows its run (side by side and loss curve), a live run streams its progress, and Stop keeps the best image
+so far. Any error the page raises or logs fails the test.
 
 Needs Debian's `chromium` (`.ci/run` installs it). Without it the tests are skipped on a developer's machine,
 and fail under CI, where a skipped browser test would hide a broken page.
@@ -11,18 +11,20 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import torch
 
-import app
+from doodl.embedded import EXAMPLES
+from doodl.serving import Serving
 from tests.test_app import prepare_models, serve
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 if CHROMIUM is None and os.environ.get("CI"):
     raise RuntimeError("the browser tests need Debian's chromium (apt-get install chromium)")
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium)")
+pytestmark = pytest.mark.skipif(
+    CHROMIUM is None, reason="chromium is not installed (apt-get install chromium)"
+)
 
 playwright = pytest.importorskip("playwright.sync_api")
 
@@ -41,7 +43,7 @@ RUN_WAIT = 240_000  # ms for a live run of a few steps on a busy 2-core machine
 def url(tmp_path_factory) -> Iterator[str]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # small models: more threads only synchronize
-    demo, url = serve(app.Serving(prepare_models(tmp_path_factory.mktemp("models"))))
+    demo, url = serve(Serving(prepare_models(tmp_path_factory.mktemp("models"))))
     yield url
     demo.close()
     torch.set_num_threads(threads)
@@ -109,13 +111,15 @@ def test_a_visitor_lands_on_the_first_examples_run_and_every_tab_opens(page, tmp
 def test_every_example_shows_its_run(page, tab):
     panel = open_tab(page, tab)
     rows = example_rows(panel)
-    assert rows.count() == len(app.EXAMPLES[tab])
+    assert rows.count() == len(EXAMPLES[tab])
     shown = set()
     for index in range(rows.count()):
         rows.nth(index).click()
         expect_run_shown(panel)
         status = panel.get_by_text("Done: iteration").first.inner_text()
-        image = panel.locator("[data-testid='gallery'] img, .gallery-container img").first.get_attribute("src")
+        image = panel.locator("[data-testid='gallery'] img, .gallery-container img").first.get_attribute(
+            "src"
+        )
         shown.add((status, image))
     assert len(shown) == rows.count(), "two examples showed the same run"
 

@@ -26,8 +26,8 @@ def test_cli_reports_bad_input_without_a_traceback(tiny_folder, tmp_path, capsys
         "unknown loss 'nope'": ["--loss", "nope"],
         "steps=0 is out of range": ["--loss", "symmetry", "--steps", "0"],
         "not a readable image": ["--loss", "symmetry", "--init-image", str(not_an_image)],
-        "needs at least one --reference": ["--loss", "clip-image"],
-        "needs a --target": ["--loss", "classifier"],
+        "no reference image": ["--loss", "clip-image"],
+        "the target class is empty": ["--loss", "classifier"],
     }
     for message, extra in cases.items():
         assert main(base + extra) == 2

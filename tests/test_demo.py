@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-import app
 from benchmarks.evaluators import measured_shade
 from doodl import doodl, embedded
 from doodl.__main__ import chosen_settings, parse_args
 from doodl.guides import load_aesthetic_head, load_classifier, load_clip
 from doodl.losses import classifier_loss
 from doodl.pipeline import load_pipeline
+from doodl.serving import Serving
 from doodl.world import robust
 from doodl.world.models import CLASSIFIER_COLOR
 from doodl.world.shapes import SHADE_NAMES
@@ -48,8 +48,8 @@ def test_embedded_guides_load_through_the_loaders_and_resist_invisible_changes()
 
 
 def test_app_and_command_line_use_the_same_settings_per_capability(tiny_folder):
-    for serving in (app.Serving(), app.Serving.public()):  # the public budget leaves them whole
-        assert app.app_presets(serving) == embedded.EMBEDDED_PRESETS
+    for serving in (Serving(), Serving.public()):  # the public budget leaves them whole
+        assert serving.presets() == embedded.EMBEDDED_PRESETS
     for loss, capability in (("clip-text", "text"), ("classifier", "vocabulary"), ("aesthetic", "aesthetic")):
         settings, cutouts = chosen_settings(parse_args(["--prompt", "x", "--loss", loss]))
         assert settings == embedded.EMBEDDED_PRESETS[capability].settings
@@ -65,7 +65,7 @@ def test_a_short_doodl_run_on_the_vocabulary_example_changes_the_image():
     preset = embedded.EMBEDDED_PRESETS["vocabulary"]
     settings = replace(preset.settings, iterations=ITERATIONS)
     model = load_pipeline(embedded.SD)
-    prompt, target = app.VOCABULARY_EXAMPLES[0]
+    prompt, target = embedded.EXAMPLES["vocabulary"][0]
     classifier = load_classifier(embedded.CLASSIFIER)
     generator = torch.Generator().manual_seed(settings.seed)
     steps = list(doodl(model, prompt, classifier_loss(classifier, target, generator=generator), settings))

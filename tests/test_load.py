@@ -14,6 +14,8 @@ from gradio_client import Client
 from PIL import Image
 
 import app
+from doodl.serving import ModelNames, Serving, preset_values
+from doodl.showcase import RUN_FOLDER_SECONDS, RunImages, quiet
 from tests.test_app import prepare_models, serve
 
 QUEUE = 10  # runs waiting beyond the one running
@@ -27,13 +29,13 @@ def public_url(tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     names = prepare_models(tmp_path_factory.mktemp("models"))
-    demo, url = serve(app.Serving.public(names, queue_size=QUEUE))
+    demo, url = serve(Serving.public(names, queue_size=QUEUE))
     yield url, names
     demo.close()
     torch.set_num_threads(threads)
 
 
-def outcome(url: str, names: app.ModelNames) -> tuple | str:
+def outcome(url: str, names: ModelNames) -> tuple | str:
     """One visitor's request: its result, or the message it was refused with."""
     client = Client(url, verbose=False)
     job = client.submit(
@@ -83,14 +85,14 @@ def image_paths(update: tuple) -> list[str]:
 def test_each_run_writes_its_images_once_into_a_folder_of_its_own(public_url):
     """What a served file never is: rewritten, or written by two runs (the cause of truncated downloads)."""
     _, names = public_url
-    serving = app.Serving.public(names)
-    settings = {**app.preset_inputs(app.app_presets(serving)["text"]), **RUN}
+    serving = Serving.public(names)
+    settings = {**preset_values(serving.presets()["text"]), **RUN}
     written: dict[str, bytes] = {}
     runs = []
     for _ in range(2):
         paths = set()
         for update in app.text_guidance(
-            names.sd, "a red circle", names.clip, progress=app.quiet, serving=serving, **settings
+            names.sd, "a red circle", names.clip, progress=quiet, serving=serving, **settings
         ):
             for path in image_paths(update):
                 content = Path(path).read_bytes()
@@ -102,8 +104,8 @@ def test_each_run_writes_its_images_once_into_a_folder_of_its_own(public_url):
 
 
 def test_a_run_removes_only_the_folders_of_old_runs(tmp_path):
-    old, recent = app.RunImages(tmp_path), app.RunImages(tmp_path)
-    hour_ago = time.time() - app.RUN_FOLDER_SECONDS - 1
+    old, recent = RunImages(tmp_path), RunImages(tmp_path)
+    hour_ago = time.time() - RUN_FOLDER_SECONDS - 1
     os.utime(old.folder, (hour_ago, hour_ago))
-    app.RunImages(tmp_path)
+    RunImages(tmp_path)
     assert not old.folder.exists() and recent.folder.exists()

@@ -352,7 +352,7 @@ class Tab:
         )
         if not self.store.complete():
             shown.then(
-                self.run_missing,
+                gpu(self.run_missing, duration=gpu_seconds(**preset_values(self.preset))),
                 [examples.dataset],
                 outputs.components,
                 concurrency_id="device",

@@ -10,8 +10,7 @@ import shutil
 import statistics
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
@@ -135,30 +134,6 @@ def problem(
 
 
 # --- measuring ------------------------------------------------------------------------------------
-
-
-@dataclass
-class UnetCalls:
-    calls: int = 0
-    grad_calls: int = 0  # calls made with autograd on, i.e. that a backward pass goes through
-    latents: int = 0  # latents evaluated, summed over batches: a cond + uncond batch counts two
-
-
-@contextmanager
-def count_unet_calls(unet: torch.nn.Module) -> Iterator[UnetCalls]:
-    """Count the UNet's forward calls inside the block."""
-    counts = UnetCalls()
-
-    def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        counts.calls += 1
-        counts.grad_calls += torch.is_grad_enabled()
-        counts.latents += (args[0] if args else kwargs["sample"]).shape[0]
-
-    handle = unet.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        yield counts
-    finally:
-        handle.remove()
 
 
 def interleaved_medians(tasks: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:

@@ -24,7 +24,6 @@ from matplotlib.figure import Figure
 
 from benchmarks.common import (
     Problem,
-    count_unet_calls,
     interleaved_medians,
     markdown_table,
     model_folders,
@@ -39,7 +38,7 @@ from doodl.capabilities import Crops, build_loss, load_guides
 from doodl.embedded import EMBEDDED_PRESETS, EXAMPLES, SD
 from doodl.losses import Loss
 from doodl.optimize import conditioning, initial_latents
-from doodl.pipeline import load_pipeline
+from doodl.pipeline import count_unet_calls, load_pipeline
 from doodl.serving import ModelCache, Serving
 from doodl.showcase import example_request
 

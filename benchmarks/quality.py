@@ -37,7 +37,6 @@ from torchvision.transforms.functional import pil_to_tensor
 
 from benchmarks.common import (
     EMBEDDED,
-    count_unet_calls,
     machine,
     markdown_table,
     parser,
@@ -56,7 +55,7 @@ from doodl import (
 )
 from doodl.embedded import EMBEDDED_PRESETS, Preset
 from doodl.losses import Loss
-from doodl.pipeline import LatentDiffusion
+from doodl.pipeline import LatentDiffusion, count_unet_calls
 from doodl.world import judge, shapes
 
 # The arguments a capability's saved outcomes depend on (with its preset and the models' contents). Not
@@ -73,15 +72,6 @@ class Task:
     prompt: str
     loss: Loss
     score: Callable[[Image.Image], float]  # the evaluator: a fraction right, 1/0 success, or a rating
-
-
-def attributes_right(verdict: judge.Verdict) -> float:
-    """Fraction of the judge's checks passed (colors, shapes, and the relation if any): partial credit,
-    as whole captions are rarely all right with the small embedded model, unguided or not."""
-    checks = [verdict.color_ok, verdict.shape_ok] + (
-        [] if verdict.relation_ok is None else [verdict.relation_ok]
-    )
-    return sum(checks) / len(checks)
 
 
 @dataclass(frozen=True)
@@ -115,7 +105,7 @@ def text_task(guides: dict, rng: np.random.Generator) -> Task:
     return Task(
         caption,
         guided(guides, "text", capabilities.Target(text=caption)),
-        lambda image: attributes_right(judge.judge(image, caption)),
+        lambda image: judge.fraction_right(judge.judge(image, caption)),
     )
 
 
@@ -145,7 +135,7 @@ def personalization_task(guides: dict, rng: np.random.Generator) -> Task:
     return Task(
         f"a {entity.shape}",
         guided(guides, "personalization", capabilities.Target(references=tuple(references))),
-        lambda image: attributes_right(judge.judge_description(image, target)),
+        lambda image: judge.fraction_right(judge.judge_description(image, target)),
     )
 
 

@@ -42,6 +42,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m doodl", description=__doc__.split("\n")[0])
     parser.add_argument("--prompt", required=True, help="what Stable Diffusion is asked to draw")
     parser.add_argument("--out", default="doodl.png", help="where to save the best image")
+    add_run_arguments(parser)
+    parser.add_argument("--init-image", help="start from this real image, EDICT-inverted, instead of noise")
+    parser.add_argument("--baseline-scale", type=float, help="also save one-step guidance at this scale")
+    return parser.parse_args(argv)
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model, the losses with their guides and targets, the settings and the device: what one image
+    and a batch of them are made with."""
     parser.add_argument("--model", default=str(embedded.SD), help="diffusers SD folder or hub id")
     parser.add_argument(
         "--loss",
@@ -85,10 +94,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             help=f"image {side} in px: a multiple of 8 for SD, a quarter to twice the model's resolution "
             "(the default)",
         )
-    run.add_argument("--init-image", help="start from this real image, EDICT-inverted, instead of noise")
-    run.add_argument("--baseline-scale", type=float, help="also save one-step guidance at this scale")
     run.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    return parser.parse_args(argv)
 
 
 def _boolean(text: str) -> bool:
@@ -133,22 +139,39 @@ def guide_models(args: argparse.Namespace) -> dict[str, str]:
     }
 
 
-def build_loss(args: argparse.Namespace, cutouts: int, device: str, generator: torch.Generator) -> Loss:
-    """The weighted sum of the named losses, each with its guidance model loaded."""
+def loss_terms(args: argparse.Namespace) -> list[tuple[str, float]]:
+    """(loss, weight) of each --loss; an unknown name fails before any guide loads."""
     terms = [
         (name, float(weight or 1.0))
         for name, _, weight in (t.partition("=") for t in args.loss or ["clip-text"])
     ]
     for name, _ in terms:
-        loss_kind(name)  # an unknown name fails before any guide loads
-    target = Target(
-        text=args.text or args.prompt,
+        loss_kind(name)
+    return terms
+
+
+def load_cli_guides(args: argparse.Namespace, device: str) -> dict:
+    """The guides of every --loss, by role, each loaded once."""
+    names = [name for name, _ in loss_terms(args)]
+    return load_guides(names, guide_models(args), partial(load_guide, device=device))
+
+
+def cli_target(args: argparse.Namespace, prompt: str) -> Target:
+    """What the losses aim at: the prompt (or --text), --reference images, the --target class, a score."""
+    return Target(
+        text=args.text or prompt,
         references=tuple(open_image(path) for path in args.reference),
         target_class=int(args.target) if args.target and args.target.isdigit() else args.target,
         score=args.aesthetic_target,
     )
-    guides = load_guides([name for name, _ in terms], guide_models(args), partial(load_guide, device=device))
-    return build_weighted(terms, guides, target, Crops(cutouts, args.cut_power, generator))
+
+
+def build_loss(args: argparse.Namespace, cutouts: int, device: str, generator: torch.Generator) -> Loss:
+    """The weighted sum of the named losses, each with its guidance model loaded."""
+    terms, target = loss_terms(args), cli_target(args, args.prompt)
+    return build_weighted(
+        terms, load_cli_guides(args, device), target, Crops(cutouts, args.cut_power, generator)
+    )
 
 
 # Model cards of few-step models (SD-Turbo) write guidance_scale=0.0 for "guidance off", diffusers' reading
@@ -166,6 +189,11 @@ def report(step: Step, total: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["batch"]:  # python -m doodl batch ...: a prompt set, see doodl.batch
+        from doodl.batch import main as batch
+
+        return batch(argv[1:])
     args = parse_args(argv)
     try:
         settings, cutouts = chosen_settings(args)

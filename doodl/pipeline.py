@@ -266,3 +266,27 @@ def to_tensor(image: Image.Image, size: tuple[int, int]) -> torch.Tensor:
     """A PIL image to a (1, 3, H, W) tensor in [0, 1], resized to size = (width, height)."""
     image = image.convert("RGB").resize(size, Image.Resampling.LANCZOS)
     return torch.from_numpy(np.array(image)).permute(2, 0, 1).unsqueeze(0).float().contiguous() / 255
+
+
+@dataclass
+class UnetCalls:
+    calls: int = 0
+    grad_calls: int = 0  # calls made with autograd on, i.e. that a backward pass goes through
+    latents: int = 0  # latents evaluated, summed over batches: a cond + uncond batch counts two
+
+
+@contextmanager
+def count_unet_calls(unet: torch.nn.Module) -> Iterator[UnetCalls]:
+    """Count the UNet's forward calls inside the block."""
+    counts = UnetCalls()
+
+    def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        counts.calls += 1
+        counts.grad_calls += torch.is_grad_enabled()
+        counts.latents += (args[0] if args else kwargs["sample"]).shape[0]
+
+    handle = unet.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield counts
+    finally:
+        handle.remove()

@@ -10,7 +10,7 @@ from benchmarks.common import EMBEDDED
 from benchmarks.quality import ASSETS, Outcome, verdict
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = ("cost", "memory", "fidelity", "quality", "smoothness")
+SCRIPTS = ("cost", "memory", "fidelity", "quality", "smoothness", "batch")
 MISSING = [a for a in ASSETS if not (EMBEDDED / a).exists()]
 
 

@@ -245,3 +245,12 @@ def judge(image: np.ndarray | Image.Image, caption: str) -> Verdict:
 
 
 __all__ = ["SHAPES", "Blob", "Verdict", "find_blobs", "judge", "judge_description"]
+
+
+def fraction_right(verdict: Verdict) -> float:
+    """Fraction of the judge's checks passed (colors, shapes, and the relation if any): partial credit,
+    as whole captions are rarely all right with the small embedded model, unguided or not."""
+    checks = [verdict.color_ok, verdict.shape_ok] + (
+        [] if verdict.relation_ok is None else [verdict.relation_ok]
+    )
+    return sum(checks) / len(checks)

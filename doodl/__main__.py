@@ -7,6 +7,7 @@
         --aesthetic-clip ViT-L-14 --aesthetic-pretrained openai --device cuda --out photo.png
 
 Every model defaults to the embedded one in assets/embedded, so the command works offline on a CPU.
+A prompt set, on one or many devices: `python -m doodl batch --help` (`doodl.batch`).
 """
 
 from __future__ import annotations

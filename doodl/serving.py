@@ -24,7 +24,7 @@ from huggingface_hub import constants as hf_constants
 from PIL import Image
 
 from doodl.capabilities import CAPABILITIES, GUIDE_NAMES, LOSSES, LossKind, Target, load_guide
-from doodl.embedded import Preset, is_embedded, presets
+from doodl.embedded import PAPER, Preset, is_embedded, presets
 from doodl.gradient import MODES
 from doodl.guides import HPS_ARCHITECTURE
 from doodl.optimize import DoodlSettings
@@ -258,7 +258,8 @@ def run_options(**values: Any) -> RunOptions:
     unknown = set(values) - set(SETTING_NAMES)
     if unknown:
         raise ValueError(f"unknown setting {sorted(unknown)[0]!r}")
-    given = {s.name: _checked(s, values.get(s.name, s.default(Preset(DoodlSettings())))) for s in SETTINGS}
+    paper = preset_values(PAPER)  # what a caller leaves out
+    given = {s.name: _checked(s, values.get(s.name, paper[s.name])) for s in SETTINGS}
     doodl_fields = {field.name for field in fields(DoodlSettings)}
     sizes = {"height": given["height"] or None, "width": given["width"] or None}
     settings = DoodlSettings(

@@ -42,6 +42,32 @@ class LatentDiffusion:
     tokenizer: CLIPTokenizer
     scheduler: DDIMScheduler
 
+    @classmethod
+    def from_pipeline(
+        cls, pipe: StableDiffusionPipeline, device: str | torch.device | None = None
+    ) -> LatentDiffusion:
+        """A DOODL model of an already loaded diffusers Stable Diffusion pipeline (LoRA weights loaded, any
+        scheduler): its modules are shared, not copied, and frozen in place (eval, no parameter gradients),
+        moved to `device` if given. Sampling uses DDIM coefficients of the pipeline's own noise schedule."""
+        missing = [
+            name
+            for name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+            if getattr(pipe, name, None) is None
+        ]
+        if missing:
+            raise ModelLoadError(
+                f"the pipeline has no {missing[0]}: DOODL needs a Stable Diffusion pipeline's parts"
+            )
+        for part in (pipe.unet, pipe.vae, pipe.text_encoder):
+            (part if device is None else part.to(device)).eval().requires_grad_(False)
+        return cls(
+            unet=pipe.unet,
+            vae=pipe.vae,
+            text_encoder=pipe.text_encoder,
+            tokenizer=pipe.tokenizer,
+            scheduler=DDIMScheduler.from_config(pipe.scheduler.config),
+        )
+
     @property
     def device(self) -> torch.device:
         return self.unet.device
@@ -244,16 +270,7 @@ def load_pipeline(
             "`huggingface-cli download <id> --local-dir <folder>`) and pass the folder instead."
             f"\n({type(error).__name__}: {error})"
         ) from error
-    parts = [pipe.unet, pipe.vae, pipe.text_encoder]
-    for part in parts:
-        part.to(device).eval().requires_grad_(False)
-    return LatentDiffusion(
-        unet=pipe.unet,
-        vae=pipe.vae,
-        text_encoder=pipe.text_encoder,
-        tokenizer=pipe.tokenizer,
-        scheduler=DDIMScheduler.from_config(pipe.scheduler.config),
-    )
+    return LatentDiffusion.from_pipeline(pipe, device)
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:

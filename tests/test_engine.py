@@ -351,3 +351,25 @@ def test_bad_inputs_are_refused(tiny):
     with pytest.raises(ValueError, match="gradient mode"):
         latent_grad(None, None, None, None, None, "sideways")
     assert set(MODES) == {"reversible", "checkpoint", "autograd"}
+
+
+def test_an_already_loaded_pipeline_becomes_a_doodl_model_without_reloading(tiny_folder):
+    from types import SimpleNamespace
+
+    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
+
+    from doodl import LatentDiffusion, ModelLoadError, load_pipeline, sample
+
+    pipe = StableDiffusionPipeline.from_pretrained(
+        tiny_folder, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+    )
+    # A user's own scheduler: only its noise schedule is used, so the samples are those of the folder.
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    model = LatentDiffusion.from_pipeline(pipe)
+    assert model.unet is pipe.unet and model.vae is pipe.vae  # shared, not copied
+    assert not any(p.requires_grad for p in pipe.unet.parameters()) and not pipe.unet.training
+    settings = DoodlSettings(steps=12, iterations=1)
+    shared = np.asarray(sample(model, "a red circle", settings))
+    assert np.array_equal(shared, np.asarray(sample(load_pipeline(tiny_folder), "a red circle", settings)))
+    with pytest.raises(ModelLoadError, match="the pipeline has no text_encoder"):
+        LatentDiffusion.from_pipeline(SimpleNamespace(unet=pipe.unet, vae=pipe.vae, text_encoder=None))

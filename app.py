@@ -77,6 +77,7 @@ CLIP_HELP = (
 )
 CLASSIFIER_HELP = "A transformers image classifier: a folder or hub id"
 HEAD_HELP = "A linear head on the CLIP's image embeddings: a .safetensors or .pth file"
+PHOTO_PROMPT = "With a photo: what the photo shows"
 
 MODELS = ModelCache(*pick_device())
 LOCAL = Serving()
@@ -126,12 +127,14 @@ def text_guidance(
     prompt: str,
     clip: str,
     guide: str = "CLIP",
+    photo: str | None = None,
     progress: gr.Progress = PROGRESS,
     serving: Serving = LOCAL,
     **settings: Any,
 ) -> Iterator[Update]:
     """Demonstration 1: steer the image towards the prompt by CLIP similarity, or by a reward model's
-    score of the image for the prompt (PickScore, HPSv2) when the host provides one."""
+    score of the image for the prompt (PickScore, HPSv2) when the host provides one; from an uploaded
+    photo (EDICT inversion) when one is given."""
     yield from run_tab(
         serving,
         "text",
@@ -141,6 +144,7 @@ def text_guidance(
         guides={"clip": clip},
         settings=settings,
         guide=guide,
+        photo=photo,
     )
 
 
@@ -150,11 +154,13 @@ def vocabulary_expansion(
     prompt: str,
     classifier: str,
     target: str,
+    photo: str | None = None,
     progress: gr.Progress = PROGRESS,
     serving: Serving = LOCAL,
     **settings: Any,
 ) -> Iterator[Update]:
-    """Demonstration 2: a generic prompt, steered to a class the classifier knows and the text does not."""
+    """Demonstration 2: a generic prompt, steered to a class the classifier knows and the text does not;
+    from an uploaded photo (EDICT inversion) when one is given."""
     yield from run_tab(
         serving,
         "vocabulary",
@@ -164,6 +170,7 @@ def vocabulary_expansion(
         guides={"classifier": classifier},
         settings=settings,
         target_class=target,
+        photo=photo,
     )
 
 
@@ -173,11 +180,13 @@ def personalization(
     prompt: str,
     references: list[str] | None,
     clip: str,
+    photo: str | None = None,
     progress: gr.Progress = PROGRESS,
     serving: Serving = LOCAL,
     **settings: Any,
 ) -> Iterator[Update]:
-    """Demonstration 3: the scene of the prompt, with the entity of the reference images (CLIP vision)."""
+    """Demonstration 3: the scene of the prompt, with the entity of the reference images (CLIP vision);
+    from an uploaded photo (EDICT inversion) when one is given."""
     yield from run_tab(
         serving,
         "personalization",
@@ -187,6 +196,7 @@ def personalization(
         guides={"clip": clip},
         settings=settings,
         references=references,
+        photo=photo,
     )
 
 
@@ -328,6 +338,12 @@ class Tab:
         row = EXAMPLES[self.name][0]
         return row[column] if column < len(row) else None
 
+    def photo_field(self, label: str = "Photo to start from (optional: else generate one)") -> gr.File:
+        """An optional photo to start from, EDICT-inverted; the prompt then says what it shows."""
+        return gr.File(
+            self.first(1) if self.name == "aesthetic" else None, file_types=["image"], label=label, height=140
+        )
+
     def outputs(self) -> Outputs:
         offered = self.serving.names.offered(self.name)
         help = offered[0].description + (" (a reward model: minus its score)" if len(offered) > 1 else "")
@@ -398,7 +414,8 @@ def text_guidance_tab(tab: Tab) -> None:
         gr.Markdown(CAPABILITIES["text"].summary)
         with gr.Row():
             with gr.Column() as left:
-                prompt = gr.Textbox(tab.first(0), label="Prompt")
+                prompt = gr.Textbox(tab.first(0), label="Prompt", info=PHOTO_PROMPT)
+                photo = tab.photo_field()
                 labels = [kind.label for kind in tab.serving.names.offered("text")]
                 guide = gr.Radio(
                     labels,
@@ -412,7 +429,7 @@ def text_guidance_tab(tab: Tab) -> None:
             outputs = tab.outputs()
         with left:
             tab.examples([prompt], outputs)
-    tab.wire(run, stop, [tab.model, prompt, clip, guide], settings, outputs)
+    tab.wire(run, stop, [tab.model, prompt, clip, guide, photo], settings, outputs)
 
 
 def shade_swatches() -> str:
@@ -433,7 +450,8 @@ def vocabulary_tab(tab: Tab) -> None:
             gr.HTML(shade_swatches())
         with gr.Row():
             with gr.Column() as left:
-                prompt = gr.Textbox(tab.first(0), label="Generic prompt")
+                prompt = gr.Textbox(tab.first(0), label="Generic prompt", info=PHOTO_PROMPT)
+                photo = tab.photo_field()
                 classifier = tab.model_field("classifier", "Classifier", CLASSIFIER_HELP)
                 # Custom values too: an API call may name a class in any case, as the classifier allows.
                 labels = class_labels(names.classifier)
@@ -456,7 +474,7 @@ def vocabulary_tab(tab: Tab) -> None:
             target,
             concurrency_id="device",
         )
-    tab.wire(run, stop, [tab.model, prompt, classifier, target], settings, outputs)
+    tab.wire(run, stop, [tab.model, prompt, classifier, target, photo], settings, outputs)
 
 
 def thumbnails(paths: list[str] | None) -> list[str]:
@@ -468,7 +486,8 @@ def personalization_tab(tab: Tab) -> None:
         gr.Markdown(CAPABILITIES["personalization"].summary)
         with gr.Row():
             with gr.Column() as left:
-                prompt = gr.Textbox(tab.first(0), label="Scene prompt")
+                prompt = gr.Textbox(tab.first(0), label="Scene prompt", info=PHOTO_PROMPT)
+                photo = tab.photo_field()
                 references = gr.File(
                     tab.first(1),
                     file_count="multiple",
@@ -490,7 +509,7 @@ def personalization_tab(tab: Tab) -> None:
         with left:
             tab.examples([prompt, references], outputs)
     references.change(thumbnails, references, shown, queue=False)
-    tab.wire(run, stop, [tab.model, prompt, references, clip], settings, outputs)
+    tab.wire(run, stop, [tab.model, prompt, references, clip, photo], settings, outputs)
 
 
 def aesthetic_tab(tab: Tab) -> None:
@@ -498,13 +517,8 @@ def aesthetic_tab(tab: Tab) -> None:
         gr.Markdown(CAPABILITIES["aesthetic"].summary)
         with gr.Row():
             with gr.Column() as left:
-                prompt = gr.Textbox(tab.first(0), label="Prompt", info="With a photo: what the photo shows")
-                photo = gr.File(
-                    tab.first(1),
-                    file_types=["image"],
-                    label="Photo to improve (optional: else generate one)",
-                    height=140,
-                )
+                prompt = gr.Textbox(tab.first(0), label="Prompt", info=PHOTO_PROMPT)
+                photo = tab.photo_field("Photo to improve (optional: else generate one)")
                 with gr.Row():
                     clip = tab.model_field("aesthetic_clip", "CLIP model of the scorer", CLIP_HELP)
                     head = tab.model_field("aesthetic_head", "Aesthetic head", HEAD_HELP)

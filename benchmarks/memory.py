@@ -5,12 +5,17 @@
     python -m benchmarks.memory --quick
     python -m benchmarks.memory --arch sd15      # real architectures, random weights: per piece (CPU)
     python -m benchmarks.memory --arch sd15 --device cuda   # seconds and memory per iteration (GPU)
+    python -m benchmarks.memory --arch sdxl --sizes 512 --models /tmp/sdxl   # SDXL's pieces (CPU)
+    python -m benchmarks.memory --arch sdxl --device cuda --size 1024 --modes reversible
+    benchmarks/gpu.sh                            # the prepared GPU run: SD 1.5 and SDXL, 50 steps, fp16
 
 The default (--arch tiny) measures a tiny SD-architecture model across steps and modes. --arch sd15 / sd21
 builds random-weight models of the real architectures (and a ViT-L-14 guide) into a folder, loads them
 through `load_pipeline` / `load_clip`, and measures each piece of an iteration (one UNet VJP, a decode
 with its backward, the guide on 16 views with its backward) and whole reversible iterations. On a GPU it
 instead times whole iterations in the three modes at 512 px, 50 steps, float16 with float64 coupling.
+--arch sdxl measures SDXL base's pieces (UNet VJP, checkpointed decode, guide) and whole reversible
+iterations at each --sizes, and extrapolates the whole iteration to 1024 px in float16 on a GPU.
 
 Every measurement runs in a fresh process, so no allocation of an earlier one can hide or inflate it.
 "growth" is the peak during `latent_grad` minus the memory held just before it: the gradient's own
@@ -26,6 +31,7 @@ import multiprocessing
 import os
 import resource
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -36,7 +42,7 @@ from pathlib import Path
 import torch
 from matplotlib.figure import Figure
 
-from benchmarks.architectures import GUIDE_ARCHITECTURE, save_random_clip, save_random_sd
+from benchmarks.architectures import ARCHITECTURES, GUIDE_ARCHITECTURE, save_random_clip, save_random_sd
 from benchmarks.common import (
     GUIDANCE,
     PROMPT,
@@ -68,6 +74,9 @@ GB = 2**30
 # at 256 px (it was 2.84), and with ViT-L-14 on 16 views at 512 px (it was about 19).
 TARGET_256_PIXEL_LOSS = 1.0
 TARGET_512_GUIDE = 3.5
+# SDXL: a whole reversible iteration may grow at most this much more than one UNet call + VJP (issue #19).
+XL_ITERATION_OVER_UNET = 0.10
+DNO_SDXL_GB = 50  # Direct Noise Optimization's reported GPU memory for SDXL at 1024 px (issue #19)
 # The official code on an A100 (fp16, 512 px, 50 steps), as reported by its users: for comparison only.
 OFFICIAL_SECONDS, OFFICIAL_GB = 10.0, 8.3
 
@@ -161,6 +170,28 @@ def arch_cases(sizes: list[int], steps: list[int], whole_512: bool) -> list[Case
     return cases
 
 
+def xl_cases(sizes: list[int], steps: list[int]) -> list[Case]:
+    """SDXL (issue #19): at each size the UNet VJP, a whole reversible iteration at the fewest steps
+    (symmetry loss, decoder checkpointed as "auto" does) and the checkpointed decode; then the guide's
+    chunked views; then the iterations at more steps, the slowest cases, last (a run cut short keeps
+    everything else)."""
+    cases, more = [], []
+    lean = "whole reversible iteration, symmetry loss"
+    for size in sorted(sizes):
+        checkpointed = size // 8 >= DECODER_CHECKPOINT_MIN_LATENT_SIDE
+        fewest, *rest = sorted(steps)
+        cases += [
+            Case("one UNet call (cond+uncond) + VJP", "unet-vjp", size),
+            Case(lean, "iteration", size, fewest, checkpointed),
+            Case(
+                "decode + backward, one latent, decoder checkpointed", "decode", size, checkpoint_decoder=True
+            ),
+        ]
+        more += [Case(lean, "iteration", size, n, checkpointed) for n in rest]
+    views = f"{GUIDE_ARCHITECTURE} text loss + backward, {CUTOUTS} views in chunks of {VIEWS_PER_CHUNK}"
+    return [*cases, Case(views, "guide", max(sizes)), *more]
+
+
 def arch_folders(arch: str, keep: Path | None) -> tuple[Path, Path]:
     """The random SD pipeline and guide folders, built once (or reused from `keep`)."""
     root = keep or Path(tempfile.mkdtemp(prefix=f"doodl-{arch}-"))
@@ -214,12 +245,22 @@ def measure_case(sd: Path, clip_folder: Path, case: Case, device: str, threads: 
     uses_guide = case.piece == "guide" or case.guide
     clip = load_clip(str(clip_folder), device=device) if uses_guide else None
     run = piece(case, model, clip)
+    if model.xl:
+        free_text_encoders(model)
     gc.collect()
     before = current(device)
     reset_peak(device)
     with decoder_checkpointing(model.vae, case.checkpoint_decoder):
         run()
     return before, peak(device)
+
+
+def free_text_encoders(model: LatentDiffusion) -> None:
+    """Drop the text encoders' weights (to the meta device) once the prompt is encoded: nothing after that
+    calls them, and SDXL's two hold 3.3 GB in float32 that would otherwise sit beside the UNet."""
+    for encoder in (model.text_encoder, model.text_encoder_2):
+        if encoder is not None:
+            encoder.to("meta")
 
 
 def arch_verdicts(cases: list[Case], growth: list[float]) -> list[str]:
@@ -247,8 +288,13 @@ def arch_verdicts(cases: list[Case], growth: list[float]) -> list[str]:
 
 
 def arch_report(args: argparse.Namespace, out: Path) -> None:
+    """Measure every case in a fresh process; the report is rewritten after each, so a run cut short
+    still leaves the rows it measured."""
     sd, clip = arch_folders(args.arch, args.models)
-    cases = arch_cases(args.sizes, args.steps, not args.no_whole_512)
+    xl = args.arch == "sdxl"
+    cases = (
+        xl_cases(args.sizes, args.steps) if xl else arch_cases(args.sizes, args.steps, not args.no_whole_512)
+    )
     rows, growth = [], []
     for case in cases:
         before, top = in_fresh_process(sd, clip, case, args.device, args.threads, function=measure_case)
@@ -257,27 +303,115 @@ def arch_report(args: argparse.Namespace, out: Path) -> None:
                      "on" if case.checkpoint_decoder else "off", f"{before / GB:.2f}", f"{top / GB:.2f}",
                      f"{growth[-1]:.2f}"])  # fmt: skip
         print(rows[-1], flush=True)
+        done = cases[: len(rows)]
+        said = xl_verdicts(done, growth) + [xl_extrapolation(done, growth, sd, clip)] if xl else []
+        sections = [arch_notes(args), *(said or arch_verdicts(done, growth)), arch_table(rows)]
+        if len(rows) < len(cases):
+            sections.insert(1, f"**Partial**: {len(rows)} of {len(cases)} cases measured so far.")
+        title = f"Memory of a DOODL iteration, {args.arch} (RSS)"
+        write_report(out, f"memory-{args.arch}", title, sections, arch_figure(args.arch, rows, growth))
+
+
+def arch_notes(args: argparse.Namespace) -> str:
     notes = (
-        f"{args.arch} architecture with random weights, {GUIDE_ARCHITECTURE} guide, float32 on the CPU, peak "
+        f"`python -m benchmarks.memory {' '.join(sys.argv[1:])}`: {args.arch} architecture with random "
+        f"weights, {GUIDE_ARCHITECTURE} guide, float32 on the CPU, peak "
         "resident memory (RSS) in GB. Each row runs in a fresh process that loads the models through "
         "`load_pipeline` / `load_clip`; before = memory held by the loaded models and inputs; growth = peak "
         "during the work - before. Whole iterations: `latent_grad` (reversible) with `final_loss` (each "
-        "latent decoded, scored and back-propagated in turn), except the row marked 'before' (both latents "
+        "latent decoded, scored and back-propagated in turn), except any row marked 'before' (both latents "
         f"decoded in one graph, as DOODL did before). Guide rows: `clip_text_loss` on a {max(args.sizes)} px "
         "image."
     )
-    table = markdown_table(
-        ["piece", "px", "steps", "decoder checkpointing", "before", "peak", "growth"], rows
-    )
+    if args.arch == "sdxl":
+        notes += (
+            " SDXL: the prompt is encoded, then both text encoders' weights are dropped (3.3 GB in float32: "
+            "nothing calls them again), so 'before' is the UNet, the VAE, the guide where used, and the "
+            "inputs. Float32, not bfloat16: this CPU (AVX2, no AVX512-BF16) runs bfloat16 matmuls and "
+            "convolutions some 50x slower than float32 (0.3-0.7 vs 23-35 GFLOPS on one thread), and the "
+            "float32 UNet (10.3 GB) with its activations fits in this machine's 23 GB."
+        )
+    return notes
+
+
+def arch_table(rows: list[list[object]]) -> str:
+    return markdown_table(["piece", "px", "steps", "decoder checkpointing", "before", "peak", "growth"], rows)
+
+
+def arch_figure(arch: str, rows: list[list[object]], growth: list[float]) -> Figure:
     figure = Figure(figsize=(7, 4))
     ax = figure.subplots()
     ax.barh([f"{r[0]}, {r[1]} px" + (f", {r[2]} steps" if r[2] != "-" else "") for r in rows], growth)
-    ax.set(xlabel="growth of peak RSS (GB)", title=f"Memory of DOODL's pieces, {args.arch}, float32 CPU")
+    ax.set(xlabel="growth of peak RSS (GB)", title=f"Memory of DOODL's pieces, {arch}, float32 CPU")
     ax.tick_params(axis="y", labelsize=6)
-    sections = [notes, *arch_verdicts(cases, growth), table]
-    write_report(
-        out, f"memory-{args.arch}", f"Memory of a DOODL iteration, {args.arch} (RSS)", sections, figure
+    return figure
+
+
+def xl_verdicts(cases: list[Case], growth: list[float]) -> list[str]:
+    """Issue #19's target at each size: a whole reversible iteration grows at most one UNet call + VJP
+    + 10%, and no more at 2 steps than at 1 (+5%)."""
+    said = []
+    for size in sorted({c.size for c in cases}):
+        unet = [g for c, g in zip(cases, growth) if c.size == size and c.piece == "unet-vjp"]
+        whole = {c.steps: g for c, g in zip(cases, growth) if c.size == size and c.piece == "iteration"}
+        if not unet or not whole:
+            continue
+        limit, worst = unet[0] * (1 + XL_ITERATION_OVER_UNET), max(whole.values())
+        rise = whole[max(whole)] / whole[min(whole)] - 1
+        ok = worst <= limit and rise <= FLAT
+        said.append(
+            f"**{'PASS' if ok else 'FAIL'}** at {size} px: a whole reversible iteration grows at most "
+            f"{worst:.2f} GB over {sorted(whole)} steps, against {unet[0]:.2f} GB for one UNet call + VJP "
+            f"(limit +{100 * XL_ITERATION_OVER_UNET:.0f}%: {limit:.2f} GB; "
+            f"{100 * (worst / unet[0] - 1):+.1f}%), {100 * rise:+.1f}% from the fewest to the most steps "
+            f"(limit +{100 * FLAT:.0f}%)."
+        )
+    return said
+
+
+def xl_extrapolation(cases: list[Case], growth: list[float], sd: Path, clip: Path, side: int = 1024) -> str:
+    """The whole iteration at `side` px in float16 on a GPU, from the pieces at the largest size measured.
+
+    The pieces run one after the other, so an iteration's peak is the largest piece's times the overhead
+    measured on whole iterations. UNet activations grow with the pixels (attention through SDPA keeps no
+    tokens x tokens maps) and halve in float16; SDXL's VAE decodes in float32 (force_upcast), so its
+    activations only grow with the pixels; the guide sees 224 px views whatever the image size.
+    """
+    size = max(c.size for c in cases)
+    at = {c.piece: g for c, g in zip(cases, growth) if c.size == size and c.piece != "iteration"}
+    whole = [g for c, g in zip(cases, growth) if c.size == size and c.piece == "iteration"]
+    if "unet-vjp" not in at:
+        return f"No extrapolation to {side} px yet: the UNet VJP at {size} px is not measured."
+    scale = (side / size) ** 2
+    pieces = {"UNet VJP": at["unet-vjp"] * scale / 2}
+    if "decode" in at:
+        pieces["decode (float32)"] = at["decode"] * scale
+    if "guide" in at:
+        pieces["guide"] = at["guide"] / 2
+    largest = max(at[k] for k in ("unet-vjp", "decode") if k in at)
+    overhead = max(whole) / largest if whole else 1.0
+    grows = max(pieces.values()) * overhead
+    # Weights as the GPU holds them: stored in float16 here; the VAE upcast to float32; the guide, stored
+    # in float32, run in float16.
+    weights = stored_gb(sd, ("unet", "text_encoder", "text_encoder_2")) + 2 * stored_gb(sd, ("vae",))
+    weights += stored_gb(clip, (".",)) / 2
+    listed = ", ".join(f"{k} {v:.2f} GB" for k, v in pieces.items())
+    return (
+        f"**Extrapolation to {side} px, float16, on a GPU** (not measured): the pieces at {side} px would "
+        f"grow {listed} (UNet: x{scale:.0f} pixels, /2 for float16; decode: x{scale:.0f}, the VAE stays "
+        f"float32; guide: /2, its views are 224 px at any image size). A whole iteration grew "
+        f"{overhead:.2f}x its largest piece at {size} px{'' if whole else ' (not measured yet: 1x assumed)'}"
+        f", so about {grows:.1f} GB above weights of {weights:.1f} GB (UNet and both text encoders in "
+        f"float16, VAE in float32, {GUIDE_ARCHITECTURE} in float16): **about {weights + grows:.0f} GB** in "
+        f"all, beside the ~{DNO_SDXL_GB} GB reported for DNO. Not counted: CUDA's context and the caching "
+        "allocator's reserve (torch.cuda.max_memory_allocated leaves both out too)."
     )
+
+
+def stored_gb(folder: Path, parts: tuple[str, ...]) -> float:
+    """Size of the weights files under `folder`'s `parts` (GB, as stored)."""
+    files = [f for part in parts for f in (folder / part).glob("*.safetensors")]
+    return sum(f.stat().st_size for f in files) / GB
 
 
 # --- seconds and memory of whole iterations (a GPU) ------------------------------------------------
@@ -338,69 +472,90 @@ def _seconds(work: Callable[[], None], device: str) -> float:
 
 
 def timing_rows(
-    sd: Path, clip: Path, size: int, steps: int, device: str, dtype: torch.dtype, threads: int
+    sd: Path,
+    clip: Path,
+    size: int,
+    steps: int,
+    device: str,
+    dtype: torch.dtype,
+    threads: int,
+    modes: tuple[str, ...] = MODES,
 ) -> list[list[object]]:
     """One row per gradient mode, each measured in a fresh process: an out-of-memory is a result."""
     rows = []
-    for mode in MODES:
+    for mode in modes:
         r = in_fresh_process(sd, clip, mode, size, steps, device, dtype, threads, function=time_iteration)
-        growth = f"{(r['peak'] - r['before']) / GB:.2f}"
-        if r.get("oom"):
-            rows.append(
-                [
-                    mode,
-                    f"{r['sample_s']:.2f}",
-                    "out of memory",
-                    "-",
-                    f"> {growth}",
-                    f"{r['weights'] / GB:.2f}",
-                ]
-            )
-        else:
-            seconds, ratio = f"{r['iteration_s']:.2f}", f"{r['iteration_s'] / r['sample_s']:.2f}"
-            rows.append([mode, f"{r['sample_s']:.2f}", seconds, ratio, growth, f"{r['weights'] / GB:.2f}"])
+        rows.append(timing_row(mode, r))
         print(rows[-1], flush=True)
     return rows
 
 
-def timing_report(args: argparse.Namespace, out: Path) -> None:
+def timing_row(mode: str, r: dict[str, float | bool]) -> list[object]:
+    """mode, sample s, iteration s, iteration / sample, growth, peak above the weights, weights."""
+    growth, above = (r["peak"] - r["before"]) / GB, (r["peak"] - r["weights"]) / GB
+    if r.get("oom"):
+        timed = ["out of memory", "-", f"> {growth:.2f}", f"> {above:.2f}"]
+    else:
+        ratio = r["iteration_s"] / r["sample_s"]
+        timed = [f"{r['iteration_s']:.2f}", f"{ratio:.2f}", f"{growth:.2f}", f"{above:.2f}"]
+    return [mode, f"{r['sample_s']:.2f}", *timed, f"{r['weights'] / GB:.2f}"]
+
+
+def timing_folders(args: argparse.Namespace) -> tuple[Path, Path, int]:
+    """The pipeline and guide folders to time, and the image side (--size, else the model's own)."""
     if args.arch == "tiny":
-        sd, clip = tiny_folder(args.tiny_size), tiny_clip_folder()
-        size = args.tiny_size * 8
+        sd, clip, size = tiny_folder(args.tiny_size), tiny_clip_folder(), args.tiny_size * 8
+    elif args.arch == "tiny-sdxl":
+        sd, clip, size = tiny_sdxl_folder(args.tiny_size), tiny_clip_folder(), args.tiny_size * 8
     else:
         sd, clip = arch_folders(args.arch, args.models)
-        size = 512
+        size = 1024 if args.arch == "sdxl" else 512  # SDXL's native size; SD's as measured before
+    return sd, clip, args.size or size
+
+
+def timing_report(args: argparse.Namespace, out: Path) -> None:
+    sd, clip, size = timing_folders(args)
     dtype = torch.float16 if args.device == "cuda" else torch.float32
     steps = args.steps[-1]
-    rows = timing_rows(sd, clip, size, steps, args.device, dtype, args.threads)
+    rows = timing_rows(sd, clip, size, steps, args.device, dtype, args.threads, tuple(args.modes))
     card = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
-    guide = "a tiny open_clip" if args.arch == "tiny" else GUIDE_ARCHITECTURE
+    guide = "a tiny open_clip" if args.arch.startswith("tiny") else GUIDE_ARCHITECTURE
+    upcast = " (SDXL's VAE in float32: its force_upcast)" if args.arch.endswith("sdxl") else ""
     unit = "torch.cuda.max_memory_allocated" if args.device == "cuda" else "peak RSS"
     notes = (
         f"{args.arch} architecture with random weights on {card}: {size} px, {steps} EDICT steps, UNet and "
-        f"VAE in {str(dtype).removeprefix('torch.')}, coupling in float64, {guide} text loss on "
+        f"VAE in {str(dtype).removeprefix('torch.')}{upcast}, coupling in float64, {guide} text loss on "
         f"{CUTOUTS} views of each latent of the pair (`final_loss`, decoder checkpointing as "
         "`DoodlSettings`' 'auto'). "
         "sample = one EDICT sample and its decode; iteration = one `latent_grad`; growth = peak "
-        f"({unit}) during the iteration minus the memory held before it; weights = memory held by the "
-        f"loaded models and inputs. For comparison, the official code: about {OFFICIAL_SECONDS:.0f} s per "
-        f"iteration and {OFFICIAL_GB} GB on an A100 at 512 px, 50 steps, fp16 (as reported by its users)."
+        f"({unit}) during the iteration minus the memory held before it; above weights = that peak minus "
+        "the weights; weights = memory held by the loaded models and inputs. For comparison, the official "
+        f"code: about {OFFICIAL_SECONDS:.0f} s per iteration and {OFFICIAL_GB} GB on an A100 at 512 px, 50 "
+        "steps, fp16 (as reported by its users)."
     )
-    table = markdown_table(
-        ["mode", "sample (s)", "iteration (s)", "iteration / sample", "growth (GB)", "weights (GB)"], rows
-    )
+    headers = ["mode", "sample (s)", "iteration (s)", "iteration / sample", "growth (GB)"]
+    table = markdown_table([*headers, "above weights (GB)", "weights (GB)"], rows)
     figure = Figure(figsize=(6, 4))
     ax = figure.subplots()
     timed = [r for r in rows if r[2] != "out of memory"]
     ax.bar([r[0] for r in timed], [float(r[2]) for r in timed])
-    ax.set(ylabel="seconds per iteration", title=f"DOODL iteration, {args.arch}, {card}")
+    ax.set(ylabel="seconds per iteration", title=f"DOODL iteration, {args.arch}, {size} px, {card}")
     write_report(
         out,
-        f"speed-{args.arch}-{args.device}",
+        f"speed-{args.arch}-{size}-{args.device}",
         f"Seconds and memory of a DOODL iteration ({card})",
         [notes, table],
         figure,
     )
+
+
+def tiny_sdxl_folder(sample_size: int) -> Path:
+    """A tiny random SDXL pipeline (for dry runs of the GPU path on the CPU)."""
+    from doodl.tiny import save_tiny_sdxl_pipeline
+
+    folder = Path(tempfile.mkdtemp(prefix="doodl-tinyxl-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return save_tiny_sdxl_pipeline(folder, sample_size=sample_size)
 
 
 def tiny_clip_folder() -> Path:
@@ -443,17 +598,22 @@ def main() -> None:
     p.add_argument("--tiny-size", type=int, default=16, help="latent side of the tiny model")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--glibc-default", action="store_true", help="keep glibc's dynamic mmap threshold")
-    p.add_argument("--arch", default="tiny", choices=["tiny", "sd15", "sd21"], help="model architecture")
     p.add_argument(
-        "--sizes", type=int, nargs="+", default=[256, 512], help="--arch: image sides of the pieces"
+        "--arch", default="tiny", choices=["tiny", *ARCHITECTURES, "tiny-sdxl"], help="model architecture"
     )
+    p.add_argument(
+        "--sizes", type=int, nargs="+", help="--arch: image sides of the pieces (default 256 512; sdxl: 512)"
+    )
+    p.add_argument("--size", type=int, help="timing: image side (default: the model's, 1024 for sdxl)")
+    p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), help="timing: gradient modes")
     p.add_argument("--no-whole-512", action="store_true", help="--arch: skip the 512 px whole iteration")
     p.add_argument("--models", type=Path, help="--arch: build the random models here and reuse them")
     p.add_argument("--timing", action="store_true", help="seconds per iteration (default with --device cuda)")
     args = p.parse_args()
     if args.quick:
         args.steps, args.tiny_size = [2, 6], 8
-    timing = args.timing or (args.device == "cuda" and args.arch != "tiny")
+    timing = args.timing or (args.device == "cuda" and args.arch != "tiny") or args.arch == "tiny-sdxl"
+    args.sizes = args.sizes or ([512] if args.arch == "sdxl" else [256, 512])
     args.steps = args.steps or ([50] if timing else [1, 2, 4] if args.arch != "tiny" else [10, 25, 50])
     out = start(args)
     if not args.glibc_default:

@@ -1,6 +1,8 @@
-"""Does DOODL steer better than one-step guidance? Four capabilities on the embedded model.
+"""Does DOODL steer better than one-step guidance, and than random search? Four capabilities on the
+embedded model.
 
     python -m benchmarks.quality                     # 30 prompts each, at the app's settings
+    python -m benchmarks.quality --only personalization --n 10 --matched-n 10
     python -m benchmarks.quality --tune              # only choose clip and one-step scale on pilots
     python -m benchmarks.quality --n 100 --steps 50 --iterations 50 --matched-n 100
     python -m benchmarks.quality --quick             # 1 prompt each, a few steps
@@ -9,18 +11,19 @@ By default every setting is the app's for that capability (`doodl.embedded.EMBED
 iterations, CFG, gradient clip, crops, one-step scale), so the figures describe what a visitor sees.
 
 Per prompt, from the same initial latents: the unguided EDICT sample, one-step guidance, and DOODL (the
-image of lowest guidance loss over its iterations). Matched compute: one-step guidance on K initial
-latents, the one of lowest guidance loss kept, with K chosen so that it makes as many UNet calls as
-DOODL. Each guided method's strength (one-step scale, DOODL's element-wise gradient clip, which sets its
-step) is the preset's; `--tune` chooses them per capability by each method's own guidance loss on pilot
-prompts, prints them and stops: the presets hold what it chose. Every image is scored by a rule-based
-evaluator, never by the model that guided it.
+image of lowest guidance loss over its iterations). On the first --matched-n prompts also two uses of
+random search (`doodl.baseline.best_of_samples`), each candidate picked by the same guidance loss: best of
+K unguided samples, with K chosen so that they make as many UNet calls as DOODL (`matched_k`; the first
+candidate is the prompt's own seed), and DOODL started from the best of --start-k samples, which costs
+those samples' calls on top of DOODL's. Each guided method's strength (one-step scale, DOODL's
+element-wise gradient clip, which sets its step) is the preset's; `--tune` chooses them per capability by
+each method's own guidance loss on pilot prompts, prints them and stops: the presets hold what it chose. Every
+image is scored by a rule-based evaluator, never by the model that guided it.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import json
 import statistics
@@ -53,17 +56,19 @@ from doodl import (
     optimize,
     sample,
 )
+from doodl.baseline import best_of_samples, matched_k
 from doodl.embedded import EMBEDDED_PRESETS, Preset
 from doodl.losses import Loss
 from doodl.pipeline import LatentDiffusion, count_unet_calls
 from doodl.world import judge, shapes
 
 # The arguments a capability's saved outcomes depend on (with its preset and the models' contents). Not
-# --matched-n: it only says how many prompts also get the dear best-of-K run, so capabilities run apart
-# with different values still assemble into one report.
-RAW_KEYS = ("n", "steps", "iterations", "seed")
+# --n or --matched-n: prompt i's outcomes are the same whatever they are, so a run extends a smaller one.
+RAW_KEYS = ("steps", "iterations", "seed", "start_k")
 
-METHODS = ("unguided", "one-step", "DOODL", "one-step best of K")
+MATCHED = "best of K samples"  # unguided samples at DOODL's UNet calls, the guide's pick
+STARTED = "best-of-k start + DOODL"  # DOODL from the guide's pick of k unguided samples
+METHODS = ("unguided", "one-step", "DOODL", MATCHED, STARTED)
 ASSETS = ("sd/model_index.json", "clip", "classifier", "aesthetic/aesthetic_head.safetensors")
 
 
@@ -175,14 +180,17 @@ def doodl_image(model: LatentDiffusion, task: Task, settings: DoodlSettings, ini
     return optimize(model, task.prompt, task.loss, settings, init).image
 
 
-def best_of(model: LatentDiffusion, task: Task, settings: DoodlSettings, scale: float, k: int):
-    """One-step guidance from k initial latents; the image of lowest guidance loss (not evaluator score)."""
-    seeds = range(settings.seed, settings.seed + 10_000 * k, 10_000)
-    images = [one_step(model, task, dataclasses.replace(settings, seed=seed), scale) for seed in seeds]
-    return min(images, key=lambda image: image_loss(task, image))
+def started_doodl(model: LatentDiffusion, task: Task, settings: DoodlSettings, k: int, curves: dict):
+    """DOODL from the best of k unguided samples by the same guidance loss; its UNet calls count both."""
+    start = best_of_samples(model, task.prompt, task.loss, settings, k)
+    result = optimize(model, task.prompt, task.loss, dataclasses.replace(settings, seed=start.seed))
+    curves[STARTED] = tuple(result.losses)
+    return result.image
 
 
-def run_task(model: LatentDiffusion, task: Task, settings: DoodlSettings, scale: float, matched: bool):
+def run_task(
+    model: LatentDiffusion, task: Task, settings: DoodlSettings, scale: float, matched: bool, start_k: int
+) -> dict[str, Outcome]:
     """{method: Outcome} for one prompt; `settings` carries DOODL's gradient clip."""
     init = initial_latents(model, settings)
     curves = {}
@@ -199,8 +207,10 @@ def run_task(model: LatentDiffusion, task: Task, settings: DoodlSettings, scale:
     }
     results = {name: counted(model, run) for name, run in runs.items()}
     if matched:
-        k = max(1, round(results["DOODL"][1] / results["one-step"][1]))
-        results[METHODS[3]] = counted(model, lambda: best_of(model, task, settings, scale, k))
+        k = matched_k(results["DOODL"][1], results["unguided"][1])
+        best = best_of_samples(model, task.prompt, task.loss, settings, k)
+        results[MATCHED] = best.image, best.calls
+        results[STARTED] = counted(model, lambda: started_doodl(model, task, settings, start_k, curves))
     return {
         name: Outcome(task.score(image), image_loss(task, image), n, curves.get(name, ()))
         for name, (image, n) in results.items()
@@ -249,8 +259,11 @@ def strengths(model, guides, capability: Capability, index: int, args) -> tuple[
     return scale, clip
 
 
-def run_capability(model, guides, capability: Capability, index: int, args) -> tuple[dict[str, list], str]:
-    """({method: [Outcome per prompt]}, the strengths chosen); prompts and latents are seeded."""
+def run_capability(
+    model, guides, capability: Capability, index: int, args, raw: RawStore
+) -> tuple[dict[str, list], str]:
+    """({method: [Outcome per prompt]}, the strengths chosen); prompts and latents are seeded, so prompt
+    i's outcomes are the same whatever --n: those `raw` holds are reused, each new one saved at once."""
     scale, clip = strengths(model, guides, capability, index, args)
     print(capability.name, "one-step scale", scale, "DOODL gradient clip", clip, flush=True)
     rng = np.random.default_rng(args.seed + index)
@@ -258,9 +271,15 @@ def run_capability(model, guides, capability: Capability, index: int, args) -> t
     for i in range(args.n):
         settings = settings_for(args, capability, index, i, clip)
         torch.manual_seed(settings.seed)  # anything random in a loss
-        task = capability.make_task(guides, rng)
-        for method, result in run_task(model, task, settings, scale, i < args.matched_n).items():
-            scores[method].append(result)
+        task = capability.make_task(guides, rng)  # made even when saved: the next prompt's rng follows it
+        matched = i < args.matched_n
+        needed = METHODS if matched else METHODS[:3]
+        outcomes = raw.outcomes(i, needed)
+        if outcomes is None:
+            outcomes = run_task(model, task, settings, scale, matched, args.start_k)
+            raw.save(i, outcomes)
+        for method in needed:
+            scores[method].append(outcomes[method])
         print(capability.name, i, task.prompt, {m: s[-1].score for m, s in scores.items() if s}, flush=True)
     s = settings_for(args, capability, index, 0, clip)
     crops = EMBEDDED_PRESETS[capability.name].cutouts
@@ -270,22 +289,42 @@ def run_capability(model, guides, capability: Capability, index: int, args) -> t
     )
 
 
-def saved_or_run(out: Path, capability: Capability, args, run: Callable[[], tuple]) -> tuple[dict, str]:
-    """A capability's outcomes from its raw file when a run with the same settings saved one, else
-    `run()`, saved: an hour-long benchmark on a shared machine can then be resumed after an interruption,
-    or split across processes with --only and assembled by a last run."""
-    path = out / "quality-raw" / f"{capability.name}.json"
-    key = {name: getattr(args, name) for name in RAW_KEYS}
-    key["preset"] = repr(EMBEDDED_PRESETS[capability.name])
-    key["models"] = assets_digest(args.assets)  # a retrained model or guide
-    if path.is_file() and (saved := json.loads(path.read_text()))["key"] == key:
-        print(capability.name, "outcomes read from", path, flush=True)
-        return {m: [Outcome(**o) for o in saved["scores"][m]] for m in METHODS}, saved["strengths"]
-    scores, strengths = run()
-    path.parent.mkdir(exist_ok=True)
-    raw = {m: [dataclasses.asdict(o) for o in outcomes] for m, outcomes in scores.items()}
-    path.write_text(json.dumps({"key": key, "strengths": strengths, "scores": raw}, indent=1))
-    return scores, strengths
+@dataclass
+class RawStore:
+    """A capability's saved outcomes, prompt by prompt, in OUT/quality-raw/<capability>.json: an hours-long
+    benchmark on a shared machine resumes after an interruption, a larger --n extends a smaller one's
+    prompts, and capabilities run apart with --only assemble into one report by a last run. A file saved
+    with other settings, presets or model weights is ignored and replaced."""
+
+    path: Path
+    key: dict
+    prompts: list[dict[str, dict]]
+
+    @classmethod
+    def open(cls, out: Path, capability: Capability, args) -> RawStore:
+        key = {name: getattr(args, name) for name in RAW_KEYS}
+        key["preset"] = repr(EMBEDDED_PRESETS[capability.name])
+        key["models"] = assets_digest(args.assets)  # a retrained model or guide
+        path = out / "quality-raw" / f"{capability.name}.json"
+        saved = json.loads(path.read_text()) if path.is_file() else {}
+        prompts = saved.get("prompts", []) if saved.get("key") == key else []
+        print(capability.name, f"{len(prompts)} prompts' outcomes read from {path}", flush=True)
+        return cls(path, key, prompts)
+
+    def outcomes(self, i: int, methods: tuple[str, ...]) -> dict[str, Outcome] | None:
+        """Prompt i's saved outcomes, if they hold every method asked for."""
+        if i >= len(self.prompts) or not set(methods) <= self.prompts[i].keys():
+            return None
+        return {m: Outcome(**{**o, "curve": tuple(o["curve"])}) for m, o in self.prompts[i].items()}
+
+    def save(self, i: int, outcomes: dict[str, Outcome]) -> None:
+        if i > len(self.prompts):
+            raise ValueError(f"prompt {i} saved before prompt {len(self.prompts)}")
+        self.prompts[i : i + 1] = [{m: dataclasses.asdict(o) for m, o in outcomes.items()}]
+        self.path.parent.mkdir(exist_ok=True)
+        temporary = self.path.with_suffix(".tmp")  # a kill mid-write leaves the last whole file
+        temporary.write_text(json.dumps({"key": self.key, "prompts": self.prompts}, indent=1))
+        temporary.replace(self.path)
 
 
 def assets_digest(folder: Path) -> str:
@@ -350,34 +389,42 @@ def stability(name: str, outcomes: list[Outcome]) -> list[str]:
     ]
 
 
+def compared(scores: dict[str, list], ours: str, theirs: str) -> tuple[str, str]:
+    """(by the evaluator, by the guidance loss): `ours` against `theirs` on the prompts both ran on. A
+    difference within two standard errors is called a tie."""
+    n = min(len(scores[ours]), len(scores[theirs]))
+    diff, error, higher, lower = paired(scores[ours], scores[theirs], "score")
+    word = "beats" if diff > 2 * error else "loses to" if diff < -2 * error else "ties with"
+    said = f"{word} {theirs} ({diff:+.3f} ± {error:.3f}; better on {higher}, worse on {lower} of {n})"
+    diff, error, higher, lower = paired(scores[ours], scores[theirs], "loss")
+    return said, f"{lower} of {n} vs {theirs} ({diff:+.3f} ± {error:.3f})"
+
+
 def verdict(name: str, scores: dict[str, list]) -> str:
     """Plain sentences: does DOODL beat each baseline, by the evaluator, on the prompts both ran on? Does
-    it lower its own guidance loss more? A difference within two standard errors is called a tie."""
-    said, losses = [], []
-    for method in ("unguided", "one-step", METHODS[3]):
-        if not scores[method]:
-            continue
-        n = min(len(scores["DOODL"]), len(scores[method]))
-        diff, error, higher, lower = paired(scores["DOODL"], scores[method], "score")
-        word = "beats" if diff > 2 * error else "loses to" if diff < -2 * error else "ties with"
-        said.append(
-            f"{word} {method} ({diff:+.3f} ± {error:.3f}; better on {higher}, worse on {lower} of {n})"
-        )
-        diff, error, higher, lower = paired(scores["DOODL"], scores[method], "loss")
-        losses.append(f"{lower} of {n} vs {method} ({diff:+.3f} ± {error:.3f})")
-    return (
+    it lower its own guidance loss more? Then the same for DOODL from the best of k samples."""
+    pairs = [compared(scores, "DOODL", m) for m in ("unguided", "one-step", MATCHED) if scores[m]]
+    said, losses = zip(*pairs)
+    text = (
         f"- **{name}**: by the evaluator, DOODL " + "; ".join(said) + ". DOODL's own guidance loss is "
         "lower on " + ", ".join(losses) + "."
     )
+    if scores[STARTED]:
+        pairs = [compared(scores, STARTED, m) for m in ("DOODL", MATCHED) if scores[m]]
+        said, losses = zip(*pairs)
+        text += (
+            f" {STARTED} " + "; ".join(said) + "; its guidance loss is lower on " + ", ".join(losses) + "."
+        )
+    return text
 
 
 def plot(all_scores: dict[str, dict[str, list]]) -> Figure:
     """Per capability, the evaluator's score (top) and the guidance loss (bottom), mean ± standard error;
-    best of K over its matched-compute prompts only."""
-    figure = Figure(figsize=(3 * len(all_scores), 5.6), layout="constrained")
+    the two random-search methods over their matched-compute prompts only."""
+    figure = Figure(figsize=(3.6 * len(all_scores), 5.6), layout="constrained")
     axes = np.asarray(figure.subplots(2, len(all_scores), squeeze=False))
-    colors = ["grey", "tab:blue", "tab:red", "tab:cyan"]
-    labels = ["unguided", "one-step", "DOODL", "1-step\nbest of K"]
+    colors = ["grey", "tab:blue", "tab:red", "tab:cyan", "tab:purple"]
+    labels = ["unguided", "one-step", "DOODL", "best of K\nsamples", "best of k\n+ DOODL"]
     for column, (name, scores) in enumerate(all_scores.items()):
         for ax, field in zip(axes[:, column], ("score", "loss")):
             means, errors = zip(
@@ -426,7 +473,12 @@ def load_guides(assets: Path, device: str) -> dict:
 def main() -> None:
     p = parser(__doc__)
     p.add_argument("--n", type=int, default=30, help="prompts per capability")
-    p.add_argument("--matched-n", type=int, default=10, help="prompts that also get the matched-compute run")
+    p.add_argument(
+        "--matched-n", type=int, default=10, help="prompts that also get the two random-search runs"
+    )
+    # 4 samples cost 4 x 40 = 160 UNet calls at the presets' 20 steps, a fifth of DOODL's 800: cheap next to
+    # it (issue #17), and enough to leave the worst starts behind.
+    p.add_argument("--start-k", type=int, default=4, help="samples DOODL's start is picked from")
     p.add_argument("--steps", type=int, help="EDICT steps (default: each capability's preset)")
     p.add_argument("--iterations", type=int, help="DOODL iterations (default: each capability's preset)")
     p.add_argument("--tune", action="store_true", help="choose clip and one-step scale on pilot prompts")
@@ -447,6 +499,7 @@ def main() -> None:
     args = p.parse_args()
     if args.quick:
         args.n, args.matched_n, args.steps, args.iterations, args.scales, args.clips = 1, 1, 3, 2, [1], [1e-3]
+        args.start_k = 2
     missing = [a for a in ASSETS if not (args.assets / a).exists()]
     if missing:
         raise SystemExit(f"quality needs the embedded models; missing under {args.assets}: {missing}")
@@ -459,7 +512,7 @@ def main() -> None:
         write_tuning(out, args, model, guides, chosen)
         return
     runs = {
-        c.name: saved_or_run(out, c, args, functools.partial(run_capability, model, guides, c, index, args))
+        c.name: run_capability(model, guides, c, index, args, RawStore.open(out, c, args))
         for index, c in enumerate(CAPABILITIES)  # the index seeds prompts and latents, whatever --only says
         if c in chosen
     }
@@ -473,7 +526,11 @@ def main() -> None:
     notes = (
         "Embedded model. Settings per capability, the app's presets (doodl/embedded.py; clip and one-step "
         f"scale chosen by `--tune`, quality-tune.md): {strengths}. "
-        f"{args.n} seeded prompts per capability (matched compute on the first {args.matched_n}). Scores: "
+        f"{args.n} seeded prompts per capability; on the first {args.matched_n}, random search by the "
+        f"same guidance loss: *{MATCHED}*, K = DOODL's UNet calls / a sample's unguided samples (the "
+        f"prompt's own seed first; the same UNet calls as DOODL), and *{STARTED}*, DOODL from the best of "
+        f"k = {args.start_k} samples: k samples' calls more than DOODL, so it costs more than the matched "
+        "budget (UNet calls per image in the last table). Scores: "
         "mean ± standard error; judge fractions and success rates are 0-1. The pixel beauty estimate "
         f"correlates {beauty_agreement(100):.2f} with the beauty of the true scene on rendered images."
     )
@@ -494,7 +551,7 @@ def main() -> None:
     write_report(
         out,
         "quality",
-        "Quality: DOODL vs one-step guidance",
+        "Quality: DOODL vs one-step guidance and random search",
         [notes, verdicts, curves, losses, table],
         plot(all_scores),
     )

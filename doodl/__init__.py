@@ -17,7 +17,7 @@ from doodl.optimize import (
     optimize,
     sample,
 )
-from doodl.pipeline import LatentDiffusion, ModelLoadError, load_pipeline
+from doodl.pipeline import LatentDiffusion, ModelLoadError, PromptEmbeds, load_pipeline
 
 __all__ = [
     "MODES",
@@ -26,6 +26,7 @@ __all__ = [
     "LatentDiffusion",
     "LatentGrad",
     "ModelLoadError",
+    "PromptEmbeds",
     "Result",
     "Step",
     "doodl",

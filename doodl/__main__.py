@@ -44,7 +44,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--prompt", required=True, help="what Stable Diffusion is asked to draw")
     parser.add_argument("--out", default="doodl.png", help="where to save the best image")
     add_run_arguments(parser)
-    parser.add_argument("--init-image", help="start from this real image, EDICT-inverted, instead of noise")
+    parser.add_argument(
+        "--photo",
+        "--init-image",
+        dest="init_image",
+        metavar="FILE",
+        help="start from this photo, EDICT-inverted, instead of noise (the prompt says what it shows; "
+        "--fidelity: how close the result stays to it)",
+    )
     parser.add_argument("--baseline-scale", type=float, help="also save one-step guidance at this scale")
     return parser.parse_args(argv)
 
@@ -52,7 +59,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     """The model, the losses with their guides and targets, the settings and the device: what one image
     and a batch of them are made with."""
-    parser.add_argument("--model", default=str(embedded.SD), help="diffusers SD folder or hub id")
+    parser.add_argument("--model", default=str(embedded.SD), help="diffusers SD / SDXL folder or hub id")
+    parser.add_argument("--vae", help="replace the model's VAE: folder or hub id (e.g. SDXL's fp16 fix)")
     parser.add_argument(
         "--loss",
         action="append",
@@ -199,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings, cutouts = chosen_settings(args)
         dtype = torch.float16 if args.device.startswith("cuda") else torch.float32
-        model = load_pipeline(args.model, args.device, dtype)
+        model = load_pipeline(args.model, args.device, dtype, vae=args.vae)
         model.latent_shape(settings.height, settings.width)  # a bad size is refused before guides load
         if settings.guidance_scale == 0:
             print(UNCONDITIONAL_NOTE, file=sys.stderr)

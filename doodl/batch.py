@@ -20,13 +20,12 @@ name and then renamed, so a killed process never leaves half a result.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -35,11 +34,11 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from doodl.baseline import one_step_guidance
+from doodl.baseline import best_of_samples, matched_k, one_step_guidance
 from doodl.capabilities import Crops, Target, build_weighted, capability_of
 from doodl.embedded import presets
 from doodl.losses import Loss
-from doodl.optimize import DoodlSettings, optimize, sample
+from doodl.optimize import DoodlSettings, conditioning, initial_latents, optimize, sample
 from doodl.pipeline import LatentDiffusion, ModelLoadError, count_unet_calls, load_pipeline, to_tensor
 
 METHODS = ("unguided", "one-step", "doodl", "best-of-n")
@@ -140,6 +139,8 @@ class Runner:
     cut_power: float
     one_step_scale: float
     best_of: int | None  # None: as many samples as DOODL's UNet calls pay for
+    # UNet calls of one unguided sample: the same for every pair of a run (its steps and sampler)
+    per_sample: int | None = field(default=None, init=False, repr=False)
 
     def loss(self, job: Job, target: Target) -> Loss:
         """The pair's loss; its views are drawn from the pair's seed, so every method is judged alike."""
@@ -153,6 +154,8 @@ class Runner:
 
     def make(self, method: str, job: Job, target: Target, doodl_calls: int | None) -> Made:
         settings = replace(self.settings, seed=job.seed)
+        if method == "best-of-n":  # before counting: sizing it is no part of its cost
+            n = self.best_of or matched_k(doodl_calls or 0, self.sample_calls(job, settings))
         with count_unet_calls(self.model.unet) as calls:
             if method == "unguided":
                 image, extra = sample(self.model, job.prompt, settings), {}
@@ -165,28 +168,29 @@ class Runner:
                 image = result.best.image
                 extra = {"curve": result.losses, "best_iteration": result.best.iteration + 1}
             else:
-                image, extra = self.best_of_n(job, target, settings, doodl_calls)
+                image, extra = self.best_of_n(job, target, settings, n)
         return Made(image, self.judged(job, target, image), calls.calls, extra)
 
     def best_of_n(
-        self, job: Job, target: Target, settings: DoodlSettings, doodl_calls: int | None
+        self, job: Job, target: Target, settings: DoodlSettings, n: int
     ) -> tuple[Image.Image, dict[str, Any]]:
-        """Unguided samples of other seeds (the first is the pair's own), the one the guide prefers."""
-        with count_unet_calls(self.model.unet) as first:
-            candidates = [sample(self.model, job.prompt, settings)]
-        n = self.best_of or max(1, round((doodl_calls or first.calls) / first.calls))
-        for k in range(1, n):
-            candidates.append(
-                sample(self.model, job.prompt, replace(settings, seed=candidate_seed(job.seed, k)))
-            )
-        losses = [self.judged(job, target, image) for image in candidates]
-        best = min(range(n), key=losses.__getitem__)
-        return candidates[best], {"candidates": n, "candidate_losses": losses, "chosen": best}
+        """n unguided samples of other seeds (the first is the pair's own), the one the guide prefers."""
 
+        def judge(pixels: torch.Tensor) -> torch.Tensor:
+            return self.loss(job, target)(pixels)  # each candidate on the pair's own views
 
-def candidate_seed(seed: int, k: int) -> int:
-    """The k-th candidate's seed: spread far from the pair's, the same on every machine."""
-    return int(hashlib.sha256(f"{seed}/{k}".encode()).hexdigest()[:15], 16)
+        best = best_of_samples(self.model, job.prompt, judge, settings, n)
+        return best.image, {"candidates": n, "candidate_losses": list(best.losses), "chosen": best.chosen}
+
+    def sample_calls(self, job: Job, settings: DoodlSettings) -> int:
+        """UNet calls of one unguided sample, counted once a run on the chain alone (no decoding)."""
+        if self.per_sample is None:
+            eps = conditioning(self.model, job.prompt, settings)
+            x, y = initial_latents(self.model, settings)
+            with count_unet_calls(self.model.unet) as calls, torch.no_grad():
+                settings.denoise(eps, x, y, self.model)
+            self.per_sample = calls.calls
+        return self.per_sample
 
 
 def package_version() -> str:
@@ -285,7 +289,7 @@ def run_batch(args: argparse.Namespace) -> int:
     if scale is None:
         scale = presets(args.model)[capability_of(terms[0][0])].one_step_scale
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
-    model = load_pipeline(args.model, device, dtype)
+    model = load_pipeline(args.model, device, dtype, vae=args.vae)
     runner = Runner(
         model, load_cli_guides(args, device), terms, settings, cutouts, args.cut_power, scale, args.best_of
     )

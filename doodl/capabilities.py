@@ -311,20 +311,23 @@ CAPABILITIES: Mapping[str, Capability] = MappingProxyType(
             Capability(
                 "text",
                 "Text guidance",
-                "CLIP similarity to the prompt steers the whole sampling chain towards it.",
+                "CLIP similarity to the prompt steers the whole sampling chain towards it; from an "
+                "uploaded photo (exact EDICT inversion), it edits the photo towards the prompt.",
                 ("clip-text",),
                 extra=("pickscore", "hps"),
             ),
             Capability(
                 "vocabulary",
                 "Vocabulary expansion",
-                "A fine-grained classifier steers a generic prompt to a class the text cannot ask for.",
+                "A fine-grained classifier steers a generic prompt, or an uploaded photo, to a class the "
+                "text cannot ask for.",
                 ("classifier",),
             ),
             Capability(
                 "personalization",
                 "Personalization",
-                "CLIP similarity to reference images puts their entity into the prompt's scene.",
+                "CLIP similarity to reference images puts their entity into the prompt's scene, or into an "
+                "uploaded photo.",
                 ("clip-image",),
             ),
             Capability(

@@ -90,6 +90,13 @@ class DoodlSettings:
     # autograd); or "auto": DDIM below doodl.edict.FEW_STEPS steps from noise, where EDICT's coupled
     # chain is no longer the model's own sample (few-step models such as SD-Turbo), else EDICT.
     sampler: str = "auto"
+    # From given latents (`init`, e.g. a photo's EDICT inversion): keep each latent within a trust region
+    # around its start, of radius (1 - fidelity) x the start's norm, projected back after every step, so
+    # that the image keeps the photo's content. 0: no limit. From noise it has no effect. Default 0.9
+    # (radius 10 %): on the embedded world's aesthetic tab it kept 3 of 4 photos' scenes (none: 1 of 4);
+    # 0.99 kept every tab's but the guides gained less. Small samples: python -m benchmarks.photo
+    # (benchmarks/results/photo.md).
+    fidelity: float = 0.9
 
     def __post_init__(self) -> None:
         check = {
@@ -101,6 +108,7 @@ class DoodlSettings:
             "perturbation": self.perturbation >= 0,
             "p": 0 < self.p <= 1,
             "guidance_scale": self.guidance_scale >= 0,
+            "fidelity": 0 <= self.fidelity <= 1,
             # The model's own range is checked against the model: `LatentDiffusion.latent_shape`.
             "height": self.height is None or (isinstance(self.height, int) and self.height > 0),
             "width": self.width is None or (isinstance(self.width, int) and self.width > 0),
@@ -117,6 +125,10 @@ class DoodlSettings:
                 raise ValueError(
                     f"setting {name}={getattr(self, name)!r} is not one of {', '.join(DECODER_CHECKPOINTING)}"
                 )
+
+    def trust_radius(self, start: torch.Tensor) -> float | None:
+        """How far (L2) a latent that started at `start` may move; None: no limit."""
+        return None if self.fidelity == 0 else (1 - self.fidelity) * float(start.norm())
 
     def schedule(self, model: LatentDiffusion) -> EdictSchedule:
         return edict_schedule(model.scheduler, self.steps, self.p, self.leapfrog)
@@ -261,6 +273,8 @@ def doodl(
     schedule = settings.schedule(model)
     x, y = initial_latents(model, settings) if init is None else (v.to(settings.precision) for v in init)
     norms = (x.norm(), y.norm())
+    # A trust region around given latents keeps a photo's content (DoodlSettings.fidelity).
+    region = None if init is None else TrustRegion.around((x, y), settings)
     velocity = (torch.zeros_like(x), torch.zeros_like(y))
     generator = torch.Generator().manual_seed(settings.seed + 1)
 
@@ -279,12 +293,18 @@ def doodl(
         yield Step(iteration, result.loss, image, time.perf_counter() - start, (x, y))
         if iteration + 1 < settings.iterations:
             x, y, velocity = _sgd_step((x, y), result.grad, velocity, norms, settings, generator)
+            if region is not None:
+                x, y = region.project((x, y))
 
 
 def _sgd_step(
     latents: Pair, grad: Pair, velocity: Pair, norms: Pair, s: DoodlSettings, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor, Pair]:
-    """SGD with momentum on clipped gradients, a small perturbation, then tying and renormalizing."""
+    """SGD with momentum on clipped gradients, a small perturbation, then renormalizing.
+
+    Tied, both latents take the same step (their mean gradient, the same noise): a pair that starts equal,
+    from noise, stays equal, as the paper's averaging keeps it; a pair that does not, a photo's inversion
+    (x_T != y_T), keeps the difference EDICT needs to regenerate the photo, which averaging would erase."""
     if s.tied:
         grad = ((grad[0] + grad[1]) / 2,) * 2
     noise = torch.randn(latents[0].shape, generator=generator, dtype=torch.float64)
@@ -292,11 +312,34 @@ def _sgd_step(
     step = [(-s.learning_rate * g).clamp(-s.grad_clip, s.grad_clip) for g in grad]
     velocity = tuple(s.momentum * v + d for v, d in zip(velocity, step))
     new = [z + v + noise for z, v in zip(latents, velocity)]
-    if s.tied:
-        new = [(new[0] + new[1]) / 2] * 2
     if s.renormalize:
         new = [z * norm / z.norm() for z, norm in zip(new, norms)]
     return new[0], new[1], velocity
+
+
+@dataclass(frozen=True)
+class TrustRegion:
+    """A ball around each starting latent that the optimized latents are projected back into."""
+
+    starts: Pair
+    radii: tuple[float, float]
+
+    @classmethod
+    def around(cls, starts: Pair, settings: DoodlSettings) -> TrustRegion | None:
+        """The region `settings.fidelity` sets around `starts`; None when it sets no limit."""
+        radii = tuple(settings.trust_radius(z) for z in starts)
+        if radii[0] is None or radii[1] is None:
+            return None
+        return cls((starts[0].clone(), starts[1].clone()), (radii[0], radii[1]))
+
+    def project(self, latents: Pair) -> Pair:
+        """Each latent, moved radially back onto its ball when it left it (the nearest point inside)."""
+        projected = []
+        for z, start, radius in zip(latents, self.starts, self.radii):
+            offset = z - start
+            distance = float(offset.norm())
+            projected.append(z if distance <= radius else start + offset * (radius / distance))
+        return projected[0], projected[1]
 
 
 def optimize(

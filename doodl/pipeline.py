@@ -1,4 +1,4 @@
-"""Loading a Stable Diffusion model and the three calls DOODL makes of it.
+"""Loading a Stable Diffusion model (SD 1.x, 2.x, SDXL) and the three calls DOODL makes of it.
 
 This is the only module that imports diffusers and transformers for the generator. It turns a hub id
 or a local folder into a `LatentDiffusion`: a noise predictor with classifier-free guidance, and the
@@ -7,7 +7,6 @@ VAE's encoder and decoder. The sampler only ever sees the noise predictor, a pla
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -15,11 +14,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DiffusionPipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
 from diffusers.models.unets.unet_2d_blocks import UpDecoderBlock2D
 from PIL import Image
 from torch.utils.checkpoint import checkpoint
-from transformers import CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from doodl.edict import NoisePredictor  # the type `noise_predictor` returns; benchmarks import it from here
 
@@ -33,39 +39,77 @@ class ModelLoadError(RuntimeError):
 
 
 @dataclass(frozen=True)
+class PromptEmbeds:
+    """A prompt as the UNet reads it, rows stacked as [unconditional, conditional]."""
+
+    hidden: torch.Tensor  # (rows, tokens, width): the cross-attention context
+    pooled: torch.Tensor | None = None  # (rows, width): SDXL's added text embedding, else None
+
+    def __len__(self) -> int:
+        return self.hidden.shape[0]
+
+    def row(self, i: int) -> PromptEmbeds:
+        pooled = None if self.pooled is None else self.pooled[i : i + 1]
+        return PromptEmbeds(self.hidden[i : i + 1], pooled)
+
+
+@dataclass(frozen=True)
 class LatentDiffusion:
-    """The parts of a Stable-Diffusion-style pipeline that DOODL needs, frozen for inference."""
+    """The parts of a Stable-Diffusion-style pipeline that DOODL needs, frozen for inference.
+
+    SDXL adds a second text encoder (with a projection: its pooled output conditions the UNet beside the
+    image size) and reads the penultimate hidden layer of both encoders, concatenated.
+    """
 
     unet: UNet2DConditionModel
     vae: AutoencoderKL
     text_encoder: CLIPTextModel
     tokenizer: CLIPTokenizer
     scheduler: DDIMScheduler
+    text_encoder_2: CLIPTextModelWithProjection | None = None  # SDXL only
+    tokenizer_2: CLIPTokenizer | None = None
+    # SDXL: an empty negative prompt is the zero embedding, not the embedding of "" (its model_index.json).
+    force_zeros_for_empty_prompt: bool = False
 
     @classmethod
     def from_pipeline(
-        cls, pipe: StableDiffusionPipeline, device: str | torch.device | None = None
+        cls,
+        pipe: StableDiffusionPipeline | StableDiffusionXLPipeline,
+        device: str | torch.device | None = None,
     ) -> LatentDiffusion:
-        """A DOODL model of an already loaded diffusers Stable Diffusion pipeline (LoRA weights loaded, any
+        """A DOODL model of an already loaded diffusers SD or SDXL pipeline (LoRA weights loaded, any
         scheduler): its modules are shared, not copied, and frozen in place (eval, no parameter gradients),
-        moved to `device` if given. Sampling uses DDIM coefficients of the pipeline's own noise schedule."""
+        moved to `device` if given. Sampling uses DDIM coefficients of the pipeline's own noise schedule.
+
+        An SDXL VAE that asks for it (`force_upcast`: it overflows in float16) is moved to float32, as
+        diffusers' SDXL pipeline does before decoding; pass an fp16-safe VAE to keep it in float16.
+        """
+        xl = isinstance(pipe, StableDiffusionXLPipeline)
+        needed = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
         missing = [
             name
-            for name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+            for name in needed + ("text_encoder_2", "tokenizer_2") * xl
             if getattr(pipe, name, None) is None
         ]
         if missing:
             raise ModelLoadError(
-                f"the pipeline has no {missing[0]}: DOODL needs a Stable Diffusion pipeline's parts"
+                f"the pipeline has no {missing[0]}: DOODL needs a text-to-image Stable Diffusion pipeline's "
+                "parts (an SDXL refiner, which has no first text encoder, cannot generate from noise)"
             )
-        for part in (pipe.unet, pipe.vae, pipe.text_encoder):
+        encoders = (pipe.text_encoder, pipe.text_encoder_2) if xl else (pipe.text_encoder,)
+        for part in (pipe.unet, pipe.vae, *encoders):
             (part if device is None else part.to(device)).eval().requires_grad_(False)
+        if xl and pipe.vae.dtype == torch.float16 and pipe.vae.config.force_upcast:
+            pipe.vae.to(torch.float32)
         return cls(
             unet=pipe.unet,
             vae=pipe.vae,
             text_encoder=pipe.text_encoder,
             tokenizer=pipe.tokenizer,
             scheduler=DDIMScheduler.from_config(pipe.scheduler.config),
+            text_encoder_2=pipe.text_encoder_2 if xl else None,
+            tokenizer_2=pipe.tokenizer_2 if xl else None,
+            force_zeros_for_empty_prompt=xl and bool(pipe.config.get("force_zeros_for_empty_prompt", True)),
         )
 
     @property
@@ -75,6 +119,11 @@ class LatentDiffusion:
     @property
     def dtype(self) -> torch.dtype:
         return self.unet.dtype
+
+    @property
+    def xl(self) -> bool:
+        """SDXL: two text encoders, the pooled text and the image size as the UNet's added conditions."""
+        return self.text_encoder_2 is not None
 
     @property
     def vae_scale(self) -> int:
@@ -114,18 +163,46 @@ class LatentDiffusion:
         return (1, self.unet.config.in_channels, height // self.vae_scale, width // self.vae_scale)
 
     @torch.no_grad()
-    def encode_prompt(self, prompt: str, negative_prompt: str = "") -> torch.Tensor:
-        """Text embeddings stacked as [unconditional, conditional], shape (2, tokens, width)."""
-        tokens = self.tokenizer(
-            [negative_prompt, prompt],
+    def encode_prompt(self, prompt: str, negative_prompt: str = "") -> PromptEmbeds:
+        """Text embeddings stacked as [unconditional, conditional].
+
+        SD: the text encoder's last hidden layer. SDXL, as its pipeline does: both encoders' penultimate
+        hidden layers side by side, and the second encoder's projected output as the pooled embedding.
+        """
+        if not self.xl:
+            return PromptEmbeds(self.text_encoder(self.tokens(self.tokenizer, [negative_prompt, prompt]))[0])
+        hidden, pooled = [], None
+        for tokenizer, encoder in (
+            (self.tokenizer, self.text_encoder),
+            (self.tokenizer_2, self.text_encoder_2),
+        ):
+            out = encoder(self.tokens(tokenizer, [negative_prompt, prompt]), output_hidden_states=True)
+            hidden.append(out.hidden_states[-2])
+            pooled = out[0]  # the last encoder's: CLIPTextModelWithProjection's text_embeds
+        embeds = PromptEmbeds(torch.cat(hidden, dim=-1), pooled)
+        if self.force_zeros_for_empty_prompt and not negative_prompt:
+            embeds.hidden[0].zero_()
+            embeds.pooled[0].zero_()
+        return embeds
+
+    def tokens(self, tokenizer: CLIPTokenizer, texts: list[str]) -> torch.Tensor:
+        padded = tokenizer(
+            texts,
             padding="max_length",
-            max_length=self.tokenizer.model_max_length,
+            max_length=tokenizer.model_max_length,
             truncation=True,
             return_tensors="pt",
-        ).input_ids.to(self.device)
-        return self.text_encoder(tokens)[0].to(self.dtype)
+        )
+        return padded.input_ids.to(self.device)
 
-    def noise_predictor(self, prompt_embeds: torch.Tensor, guidance_scale: float) -> NoisePredictor:
+    def added_conditions(self, pooled: torch.Tensor, latents: torch.Tensor) -> dict[str, torch.Tensor]:
+        """SDXL's micro-conditioning: the pooled text and (original size, crop top-left, target size), here
+        the generated image's size and no crop, as diffusers' SDXL pipeline sets them by default."""
+        height, width = (side * self.vae_scale for side in latents.shape[-2:])
+        time_ids = torch.tensor([[height, width, 0, 0, height, width]], device=self.device, dtype=self.dtype)
+        return {"text_embeds": pooled.to(self.dtype), "time_ids": time_ids.expand(len(pooled), -1)}
+
+    def noise_predictor(self, prompt_embeds: PromptEmbeds, guidance_scale: float) -> NoisePredictor:
         """eps(latents, t) with classifier-free guidance, in ONE batched UNet call per evaluation.
 
         The guided prediction is uncond + guidance_scale * (cond - uncond). At guidance_scale 1 it is the
@@ -140,9 +217,16 @@ class LatentDiffusion:
         def eps(latents: torch.Tensor, t: int) -> torch.Tensor:
             n = latents.shape[0]
             unet_in = latents.repeat(len(halves), 1, 1, 1)
-            context = torch.cat([half.expand(n, -1, -1) for half in halves])
+            context = torch.cat([half.hidden.expand(n, -1, -1) for half in halves]).to(self.dtype)
+            added = None
+            if self.xl:
+                added = self.added_conditions(
+                    torch.cat([half.pooled.expand(n, -1) for half in halves]), latents
+                )
             with onednn(max(latents.shape[-2:]) > ONEDNN_MIN_LATENT_SIDE):
-                out = self.unet(unet_in.to(self.dtype), t, encoder_hidden_states=context).sample
+                out = self.unet(
+                    unet_in.to(self.dtype), t, encoder_hidden_states=context, added_cond_kwargs=added
+                ).sample
             out = out.to(latents.dtype)
             if v_prediction:  # SD 2.x predicts v = sqrt(abar) eps - sqrt(1 - abar) x; EDICT needs eps.
                 abar = alphas_cumprod[t].to(latents.dtype)
@@ -156,7 +240,16 @@ class LatentDiffusion:
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents to images in [0, 1], differentiable."""
-        scaled = latents.to(self.dtype) / self.vae.config.scaling_factor
+        config = self.vae.config
+        latents = latents.to(self.vae.dtype)
+        if getattr(config, "latents_mean", None) is not None:  # VAEs with per-channel latent statistics
+            mean, std = (
+                torch.tensor(v).view(1, -1, 1, 1).to(latents)
+                for v in (config.latents_mean, config.latents_std)
+            )
+            scaled = latents * std / config.scaling_factor + mean
+        else:
+            scaled = latents / config.scaling_factor
         # At least float32, so that half-precision models give guidance models full-precision pixels.
         images = self.vae.decode(scaled).sample.to(torch.promote_types(self.dtype, torch.float32))
         return (images / 2 + 0.5).clamp(0, 1)
@@ -164,17 +257,23 @@ class LatentDiffusion:
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Images in [0, 1] to latents: the posterior mean, so a real image has one inversion."""
-        moments = self.vae.encode((images * 2 - 1).to(self.device, self.dtype)).latent_dist
-        return moments.mean * self.vae.config.scaling_factor
+        config = self.vae.config
+        mean = self.vae.encode((images * 2 - 1).to(self.device, self.vae.dtype)).latent_dist.mean
+        if getattr(config, "latents_mean", None) is not None:
+            shift, std = (
+                torch.tensor(v).view(1, -1, 1, 1).to(mean) for v in (config.latents_mean, config.latents_std)
+            )
+            return (mean - shift) * config.scaling_factor / std
+        return mean * config.scaling_factor
 
 
-def guidance_halves(prompt_embeds: torch.Tensor, guidance_scale: float) -> tuple[torch.Tensor, ...]:
+def guidance_halves(prompt_embeds: PromptEmbeds, guidance_scale: float) -> tuple[PromptEmbeds, ...]:
     """The text embeddings the UNet must see: (uncond, cond), or only the one a scale of 0 or 1 keeps."""
-    if prompt_embeds.shape[0] != 2:
+    if len(prompt_embeds) != 2:
         raise ValueError(
-            f"prompt_embeds must stack [unconditional, conditional] (2 rows), got {prompt_embeds.shape[0]}"
+            f"prompt_embeds must stack [unconditional, conditional] (2 rows), got {len(prompt_embeds)}"
         )
-    uncond, cond = prompt_embeds.chunk(2)
+    uncond, cond = prompt_embeds.row(0), prompt_embeds.row(1)
     if guidance_scale == 1:
         return (cond,)
     if guidance_scale == 0:
@@ -235,42 +334,89 @@ def checkpoint_resnets(module: torch.nn.Module, *args: torch.Tensor | None) -> t
 
 
 def load_pipeline(
-    model: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+    model: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    vae: str | Path | None = None,
 ) -> LatentDiffusion:
     """Load a Stable-Diffusion-style diffusers model from a local folder or a hub id.
 
-    SD 1.x (epsilon prediction) and SD 2.x (v prediction) both work. Whatever scheduler the model
-    ships with, sampling uses DDIM coefficients built from its noise schedule.
+    SD 1.x (epsilon prediction), SD 2.x (v prediction) and SDXL (its model_index.json says which) all
+    work, and their few-step distillations (SD-Turbo, SDXL-Turbo). Whatever scheduler the model ships
+    with, sampling uses DDIM coefficients built from its noise schedule. `vae` replaces the model's VAE
+    by another (a folder or hub id of an AutoencoderKL), e.g. an SDXL VAE fixed to run in float16.
     """
-    model = str(model)
-    path = Path(model).expanduser()
-    if path.exists():
-        if not (path / "model_index.json").is_file():
-            raise ModelLoadError(
-                f"'{model}' is not a diffusers pipeline folder: it has no model_index.json. "
-                "Point to a folder saved with save_pretrained (one holding unet/, vae/, text_encoder/, "
-                "tokenizer/, scheduler/)."
-            )
-        pipeline_class = json.loads((path / "model_index.json").read_text()).get("_class_name", "")
-        if "StableDiffusion" not in pipeline_class:
-            raise ModelLoadError(f"'{model}' holds a {pipeline_class}, not a Stable Diffusion pipeline.")
-        model = str(path)
+    source = pipeline_source(model)
+    pipeline_class = pipeline_class_of(source)
+    parts = {} if vae is None else {"vae": load_vae(vae, dtype)}
+    if pipeline_class is StableDiffusionPipeline:
+        parts |= {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+    else:
+        parts |= {"add_watermarker": False}
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(
-            model,
-            dtype=dtype,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
+        pipe = pipeline_class.from_pretrained(source, dtype=dtype, **parts)
     except (OSError, ValueError) as error:
         raise ModelLoadError(
-            f"could not load the Stable Diffusion model '{model}': it is not a local folder, and the hub "
-            "id is unknown or the hub cannot be reached. Download the model once (e.g. "
-            "`huggingface-cli download <id> --local-dir <folder>`) and pass the folder instead."
-            f"\n({type(error).__name__}: {error})"
+            f"could not load the Stable Diffusion model '{source}'.{DOWNLOAD_HINT}\n({error_line(error)})"
         ) from error
     return LatentDiffusion.from_pipeline(pipe, device)
+
+
+DOWNLOAD_HINT = (
+    " It is not a local folder, and the hub id is unknown or the hub cannot be reached. Download the model"
+    " once (e.g. `huggingface-cli download <id> --local-dir <folder>`) and pass the folder instead."
+)
+
+
+def error_line(error: Exception) -> str:
+    return f"{type(error).__name__}: {error}"
+
+
+def pipeline_source(model: str | Path) -> str:
+    """A local pipeline folder (checked to be one) or a hub id, as a string for diffusers."""
+    path = Path(str(model)).expanduser()
+    if not path.exists():
+        return str(model)
+    if not (path / "model_index.json").is_file():
+        raise ModelLoadError(
+            f"'{model}' is not a diffusers pipeline folder: it has no model_index.json. "
+            "Point to a folder saved with save_pretrained (one holding unet/, vae/, text_encoder/, "
+            "tokenizer/, scheduler/)."
+        )
+    return str(path)
+
+
+def pipeline_class_of(source: str) -> type[StableDiffusionPipeline] | type[StableDiffusionXLPipeline]:
+    """Which diffusers pipeline loads `source`, from its model_index.json: SDXL's or SD's."""
+    try:
+        name = DiffusionPipeline.load_config(source).get("_class_name", "")
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(
+            f"could not load the Stable Diffusion model '{source}'.{DOWNLOAD_HINT}\n({error_line(error)})"
+        ) from error
+    if name.startswith("StableDiffusionXL"):
+        return StableDiffusionXLPipeline
+    if name.startswith("StableDiffusion") and not name.startswith("StableDiffusion3"):
+        return StableDiffusionPipeline
+    raise ModelLoadError(
+        f"'{source}' holds a {name or 'pipeline of unknown class'}, not a Stable Diffusion (1.x, 2.x or XL) "
+        "pipeline: DOODL needs a UNet with a VAE and CLIP text encoders."
+    )
+
+
+def load_vae(vae: str | Path, dtype: torch.dtype) -> AutoencoderKL:
+    """An AutoencoderKL from a folder or hub id: the VAE itself, or a pipeline folder holding vae/."""
+    path = Path(str(vae)).expanduser()
+    source = str(path) if path.exists() else str(vae)
+    subfolder = "vae" if (path / "vae" / "config.json").is_file() else None
+    try:
+        return AutoencoderKL.from_pretrained(source, subfolder=subfolder, dtype=dtype)
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(
+            f"could not load the VAE '{vae}': give a folder holding an AutoencoderKL's config.json and "
+            "weights (or a pipeline folder with vae/), or a hub id such as madebyollin/sdxl-vae-fp16-fix."
+            f"\n({error_line(error)})"
+        ) from error
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:

@@ -66,6 +66,8 @@ class ModelNames:
     pickscore_processor: str = ""  # its CLIP processor; blank: the model's own
     hps: str = ""  # an HPSv2 checkpoint file
     hps_architecture: str = HPS_ARCHITECTURE
+    # Replaces the VAE of the host's Stable Diffusion model (e.g. SDXL's fixed for float16); blank: its own.
+    vae: str = ""
 
     def guide(self, role: str) -> str:
         """The model of a guide role, with its second word where it has one (`split_reference`)."""
@@ -114,9 +116,11 @@ class ModelCache:
         """The names of the models held now."""
         return {name for _, name, _ in self._models}
 
-    def pipeline(self, name: str) -> LatentDiffusion:
-        name = locate(required(name, MODEL_KINDS["sd"]))
-        return self.get("sd", name, lambda: load_pipeline(name, self.device, self.dtype))
+    def pipeline(self, name: str, vae: str = "") -> LatentDiffusion:
+        """A Stable Diffusion model, with another VAE when `vae` names one (cached apart from its own)."""
+        name, vae = locate(required(name, MODEL_KINDS["sd"])), vae and locate(vae)
+        key = f"{name} + {vae}" if vae else name
+        return self.get("sd", key, lambda: load_pipeline(name, self.device, self.dtype, vae=vae or None))
 
     def guide(self, kind: str, name: str) -> Any:
         name = locate(required(name, kind))
@@ -211,6 +215,16 @@ SETTINGS: tuple[Setting, ...] = (
         row=4,
         minimum=0,
         range_note="it must be 0 or more",
+    ),
+    # Only a run from a photo uses it (DoodlSettings.fidelity); from noise it changes nothing.
+    Setting(
+        "fidelity",
+        "Fidelity to the photo",
+        float,
+        lambda p: p.settings.fidelity,
+        "from a photo: its latents stay within (1 - fidelity) x their norm of its inversion; 0: no limit",
+        row=4,
+        slider=(0.0, 1.0, 0.01),
     ),
     Setting("height", "Height", int, lambda p: p.settings.height or 0, _SIZE, row=5),
     Setting("width", "Width", int, lambda p: p.settings.width or 0, _SIZE, row=5),
@@ -394,6 +408,7 @@ class Request:
     target: Target
     options: RunOptions
     photo: Image.Image | None = None  # start from this photo (EDICT inversion) instead of noise
+    vae: str = ""  # the host's VAE for its own model (`ModelNames.vae`); never for another model
 
 
 def request(
@@ -435,7 +450,8 @@ def request(
         target_class=target_class,
     )
     image = read_image(photo, "photo") if photo else None
-    return Request(capability, chosen.name, model, prompt, names, target, options, image)
+    vae = serving.names.vae if model == serving.names.sd else ""
+    return Request(capability, chosen.name, model, prompt, names, target, options, image, vae)
 
 
 # --- the host's command line ----------------------------------------------------------------------
@@ -455,7 +471,10 @@ def reachable_by_others(host: str, share: bool) -> bool:
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     default = ModelNames()
     models = parser.add_argument_group("models (the host's choice; visitors see them read-only when public)")
-    models.add_argument("--model", default=default.sd, help="Stable Diffusion: diffusers folder or hub id")
+    models.add_argument(
+        "--model", default=default.sd, help="Stable Diffusion (1.x, 2.x, XL): folder or hub id"
+    )
+    models.add_argument("--vae", default="", help="replace --model's VAE: folder or hub id (SDXL's fp16 fix)")
     models.add_argument("--clip", default=default.clip, help="CLIP of text guidance and personalization")
     models.add_argument("--classifier", default=default.classifier, help="classifier of vocabulary expansion")
     models.add_argument(

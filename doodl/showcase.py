@@ -116,7 +116,7 @@ def run(asked: Request, models: ModelCache, progress: Progress = quiet) -> Itera
     # Built before the generator loads: a bad target (an unknown class) fails now. The loss's crops are
     # drawn from a generator seeded by the run's seed: same seed, same run.
     loss = make_loss(seeded(options.settings.seed))
-    model = models.pipeline(asked.model)
+    model = models.pipeline(asked.model, asked.vae)
     init = None
     if asked.photo is not None:
         progress(0, desc="inverting the photo with EDICT")

@@ -1,4 +1,4 @@
-"""Tiny random pipelines of Stable Diffusion's architecture, for tests and benchmarks offline.
+"""Tiny random pipelines of Stable Diffusion's architectures (SD, SDXL), for tests and benchmarks offline.
 
 They are saved with `save_pretrained` and loaded back through `load_pipeline`, the very path a real
 model takes: same classes, same files, only smaller.
@@ -16,12 +16,14 @@ import torch
 from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
+    EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     SchedulerMixin,
     StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from doodl.tokenizer import clip_tokenizer
 
@@ -73,17 +75,7 @@ def tiny_sd_models(
         attention_head_dim=8,
         norm_num_groups=8,
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=4,
-        block_out_channels=(8, 8, 16, 16),  # four levels: 8x downsampling, as in SD
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        layers_per_block=1,
-        norm_num_groups=8,
-        sample_size=sample_size * 8,
-    )
+    vae = sd_vae(sample_size * 8)
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
             vocab_size=49408,
@@ -95,6 +87,29 @@ def tiny_sd_models(
         )
     )
     return unet, vae, text_encoder
+
+
+def sd_vae(
+    sample_size: int,
+    channels: tuple[int, ...] = (8, 8, 16, 16),
+    layers_per_block: int = 1,
+    norm_num_groups: int = 8,
+    **config: object,
+) -> AutoencoderKL:
+    """A random VAE of Stable Diffusion's architecture (1.x, 2.x and XL share it; four levels: 8x
+    downsampling), small by default; SD's own is channels (128, 256, 512, 512), 2 layers, 32 groups."""
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=channels,
+        down_block_types=("DownEncoderBlock2D",) * len(channels),
+        up_block_types=("UpDecoderBlock2D",) * len(channels),
+        layers_per_block=layers_per_block,
+        norm_num_groups=norm_num_groups,
+        sample_size=sample_size,
+        **config,
+    )
 
 
 def sd_scheduler(prediction_type: str = "epsilon") -> DDIMScheduler:
@@ -273,4 +288,106 @@ def save_tiny_classifier(folder: str | Path, labels: Sequence[str], seed: int = 
     model.save_pretrained(folder)
     processor = ViTImageProcessor(size={"height": 24, "width": 24}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
     processor.save_pretrained(folder)
+    return Path(folder)
+
+
+def save_tiny_sdxl_pipeline(
+    folder: str | Path,
+    sample_size: int = 8,
+    seed: int = 0,
+    scheduler: SchedulerMixin | None = None,
+    force_upcast: bool = True,
+) -> Path:
+    """Save a random SDXL-architecture pipeline (two text encoders, the second projected; a UNet conditioned
+    on their pooled text and on the image size) whose latents are sample_size x sample_size.
+
+    `scheduler` replaces SDXL's Euler scheduler: e.g. `sdxl_turbo_scheduler()`.
+    """
+    with seeded_torch(seed):
+        unet, vae, text_encoder, text_encoder_2 = tiny_sdxl_models(sample_size, force_upcast)
+    return save_sdxl_pipeline(folder, unet, vae, text_encoder, text_encoder_2, scheduler or sdxl_scheduler())
+
+
+def tiny_sdxl_models(
+    sample_size: int, force_upcast: bool = True
+) -> tuple[UNet2DConditionModel, AutoencoderKL, CLIPTextModel, CLIPTextModelWithProjection]:
+    """SDXL's architecture in miniature (the shapes of diffusers' own SDXL tests), from torch's global RNG."""
+    widths = (16, 32)  # the two encoders' hidden sizes; SDXL: 768 (CLIP ViT-L) and 1280 (OpenCLIP bigG)
+    time_width = 8  # SDXL: 256 per size/crop number, six numbers
+    unet = UNet2DConditionModel(
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        cross_attention_dim=sum(widths),
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_width,
+        projection_class_embeddings_input_dim=6 * time_width + widths[1],
+        norm_num_groups=8,
+    )
+    vae = sd_vae(sample_size * 8, scaling_factor=0.13025, force_upcast=force_upcast)  # SDXL VAE's config
+    encoders = [
+        encoder_class(
+            CLIPTextConfig(
+                vocab_size=49408,
+                hidden_size=width,
+                intermediate_size=2 * width,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                max_position_embeddings=77,
+                projection_dim=width,
+            )
+        )
+        for encoder_class, width in zip((CLIPTextModel, CLIPTextModelWithProjection), widths, strict=True)
+    ]
+    return unet, vae, *encoders
+
+
+def sdxl_scheduler() -> EulerDiscreteScheduler:
+    """SDXL base's scheduler (its scheduler_config.json): Euler on SD's noise schedule, leading spacing."""
+    return EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        timestep_spacing="leading",
+        steps_offset=1,
+        prediction_type="epsilon",
+    )
+
+
+def sdxl_turbo_scheduler() -> EulerAncestralDiscreteScheduler:
+    """SDXL-Turbo's scheduler: Euler ancestral on SDXL's noise schedule, trailing timesteps (one step starts
+    from t=999)."""
+    return EulerAncestralDiscreteScheduler.from_config(sdxl_scheduler().config, timestep_spacing="trailing")
+
+
+def save_sdxl_pipeline(
+    folder: str | Path,
+    unet: UNet2DConditionModel,
+    vae: AutoencoderKL,
+    text_encoder: CLIPTextModel,
+    text_encoder_2: CLIPTextModelWithProjection,
+    scheduler: SchedulerMixin,
+    dtype: torch.dtype | None = None,
+) -> Path:
+    """Save the parts as a StableDiffusionXLPipeline folder (offline CLIP tokenizers, no watermarker)."""
+    pipe = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=clip_tokenizer(),
+        tokenizer_2=clip_tokenizer(),
+        unet=unet,
+        scheduler=scheduler,
+        add_watermarker=False,
+    )
+    if dtype is not None:
+        pipe.to(dtype)
+    pipe.save_pretrained(folder)
     return Path(folder)

@@ -189,6 +189,23 @@ def test_aesthetic(client, names, side, reference, with_photo):
         assert result[4][0]["caption"] == "Uploaded photo"
 
 
+def test_every_endpoint_takes_an_optional_photo(client, names, reference):
+    api = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    for endpoint in ("/text_guidance", "/vocabulary_expansion", "/personalization", "/aesthetic"):
+        parameters = [parameter["parameter_name"] for parameter in api[endpoint]["parameters"]]
+        assert "photo" in parameters and "fidelity" in parameters, endpoint
+    result = client.predict(
+        model=names.sd,
+        prompt="a red circle",
+        clip=names.clip,
+        photo=handle_file(reference),
+        **{**FAST, "compare": True},
+        api_name="/text_guidance",
+    )
+    captions = [item["caption"] for item in result[4]]
+    assert captions[:2] == ["Uploaded photo", "Unguided reconstruction"]
+
+
 def test_bad_inputs_come_back_as_clear_messages(client, names, reference, tmp_path):
     text_file = tmp_path / "notes.txt"
     text_file.write_text("not an image")

@@ -3,14 +3,15 @@
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from benchmarks.common import EMBEDDED
-from benchmarks.quality import ASSETS, Outcome, verdict
+from benchmarks.quality import ASSETS, CAPABILITIES, MATCHED, METHODS, STARTED, Outcome, RawStore, verdict
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = ("cost", "memory", "fidelity", "quality", "smoothness", "batch")
+SCRIPTS = ("cost", "memory", "fidelity", "quality", "smoothness", "batch", "photo")
 MISSING = [a for a in ASSETS if not (EMBEDDED / a).exists()]
 
 
@@ -52,13 +53,53 @@ def test_quality_verdict_calls_a_difference_within_noise_a_tie():
         "DOODL": outcomes([1, 0] * 5, loss=0.5),
         "unguided": outcomes([0, 0] * 5, loss=1.0),  # DOODL right on 5 more of 10: a clear win
         "one-step": outcomes([0, 1] * 5, loss=0.5),  # as often right, on other prompts: a tie
-        "one-step best of K": outcomes([1, 1] * 3, loss=0.2),  # 6 prompts only, all right: a loss
+        MATCHED: outcomes([1, 1] * 3, loss=0.2),  # 6 prompts only, all right: a loss
+        STARTED: [],  # not run: no sentence on it
     }
     said = verdict("text", scores)
     assert "DOODL beats unguided (+0.500 ± 0.167; better on 5, worse on 0 of 10)" in said
     assert "ties with one-step (+0.000 ± 0.333; better on 5, worse on 5 of 10)" in said
-    assert "loses to one-step best of K (-0.500 ± 0.224; better on 0, worse on 3 of 6)" in said
+    assert "loses to best of K samples (-0.500 ± 0.224; better on 0, worse on 3 of 6)" in said
     assert "lower on 10 of 10 vs unguided (-0.500 ± 0.000), 0 of 10 vs one-step" in said
+    assert STARTED not in said
+
+
+def test_quality_verdict_compares_doodl_from_the_best_start_with_doodl_and_best_of_k():
+    def outcomes(scores, loss):
+        return [Outcome(score, loss, calls=1) for score in scores]
+
+    scores = {
+        "DOODL": outcomes([0, 0, 1, 0], loss=0.5),
+        "unguided": outcomes([0, 0, 0, 0], loss=1.0),
+        "one-step": outcomes([0, 0, 0, 0], loss=1.0),
+        MATCHED: outcomes([1, 0, 1, 0], loss=0.4),
+        STARTED: outcomes([1, 1, 1, 1], loss=0.3),  # right on every prompt
+    }
+    said = verdict("personalization", scores).split(STARTED)[1]
+    assert said.startswith(" beats DOODL (+0.750 ± 0.250; better on 3, worse on 0 of 4)")
+    # Right on 2 more of 4, but within two standard errors: a tie.
+    assert "ties with best of K samples (+0.500 ± 0.289; better on 2, worse on 0 of 4)" in said
+    assert "its guidance loss is lower on 4 of 4 vs DOODL (-0.200 ± 0.000)" in said
+
+
+def test_quality_outcomes_are_saved_per_prompt_and_reused_only_with_the_same_settings(tmp_path):
+    assets = tmp_path / "assets"
+    assets.mkdir()
+    (assets / "weights.bin").write_bytes(b"one")
+    args = SimpleNamespace(steps=None, iterations=None, seed=2024, start_k=4, assets=assets)
+    capability = CAPABILITIES[2]
+    first = {m: Outcome(0.5, 0.25, 40, (0.3, 0.25)) for m in METHODS[:3]}
+    RawStore.open(tmp_path, capability, args).save(0, first)
+
+    again = RawStore.open(tmp_path, capability, args)
+    assert again.outcomes(0, METHODS[:3]) == first  # curves come back as tuples, as saved
+    assert again.outcomes(0, METHODS) is None  # the random-search runs were not saved: run again
+    assert again.outcomes(1, METHODS[:3]) is None
+    with pytest.raises(ValueError, match="prompt 2 saved before prompt 1"):
+        again.save(2, first)
+    assert RawStore.open(tmp_path, capability, SimpleNamespace(**{**vars(args), "start_k": 2})).prompts == []
+    (assets / "weights.bin").write_bytes(b"two")  # retrained weights: nothing is reused
+    assert RawStore.open(tmp_path, capability, args).prompts == []
 
 
 # --- the real-architecture and GPU paths of benchmarks/memory.py, run at tiny sizes on the CPU ----------
@@ -122,3 +163,69 @@ def test_gpu_timing_reports_out_of_memory(tiny_models, monkeypatch):
     finally:
         torch.set_num_threads(threads)
     assert result["oom"] is True and "iteration_s" not in result
+
+
+# --- SDXL (issue #19): the same paths on a tiny SDXL-architecture model ----------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_xl_models(tmp_path_factory):
+    from doodl.tiny import save_tiny_clip, save_tiny_sdxl_pipeline
+
+    folder = tmp_path_factory.mktemp("xl")
+    return save_tiny_sdxl_pipeline(folder / "sdxl"), save_tiny_clip(folder / "clip")
+
+
+def test_every_sdxl_memory_piece_runs(tiny_xl_models):
+    import torch
+
+    from benchmarks.memory import measure_case, time_iteration, xl_cases
+
+    cases = xl_cases([64], [1, 2])
+    assert [(c.piece, c.steps) for c in cases] == [
+        ("unet-vjp", 1),
+        ("iteration", 1),
+        ("decode", 1),
+        ("guide", 1),
+        ("iteration", 2),
+    ]
+    threads = torch.get_num_threads()
+    try:
+        for case in cases:
+            before, top = measure_case(*tiny_xl_models, case, "cpu", 1)
+            assert before > 0 and top > 0, case  # in-process: the peak can read a page under before
+        result = time_iteration(*tiny_xl_models, "reversible", 64, 2, "cpu", torch.float32, 1)
+    finally:
+        torch.set_num_threads(threads)
+    assert result["iteration_s"] > 0 and result["peak"] > 0 and result["weights"] > 0
+
+
+def test_sdxl_text_encoders_are_dropped_once_the_prompt_is_encoded(tiny_xl_models):
+    import torch
+
+    from benchmarks.memory import free_text_encoders
+    from doodl.pipeline import load_pipeline
+
+    model = load_pipeline(tiny_xl_models[0])
+    eps = model.noise_predictor(model.encode_prompt("a red circle"), 7.5)
+    free_text_encoders(model)
+    encoders = [*model.text_encoder.parameters(), *model.text_encoder_2.parameters()]
+    assert encoders and all(p.is_meta for p in encoders)
+    assert eps(torch.zeros(model.latent_shape(64, 64)), 500).isfinite().all()  # the UNet still runs
+
+
+def test_sdxl_verdict_holds_a_whole_iteration_to_one_unet_vjp_plus_ten_percent(tmp_path):
+    from benchmarks.memory import xl_cases, xl_extrapolation, xl_verdicts
+
+    cases = xl_cases([512], [1, 2])  # unet-vjp, iteration 1, decode, guide, iteration 2
+    assert xl_verdicts(cases, [2.0, 2.1, 1.5, 1.0, 2.2])[0].startswith("**PASS** at 512 px")
+    assert xl_verdicts(cases, [2.0, 2.3, 1.5, 1.0, 2.3])[0].startswith("**FAIL**")  # +15%
+    assert xl_verdicts(cases, [2.0, 1.6, 1.5, 1.0, 1.9])[0].startswith("**FAIL**")  # grows with steps
+    for part in ("unet", "vae", "text_encoder", "text_encoder_2", "guide"):
+        (tmp_path / part).mkdir()
+        (tmp_path / part / "w.safetensors").write_bytes(b"\0" * 2**20)
+    # At 1024 px in float16: UNet 2.0 * 4 / 2 = 4.0, decode 1.5 * 4 = 6.0 (float32 VAE), guide 0.5; an
+    # iteration grew 2.2 / 2.0 = 1.1x its largest piece at 512 px: 6.6 GB.
+    said = xl_extrapolation(cases, [2.0, 2.1, 1.5, 1.0, 2.2], tmp_path, tmp_path / "guide")
+    assert "UNet VJP 4.00 GB, decode (float32) 6.00 GB, guide 0.50 GB" in said
+    assert "1.10x its largest piece" in said and "about 6.6 GB above" in said

@@ -18,7 +18,7 @@ from doodl import (
 )
 from doodl.__main__ import main
 from doodl.edict import FEW_STEPS, ddim_denoise, ddim_step
-from doodl.pipeline import load_pipeline
+from doodl.pipeline import PromptEmbeds, load_pipeline
 from doodl.tiny import save_tiny_turbo_pipeline
 
 PROMPT = "a red circle above a blue square"
@@ -135,7 +135,7 @@ def test_guidance_off_runs_half_the_batch_and_gives_the_full_cfg_value(turbo, sc
 
 def test_a_single_prompt_embedding_is_refused(turbo):
     with pytest.raises(ValueError, match="unconditional, conditional"):
-        turbo.noise_predictor(turbo.encode_prompt(PROMPT)[:1], 1.0)
+        turbo.noise_predictor(PromptEmbeds(turbo.encode_prompt(PROMPT).hidden[:1]), 1.0)
 
 
 # --- exactness and gradients at 1, 2 and 4 steps -------------------------------------------------------

@@ -1,0 +1,160 @@
+"""Starting from a photo: the trust region of `DoodlSettings.fidelity`, the tied step that keeps an inverted
+pair's difference, and a photo request on every tab through `doodl.serving.request` and
+`doodl.showcase.run`."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+from PIL import Image
+
+from doodl import DoodlSettings
+from doodl.optimize import TrustRegion, invert_image, optimize
+from doodl.serving import SETTING_NAMES, ModelCache, ModelNames, Serving, request, run_options
+from doodl.showcase import final, run
+from tests.test_app import prepare_models
+
+PROMPT = "a red circle"
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def mean_gray_loss(images: torch.Tensor) -> torch.Tensor:
+    return ((images - 0.5) ** 2).mean()
+
+
+def test_projection_keeps_each_latent_within_its_radius():
+    generator = torch.Generator().manual_seed(0)
+    starts = tuple(torch.randn(1, 4, 8, 8, generator=generator, dtype=torch.float64) for _ in range(2))
+    region = TrustRegion.around(starts, DoodlSettings(fidelity=0.9))
+    assert region.radii == pytest.approx(tuple(0.1 * float(z.norm()) for z in starts))
+    far = tuple(z + torch.randn(z.shape, generator=generator, dtype=torch.float64) for z in starts)
+    near = tuple(z + 1e-3 * torch.ones_like(z) for z in starts)
+    for z, start, radius in zip(region.project(far), starts, region.radii):
+        assert float((z - start).norm()) == pytest.approx(radius, rel=1e-12)  # onto the ball's edge
+    for z, moved in zip(region.project(near), near):
+        assert torch.equal(z, moved)  # inside: left alone
+    # The projection is the nearest point of the ball: along the offset, not elsewhere.
+    offset, projected = far[0] - starts[0], region.project(far)[0] - starts[0]
+    cosine = float((offset * projected).sum() / (offset.norm() * projected.norm()))
+    assert cosine == pytest.approx(1.0, abs=1e-12)
+
+
+def test_fidelity_zero_sets_no_region_and_bad_values_are_refused():
+    z = torch.ones(1, 4, 2, 2)
+    assert TrustRegion.around((z, z), DoodlSettings(fidelity=0)) is None
+    assert TrustRegion.around((z, z), DoodlSettings(fidelity=1)).radii == (0.0, 0.0)
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="fidelity"):
+            DoodlSettings(fidelity=bad)
+
+
+@pytest.fixture(scope="module")
+def photo_latents(tiny):
+    photo = Image.new("RGB", (64, 64), (30, 70, 205))
+    return invert_image(tiny, photo, PROMPT, DoodlSettings(steps=6))
+
+
+def test_a_run_from_a_photo_stays_in_its_trust_region(tiny, photo_latents):
+    # A large rate and clip: unbounded, the latents would leave a 5 % ball within one step.
+    loose = DoodlSettings(steps=6, iterations=4, learning_rate=1e4, grad_clip=0.5, fidelity=0)
+    tight = replace(loose, fidelity=0.95)
+    far = optimize(tiny, PROMPT, mean_gray_loss, loose, init=photo_latents)
+    steps = []
+    near = optimize(tiny, PROMPT, mean_gray_loss, tight, init=photo_latents, callback=steps.append)
+    for step in steps:
+        for z, start in zip(step.latents, photo_latents):
+            assert float((z - start).norm()) <= 0.05 * float(start.norm()) * (1 + 1e-9)
+    distance = [float((r.last.latents[0] - photo_latents[0]).norm()) for r in (far, near)]
+    assert distance[0] > 2 * distance[1], distance  # the region is what held it back
+
+
+def test_the_tied_step_keeps_an_inverted_pairs_difference(tiny, photo_latents):
+    x0, y0 = photo_latents
+    assert float((x0 - y0).norm()) > 0  # EDICT's inversion is an untied pair
+    settings = DoodlSettings(steps=6, iterations=2, fidelity=0, perturbation=0)
+    x, y = optimize(tiny, PROMPT, mean_gray_loss, settings, init=photo_latents).last.latents
+    # Both latents took the same step (renormalized each to its own norm): their difference stays, where
+    # averaging them, as the paper does from noise, would erase it.
+    assert torch.allclose(x - y, x0 - y0, atol=1e-2 * float((x0 - y0).abs().max()))
+
+
+def test_fidelity_changes_nothing_from_noise(tiny):
+    settings = DoodlSettings(steps=5, iterations=3, learning_rate=100.0, fidelity=0)
+    free = optimize(tiny, PROMPT, mean_gray_loss, settings)
+    held = optimize(tiny, PROMPT, mean_gray_loss, replace(settings, fidelity=0.99))
+    assert free.losses == held.losses
+    x, y = held.last.latents
+    assert torch.equal(x, y)  # tied from noise: one latent, as the paper's averaging keeps it
+
+
+def test_fidelity_is_a_run_setting():
+    assert "fidelity" in SETTING_NAMES
+    assert run_options(fidelity=0.5).settings.fidelity == 0.5
+    with pytest.raises(ValueError, match="fidelity"):
+        run_options(fidelity=2.0)
+
+
+# --- every tab from a photo, through the checks and the run the page shows ---------------------------
+
+FAST = {"steps": 2, "iterations": 2, "cutouts": 2, "seed": 0, "compare": True}
+
+
+@pytest.fixture(scope="module")
+def names(tmp_path_factory) -> ModelNames:
+    return prepare_models(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("photos")
+    Image.new("RGB", (48, 40), (30, 70, 205)).save(folder / "photo.png")
+    Image.new("RGB", (48, 40), (245, 110, 130)).save(folder / "reference.png")
+    (folder / "not-an-image.png").write_text("text")
+    Image.new("RGB", (5000, 1)).save(folder / "huge.png")
+    return folder
+
+
+TAB_EXTRAS = {
+    "text": {},
+    "vocabulary": {"target_class": "rose"},
+    "personalization": {"references": ["reference.png"]},
+    "aesthetic": {},
+}
+
+
+def extras(tab: str, folder) -> dict:
+    given = dict(TAB_EXTRAS[tab])
+    if "references" in given:
+        given["references"] = [str(folder / name) for name in given["references"]]
+    return given
+
+
+@pytest.mark.parametrize("tab", list(TAB_EXTRAS))
+def test_every_tab_starts_from_a_photo(tab, names, images):
+    serving = Serving(names)
+    asked = request(
+        serving, tab, names.sd, PROMPT, {}, FAST, photo=str(images / "photo.png"), **extras(tab, images)
+    )
+    assert asked.photo is not None and asked.photo.size == (48, 40)
+    shown = final(run(asked, ModelCache("cpu", torch.float32)))
+    captions = [caption for _, caption in shown.gallery]
+    assert captions[:2] == ["Uploaded photo", "Unguided reconstruction"]
+    assert captions[2].startswith("One-step") and captions[3].startswith("DOODL")
+    assert Image.open(shown.gallery[0][0]).size == (48, 40)  # the upload itself, as given
+
+
+@pytest.mark.parametrize("tab", list(TAB_EXTRAS))
+@pytest.mark.parametrize(
+    "file, message",
+    [
+        ("not-an-image.png", "the photo not-an-image.png is not an image that can be read"),
+        ("huge.png", "the photo huge.png is 5000x1 px: the largest side allowed is 4096 px"),
+    ],
+)
+def test_a_bad_photo_is_refused_with_a_clear_message(tab, file, message, names, images):
+    with pytest.raises(ValueError, match=message):
+        request(
+            Serving(names), tab, names.sd, PROMPT, {}, FAST, photo=str(images / file), **extras(tab, images)
+        )

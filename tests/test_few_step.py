@@ -102,7 +102,9 @@ def test_a_schedule_past_the_training_timesteps_is_refused():
 
 def full_cfg(model, embeds, scale, latents, t):
     """Classifier-free guidance computed in full: both halves through the UNet, v converted to eps."""
-    out = model.unet(latents.repeat(2, 1, 1, 1).float(), t, encoder_hidden_states=embeds.hidden).sample.double()
+    out = model.unet(
+        latents.repeat(2, 1, 1, 1).float(), t, encoder_hidden_states=embeds.hidden
+    ).sample.double()
     abar = model.scheduler.alphas_cumprod.double()[t]
     out = abar.sqrt() * out + (1 - abar).sqrt() * latents.repeat(2, 1, 1, 1)
     uncond, cond = out.chunk(2)

@@ -38,7 +38,15 @@ from doodl.serving import (
     request,
     serving_of,
 )
-from doodl.showcase import LOOK_AT, ExampleStore, Shown, build_examples, example_request, run
+from doodl.showcase import (
+    LOOK_AT,
+    ExampleStore,
+    Shown,
+    build_examples,
+    example_notes,
+    example_request,
+    run,
+)
 from doodl.world.shapes import PALETTE, SHADE_NAMES
 
 try:  # On a Hugging Face ZeroGPU Space, `spaces.GPU` lends a GPU to each run; elsewhere nothing is needed.
@@ -278,10 +286,10 @@ def setting_widget(setting: Setting, value: Any) -> gr.Component:
     return gr.Number(value, precision=0 if setting.kind is int else None, **text)
 
 
-def settings_panel(preset: Preset) -> dict[str, gr.Component]:
+def settings_panel(preset: Preset, seed: int) -> dict[str, gr.Component]:
     """The run settings of `doodl.serving.SETTINGS`, keyed by the run functions' keyword arguments (and
-    the API's parameter names)."""
-    values, widgets = preset_values(preset), {}
+    the API's parameter names); the seed is the first example's, whose run the page shows on arrival."""
+    values, widgets = {**preset_values(preset), "seed": seed}, {}
     with gr.Accordion("Settings", open=False):
         for row in sorted({setting.row for setting in SETTINGS if setting.row is not None}):
             with gr.Row():
@@ -351,7 +359,7 @@ class Tab:
 
     def controls(self) -> tuple[dict[str, gr.Component], gr.Button, gr.Button]:
         """Below a tab's own inputs: the settings, Run and Stop."""
-        settings = settings_panel(self.preset)
+        settings = settings_panel(self.preset, EXAMPLES[self.name][0][-1])
         with gr.Row():
             run, stop = gr.Button("Run", variant="primary"), gr.Button("Stop", variant="stop")
         return settings, run, stop
@@ -362,6 +370,8 @@ class Tab:
         examples = gr.Examples(
             EXAMPLES[self.name], inputs, label=LOOK_AT[self.name], elem_id=f"{self.name}-examples"
         )
+        if self.serving.embedded():  # what the notes say was measured on the embedded models only
+            gr.Markdown(example_notes(self.name), elem_classes="example-notes")
         # Page events only, not API endpoints: the runs themselves are the API.
         shown = examples.dataset.click(
             self.stored, [examples.dataset], outputs.components, queue=False, api_visibility="private"
@@ -428,7 +438,7 @@ def text_guidance_tab(tab: Tab) -> None:
                 settings, run, stop = tab.controls()
             outputs = tab.outputs()
         with left:
-            tab.examples([prompt], outputs)
+            tab.examples([prompt, settings["seed"]], outputs)
     tab.wire(run, stop, [tab.model, prompt, clip, guide, photo], settings, outputs)
 
 
@@ -465,7 +475,7 @@ def vocabulary_tab(tab: Tab) -> None:
                 settings, run, stop = tab.controls()
             outputs = tab.outputs()
         with left:
-            tab.examples([prompt, target], outputs)
+            tab.examples([prompt, target, settings["seed"]], outputs)
     if tab.serving.allow_model_choice:  # the class list follows the classifier, loaded as a run's are
         gr.on(
             [classifier.submit, classifier.blur],
@@ -507,7 +517,7 @@ def personalization_tab(tab: Tab) -> None:
                 settings, run, stop = tab.controls()
             outputs = tab.outputs()
         with left:
-            tab.examples([prompt, references], outputs)
+            tab.examples([prompt, references, settings["seed"]], outputs)
     references.change(thumbnails, references, shown, queue=False)
     tab.wire(run, stop, [tab.model, prompt, references, clip, photo], settings, outputs)
 
@@ -525,7 +535,7 @@ def aesthetic_tab(tab: Tab) -> None:
                 settings, run, stop = tab.controls()
             outputs = tab.outputs()
         with left:
-            tab.examples([prompt, photo], outputs)
+            tab.examples([prompt, photo, settings["seed"]], outputs)
     tab.wire(run, stop, [tab.model, prompt, photo, clip, head], settings, outputs)
 
 

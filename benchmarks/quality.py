@@ -125,17 +125,23 @@ def vocabulary_task(guides: dict, rng: np.random.Generator) -> Task:
     )
 
 
-def personalization_task(guides: dict, rng: np.random.Generator) -> Task:
-    """The prompt names the shape only; three renders of one object give its color and shade (identity)."""
-    entity = shapes.random_scene(rng, 1).objects[0]
+def reference_renders(rng: np.random.Generator, entity: shapes.Object, n: int = 3) -> list[Image.Image]:
+    """n renders of the entity (its shape, color and shade) in random scenes where it stands out."""
     references = []
-    while len(references) < 3:
+    while len(references) < n:
         scene = shapes.random_scene(rng, 1)
         obj = dataclasses.replace(
             scene.objects[0], shape=entity.shape, color=entity.color, shade=entity.shade
         )
         if shapes.contrast(shapes.PALETTE[obj.color][obj.shade], scene.background) >= shapes.MIN_CONTRAST:
             references.append(Image.fromarray(shapes.render(dataclasses.replace(scene, objects=(obj,)))))
+    return references
+
+
+def personalization_task(guides: dict, rng: np.random.Generator) -> Task:
+    """The prompt names the shape only; three renders of one object give its color and shade (identity)."""
+    entity = shapes.random_scene(rng, 1).objects[0]
+    references = reference_renders(rng, entity)
     target = shapes.Description((shapes.ObjectSpec(entity.color, entity.shape),))
     return Task(
         f"a {entity.shape}",
@@ -223,7 +229,12 @@ def settings_for(
     """Settings of prompt i of capability `index`: the capability's preset, with its own initial latents
     and what the command line overrides."""
     settings = dataclasses.replace(EMBEDDED_PRESETS[capability.name].settings, seed=1000 * index + i)
-    given = {"steps": args.steps, "iterations": args.iterations, "grad_clip": grad_clip}
+    given = {
+        "steps": args.steps,
+        "iterations": args.iterations,
+        "guidance_scale": args.guidance_scale,
+        "grad_clip": grad_clip,
+    }
     return dataclasses.replace(settings, **{k: v for k, v in given.items() if v is not None})
 
 
@@ -243,7 +254,7 @@ def strengths(model, guides, capability: Capability, index: int, args) -> tuple[
     guidance loss on pilot prompts not used for scoring, never by the evaluator."""
     preset: Preset = EMBEDDED_PRESETS[capability.name]
     if not args.tune:
-        return preset.one_step_scale, settings_for(args, capability, index, 0).grad_clip
+        return preset.one_step_scale, args.clip or settings_for(args, capability, index, 0).grad_clip
     print(capability.name, "tuning on", args.pilot, "pilot prompts", flush=True)
     rng = np.random.default_rng(args.seed + 100 + index)
     pilots = [
@@ -303,6 +314,12 @@ class RawStore:
     @classmethod
     def open(cls, out: Path, capability: Capability, args) -> RawStore:
         key = {name: getattr(args, name) for name in RAW_KEYS}
+        for name in (
+            "clip",
+            "guidance_scale",
+        ):  # only when given: outcomes saved at the presets' stay reusable
+            if getattr(args, name) is not None:
+                key[name] = getattr(args, name)
         key["preset"] = repr(EMBEDDED_PRESETS[capability.name])
         key["models"] = assets_digest(args.assets)  # a retrained model or guide
         path = out / "quality-raw" / f"{capability.name}.json"
@@ -481,6 +498,8 @@ def main() -> None:
     p.add_argument("--start-k", type=int, default=4, help="samples DOODL's start is picked from")
     p.add_argument("--steps", type=int, help="EDICT steps (default: each capability's preset)")
     p.add_argument("--iterations", type=int, help="DOODL iterations (default: each capability's preset)")
+    p.add_argument("--guidance-scale", type=float, help="CFG scale (default: each capability's preset)")
+    p.add_argument("--clip", type=float, help="DOODL's gradient clip (default: each capability's preset)")
     p.add_argument("--tune", action="store_true", help="choose clip and one-step scale on pilot prompts")
     p.add_argument("--scales", type=float, nargs="+", default=[0.1, 0.3, 1, 3, 10], help="one-step strengths")
     # At the paper's rate of 1, over 99% of the gradient elements of each embedded guide exceed the paper's

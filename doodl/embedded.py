@@ -53,17 +53,47 @@ EMBEDDED_PRESETS = {
 }
 
 
-# Each capability's examples, in the embedded world's captions: the app's (the first is filled in on
-# arrival) and the runs the cost benchmark times. Each shows the guidance at work at the capability's
-# settings; an illustration, benchmarks/quality.py is the evidence.
+# Each capability's examples: prompt, the tab's target (a shade, reference images, a photo) if it has one,
+# and seed. The app's (the first is shown on arrival) and the runs the cost benchmark times. Chosen by
+# `python -m benchmarks.examples` among seeded candidates: in each, at the tab's preset, the evaluator reads
+# the unguided image as wrong and DOODL's as right (benchmarks/results/examples.md, which also says how
+# rarely candidates do); tests/test_examples.py holds every stored run to it. An illustration:
+# benchmarks/quality.py is the evidence.
 EXAMPLES = {
-    "text": [["a red circle above a blue square"], ["a green triangle left of a yellow star"]],
-    "vocabulary": [["a red circle", "crimson"], ["a red square", "rose"]],
+    "text": [["a green square below a yellow square", 3513], ["a red square below a yellow star", 1341]],
+    "vocabulary": [["a red star", "scarlet", 8486], ["a red star", "maroon", 9727]],
     "personalization": [
-        ["a star", [str(EXAMPLE_IMAGES / "rose_star.png")]],
-        ["a star above a blue square", [str(EXAMPLE_IMAGES / "rose_star_dark.png")]],
+        ["a star", [str(EXAMPLE_IMAGES / f"personalization-9-{k}.png") for k in range(3)], 2380],
+        ["a circle", [str(EXAMPLE_IMAGES / f"personalization-15-{k}.png") for k in range(3)], 8688],
     ],
-    "aesthetic": [["a blue circle", None], ["a blue circle", str(EXAMPLE_IMAGES / "corner_circle.png")]],
+    "aesthetic": [["a cyan square", None, 5197]],
+}
+
+# What each example's stored run shows, as the judge of benchmarks/examples.py reads it; shown under the
+# examples.
+EXAMPLE_NOTES = {
+    "text": [
+        "Unguided, the green shape sits beside the yellow square, not below it; DOODL puts a green square "
+        "below it. One-step guidance changes nothing.",
+        "Unguided, the yellow shape above the red square is round; DOODL gives it a star's points. One-step "
+        "guidance rounds the square as well.",
+    ],
+    "vocabulary": [
+        "Unguided, the star is crimson; DOODL turns it scarlet, a shade no caption names. One-step guidance "
+        "leaves it crimson and spoils the image.",
+        "Unguided, the star is crimson; DOODL darkens it to maroon. One-step guidance leaves no red object.",
+    ],
+    "personalization": [
+        "Unguided, the star is teal; DOODL makes it blue, as in the references. One-step guidance leaves it "
+        "teal.",
+        "Unguided, a purple blob; DOODL turns it into a round blue shape, the references' shape and color "
+        "(a darker blue). One-step guidance leaves it purple.",
+    ],
+    "aesthetic": [
+        "Unguided, a large cyan square crowds the frame beside a faint stray blob; DOODL draws a smaller, "
+        "clean square in the middle (beauty 6.3 to 9.7 by the benchmark's rule). One-step guidance adds "
+        "stray color.",
+    ],
 }
 
 

@@ -21,7 +21,7 @@ from PIL import Image
 
 from doodl.baseline import one_step_guidance
 from doodl.capabilities import Crops, build_loss, load_guides
-from doodl.embedded import EXAMPLES, Preset
+from doodl.embedded import EXAMPLE_NOTES, EXAMPLES, Preset
 from doodl.optimize import Result, Step, doodl, invert_image, result_of
 from doodl.serving import ROOT, ModelCache, Request, Serving, locate, preset_values, request
 
@@ -168,15 +168,22 @@ LOOK_AT = {
 }
 
 
+def example_notes(tab: str) -> str:
+    """What each of a tab's examples shows, as `benchmarks/examples.py` judged its stored run."""
+    notes = "\n".join(f"{i}. {note}" for i, note in enumerate(EXAMPLE_NOTES[tab], 1))
+    return f"What the examples show (judged from the pixels: benchmarks/results/examples.md):\n\n{notes}"
+
+
 def example_request(serving: Serving, tab: str, row: Sequence[Any], preset: Preset) -> Request:
-    """An example of a tab (a row of `doodl.embedded.EXAMPLES`) as a run of the host's models at the
-    tab's preset."""
-    settings, prompt = {**preset_values(preset), "compare": True}, row[0]
+    """An example of a tab (a row of `doodl.embedded.EXAMPLES`: prompt, the tab's input if it has one,
+    seed) as a run of the host's models at the tab's preset."""
+    prompt, seed, given = row[0], row[-1], row[1] if len(row) > 2 else None
+    settings = {**preset_values(preset), "compare": True, "seed": seed}
     extra = {
         "text": {},
-        "vocabulary": {"target_class": row[1] if len(row) > 1 else None},
-        "personalization": {"references": row[1] if len(row) > 1 else None},
-        "aesthetic": {"photo": row[1] if len(row) > 1 else None},
+        "vocabulary": {"target_class": given},
+        "personalization": {"references": given},
+        "aesthetic": {"photo": given},
     }[tab]
     return request(serving, tab, serving.names.sd, prompt, {}, settings, **extra)
 

@@ -11,7 +11,8 @@ from benchmarks.common import EMBEDDED
 from benchmarks.quality import ASSETS, CAPABILITIES, MATCHED, METHODS, STARTED, Outcome, RawStore, verdict
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = ("cost", "memory", "fidelity", "quality", "smoothness", "batch", "photo")
+SCRIPTS = ("cost", "memory", "fidelity", "quality", "smoothness", "batch", "photo", "examples")
+NEEDS_EMBEDDED = ("quality", "examples")
 MISSING = [a for a in ASSETS if not (EMBEDDED / a).exists()]
 
 
@@ -21,7 +22,7 @@ def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("benchmarks")
     started = {}
     for name in SCRIPTS:
-        if name == "quality" and MISSING:
+        if name in NEEDS_EMBEDDED and MISSING:
             continue
         log = (out / f"{name}.log").open("w")
         command = [sys.executable, "-m", f"benchmarks.{name}", "--quick", "--out", str(out)]
@@ -36,8 +37,8 @@ def runs(tmp_path_factory):
 
 @pytest.mark.parametrize("name", SCRIPTS)
 def test_quick_run_prints_its_table(runs, name):
-    if name == "quality" and MISSING:
-        pytest.skip(f"quality needs the embedded models, not trained yet: {MISSING}")
+    if name in NEEDS_EMBEDDED and MISSING:
+        pytest.skip(f"{name} needs the embedded models, not trained yet: {MISSING}")
     returncode, output, out = runs[name]
     assert returncode == 0, output[-3000:]
     table = output.rstrip().splitlines()
@@ -86,7 +87,9 @@ def test_quality_outcomes_are_saved_per_prompt_and_reused_only_with_the_same_set
     assets = tmp_path / "assets"
     assets.mkdir()
     (assets / "weights.bin").write_bytes(b"one")
-    args = SimpleNamespace(steps=None, iterations=None, seed=2024, start_k=4, assets=assets)
+    args = SimpleNamespace(
+        steps=None, iterations=None, seed=2024, start_k=4, clip=None, guidance_scale=None, assets=assets
+    )
     capability = CAPABILITIES[2]
     first = {m: Outcome(0.5, 0.25, 40, (0.3, 0.25)) for m in METHODS[:3]}
     RawStore.open(tmp_path, capability, args).save(0, first)
@@ -98,6 +101,10 @@ def test_quality_outcomes_are_saved_per_prompt_and_reused_only_with_the_same_set
     with pytest.raises(ValueError, match="prompt 2 saved before prompt 1"):
         again.save(2, first)
     assert RawStore.open(tmp_path, capability, SimpleNamespace(**{**vars(args), "start_k": 2})).prompts == []
+    for override in ({"clip": 0.1}, {"guidance_scale": 2.0}):
+        assert (
+            RawStore.open(tmp_path, capability, SimpleNamespace(**{**vars(args), **override})).prompts == []
+        )
     (assets / "weights.bin").write_bytes(b"two")  # retrained weights: nothing is reused
     assert RawStore.open(tmp_path, capability, args).prompts == []
 

@@ -1,0 +1,81 @@
+"""Every example the app ships shows DOODL: in its stored run, the side by side a visitor sees, the quality
+benchmark's evaluators say the unguided image fails and DOODL's succeeds (`benchmarks/examples.py`, whose
+scan chose them). And that verdict tells a right image from a wrong one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks.examples import verdict
+from doodl.embedded import CAPABILITIES, EXAMPLE_NOTES, EXAMPLES
+from doodl.serving import ModelCache, Serving
+from doodl.showcase import ExampleStore, example_request, final, run
+from doodl.world import shapes
+
+
+def test_an_example_run_again_by_todays_code_still_shows_doodl():
+    """The stored runs above were made by the code of their day; the first vocabulary example (the
+    cheapest guide) is run again, as a click on a configuration without stored runs would."""
+    serving, tab = Serving(), "vocabulary"
+    row = EXAMPLES[tab][0]
+    asked = example_request(serving, tab, row, serving.presets()[tab])
+    judged = verdict(tab, row, final(run(asked, ModelCache("cpu", torch.float32))).gallery)
+    assert judged["shows_doodl"], judged
+
+
+@pytest.mark.parametrize("tab", CAPABILITIES)
+def test_every_shipped_example_shows_doodl_in_its_stored_run(tab):
+    store = ExampleStore.shipped(Serving())
+    assert EXAMPLES[tab], "a tab without examples"
+    for index, row in enumerate(EXAMPLES[tab]):
+        shown = store.load(tab, index)
+        assert shown is not None, f"{tab} example {index} has no stored run: python app.py --cache-examples"
+        judged = verdict(tab, row, shown.gallery)
+        assert judged["shows_doodl"], (tab, row, judged)
+
+
+def test_every_example_has_a_note_saying_what_changed():
+    for tab in CAPABILITIES:
+        assert len(EXAMPLE_NOTES[tab]) == len(EXAMPLES[tab]), tab
+        assert all(note.strip() for note in EXAMPLE_NOTES[tab]), tab
+
+
+def scene(first: str, relation: str, second: str) -> shapes.Scene:
+    """Two objects, the first at the left or on top, the second across from it."""
+    background = shapes.Background((235, 235, 235), (235, 235, 235), "plain")
+    (c1, s1), (c2, s2) = first.split(), second.split()
+    places = {"left of": ((18, 32), (46, 32)), "above": ((32, 18), (32, 46))}[relation]
+    objects = tuple(
+        shapes.Object(shape, color, 0, center, 10.0)
+        for (color, shape), center in zip(((c1, s1), (c2, s2)), places, strict=True)
+    )
+    return shapes.Scene(objects, background, relation, 64)
+
+
+def gallery(tmp_path: Path, **scenes: shapes.Scene) -> tuple[tuple[str, str], ...]:
+    captions = {
+        "unguided": "Unguided",
+        "one_step": "One-step guidance, scale 1",
+        "doodl": "DOODL, iteration 3",
+    }
+    paths = []
+    for name, caption in captions.items():
+        path = tmp_path / f"{name}.png"
+        shapes.to_pil(shapes.render(scenes[name])).save(path)
+        paths.append((str(path), caption))
+    return tuple(paths)
+
+
+def test_the_text_verdict_needs_a_wrong_unguided_image_and_a_right_doodl_image(tmp_path):
+    caption = "a red circle left of a blue square"
+    right = scene("red circle", "left of", "blue square")
+    wrong = scene("blue square", "left of", "red circle")
+    assert verdict("text", [caption], gallery(tmp_path, unguided=wrong, one_step=wrong, doodl=right))[
+        "shows_doodl"
+    ]
+    for unguided, doodl in ((right, right), (wrong, wrong), (right, wrong)):
+        judged = verdict("text", [caption], gallery(tmp_path, unguided=unguided, one_step=wrong, doodl=doodl))
+        assert not judged["shows_doodl"], judged

@@ -146,9 +146,20 @@ def test_every_example_shows_its_run(page, tab):
 
 
 def settings(panel, steps: int, iterations: int) -> None:
+    """Open the settings and type the steps and iterations, until the page holds them: on a busy machine a
+    field filled before the accordion's content has settled was reset to its default."""
     panel.get_by_text("Settings").first.click()
-    panel.get_by_label("Sampling steps").fill(str(steps))
-    panel.get_by_label("Optimization iterations").fill(str(iterations))
+    fields = {"Sampling steps": str(steps), "Optimization iterations": str(iterations)}
+    for _ in range(5):
+        for label, value in fields.items():
+            field = panel.get_by_label(label)
+            playwright.expect(field).to_be_visible(timeout=WAIT)
+            field.fill(value)
+            field.press("Tab")
+        panel.page.wait_for_timeout(500)
+        if all(panel.get_by_label(label).input_value() == value for label, value in fields.items()):
+            return
+    raise AssertionError(f"the settings did not take {fields}")
 
 
 def test_a_live_run_shows_its_progress_and_result(page):

@@ -65,6 +65,7 @@ from doodl.world import judge, shapes
 # The arguments a capability's saved outcomes depend on (with its preset and the models' contents). Not
 # --n or --matched-n: prompt i's outcomes are the same whatever they are, so a run extends a smaller one.
 RAW_KEYS = ("steps", "iterations", "seed", "start_k")
+OVERRIDES = ("clip", "guidance_scale")  # of the presets' settings, for measuring a lever
 
 MATCHED = "best of K samples"  # unguided samples at DOODL's UNet calls, the guide's pick
 STARTED = "best-of-k start + DOODL"  # DOODL from the guide's pick of k unguided samples
@@ -314,12 +315,8 @@ class RawStore:
     @classmethod
     def open(cls, out: Path, capability: Capability, args) -> RawStore:
         key = {name: getattr(args, name) for name in RAW_KEYS}
-        for name in (
-            "clip",
-            "guidance_scale",
-        ):  # only when given: outcomes saved at the presets' stay reusable
-            if getattr(args, name) is not None:
-                key[name] = getattr(args, name)
+        # An override joins the key only when given: outcomes saved at the presets' stay reusable.
+        key |= {name: getattr(args, name) for name in OVERRIDES if getattr(args, name) is not None}
         key["preset"] = repr(EMBEDDED_PRESETS[capability.name])
         key["models"] = assets_digest(args.assets)  # a retrained model or guide
         path = out / "quality-raw" / f"{capability.name}.json"

@@ -1,9 +1,10 @@
 """Does a photo stay itself? DOODL started from photos (EDICT inversion), at each tab's preset, with and
-without the trust region of `DoodlSettings.fidelity` (issue #17, item 4).
+without the trust region of `DoodlSettings.fidelity` and the distance to the photo in the loss
+(`DoodlSettings.photo_weight`) (issue #17, item 4).
 
 The photos are renders of the embedded world's scenes (`doodl.world.shapes`), so what they show is known.
 For each photo and tab: invert it, run DOODL at the tab's preset (10 iterations, 20 steps) with each
-fidelity, and read the scene back from the pixels of the best image with the world's judge
+fidelity and photo weight, and read the scene back from the pixels of the best image with the world's judge
 (`doodl.world.judge.find_blobs`: each object's color, shape and centre). A scene is *unchanged* when the
 result has the photo's objects, each with its color and shape and its centre within `POSITION_TOLERANCE`
 pixels, and no other object. Beside it: the beauty rule read from the pixels (`pixel_beauty`, the
@@ -19,12 +20,14 @@ What each tab asks of a photo, so that the scene may stay while the guide gains:
     python -m benchmarks.photo --n 6                  # records in results/photo-raw/runs.jsonl, then photo.md
     python -m benchmarks.photo --n 6 --tabs aesthetic --json /tmp/photo-aesthetic.jsonl   # one process a tab
     python -m benchmarks.photo --report /tmp/photo-*.jsonl     # writes benchmarks/results/photo.md
+    python -m benchmarks.photo --n 10 --tabs aesthetic --fidelities 0.9 --photo-weights 0 30 100
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import statistics
 from pathlib import Path
@@ -110,11 +113,19 @@ QUICK = {"steps": 4, "iterations": 2}
 
 
 def run_case(
-    model: LatentDiffusion, guides: dict, c: Case, fidelity: float, quick: bool = False
+    model: LatentDiffusion,
+    guides: dict,
+    c: Case,
+    fidelity: float,
+    photo_weight: float,
+    guidance_scale: float | None = None,
+    quick: bool = False,
 ) -> dict[str, Any]:
-    """One photo through DOODL at its tab's preset and this fidelity, measured."""
+    """One photo through DOODL at its tab's preset, this fidelity and photo weight (and CFG), measured."""
     preset = embedded.EMBEDDED_PRESETS[c.tab]
-    settings = dataclasses.replace(preset.settings, fidelity=fidelity, **(QUICK if quick else {}))
+    fixed = {"fidelity": fidelity, "photo_weight": photo_weight}
+    fixed["guidance_scale"] = preset.settings.guidance_scale if guidance_scale is None else guidance_scale
+    settings = dataclasses.replace(preset.settings, **fixed, **(QUICK if quick else {}))
     loss_name = CAPABILITIES[c.tab].losses[0]
     crops = Crops(2 if quick else preset.cutouts, generator=torch.Generator().manual_seed(settings.seed))
     loss = build_loss(loss_name, guides, c.target, crops)
@@ -126,6 +137,8 @@ def run_case(
         "tab": c.tab,
         "index": c.index,
         "fidelity": fidelity,
+        "photo_weight": photo_weight,
+        "guidance_scale": settings.guidance_scale,
         "reconstruction_unchanged": same_scene(photo_blobs, judge.find_blobs(start_image)),
         "unchanged": same_scene(photo_blobs, judge.find_blobs(best_image)),
         "beauty_photo": pixel_beauty(c.photo),
@@ -155,7 +168,7 @@ def measure(args: argparse.Namespace) -> None:
     done = set()
     if args.json.exists():  # resume: runs already recorded are skipped
         records = [json.loads(line) for line in args.json.read_text().splitlines() if line]
-        done = {(r["tab"], r["index"], r["fidelity"]) for r in records}
+        done = {(r["tab"], r["index"], *setting(r)) for r in records}
     for tab in args.tabs:
         loss_name = CAPABILITIES[tab].losses[0]
         guides = load_guides(
@@ -163,16 +176,25 @@ def measure(args: argparse.Namespace) -> None:
         )
         scenes = shapes.random_scenes(args.seed, args.n, two_object_fraction=0.5)
         for index, scene in enumerate(scenes):
-            for fidelity in args.fidelities:
-                if (tab, index, fidelity) in done:
+            for fidelity, weight in itertools.product(args.fidelities, args.photo_weights):
+                cfg = args.guidance_scale or embedded.EMBEDDED_PRESETS[tab].settings.guidance_scale
+                if (tab, index, fidelity, weight, cfg) in done:
                     continue
-                record = run_case(model, guides, case(tab, index, scene), fidelity, args.quick)
+                photo = case(tab, index, scene)
+                record = run_case(model, guides, photo, fidelity, weight, args.guidance_scale, args.quick)
                 print(json.dumps(record), flush=True)
                 with args.json.open("a") as out:
                     out.write(json.dumps(record) + "\n")
 
 
 _ROLES = ("clip", "classifier", "aesthetic_clip", "aesthetic_head")
+
+
+def setting(record: dict[str, Any]) -> tuple[float, float, float]:
+    """(fidelity, photo weight, CFG) of a run; runs recorded before the last two were varied had the
+    presets' (no photo weight)."""
+    cfg = embedded.EMBEDDED_PRESETS[record["tab"]].settings.guidance_scale
+    return record["fidelity"], record.get("photo_weight", 0.0), record.get("guidance_scale", cfg)
 
 
 def _mean(values: list[float]) -> str:
@@ -185,11 +207,11 @@ def _mean(values: list[float]) -> str:
 
 
 def summary_rows(records: list[dict[str, Any]]) -> list[list[Any]]:
-    """Per tab and fidelity: scenes unchanged, beauty and loss changes from the reconstruction."""
+    """Per tab, fidelity, photo weight and CFG: scenes unchanged, beauty and loss changes."""
     rows = []
-    keys = sorted({(r["tab"], r["fidelity"]) for r in records}, key=lambda k: (TABS.index(k[0]), k[1]))
-    for tab, fidelity in keys:
-        runs = [r for r in records if (r["tab"], r["fidelity"]) == (tab, fidelity)]
+    keys = sorted({(r["tab"], *setting(r)) for r in records}, key=lambda k: (TABS.index(k[0]), *k[1:]))
+    for tab, fidelity, weight, cfg in keys:
+        runs = [r for r in records if (r["tab"], *setting(r)) == (tab, fidelity, weight, cfg)]
         unchanged = sum(r["unchanged"] for r in runs)
         rec = sum(r["reconstruction_unchanged"] for r in runs)
         shade = sum(bool(r["shade_hit"]) for r in runs) if tab == "vocabulary" else None
@@ -197,6 +219,8 @@ def summary_rows(records: list[dict[str, Any]]) -> list[list[Any]]:
             [
                 tab,
                 f"{fidelity:g}",
+                f"{weight:g}",
+                f"{cfg:g}",
                 len(runs),
                 f"{unchanged}/{len(runs)} ({100 * unchanged / len(runs):.0f} %)",
                 f"{rec}/{len(runs)}",
@@ -213,6 +237,8 @@ TABS = ("text", "vocabulary", "personalization", "aesthetic")
 HEADERS = (
     "tab",
     "fidelity",
+    "photo weight",
+    "CFG",
     "photos",
     "scene unchanged (best image)",
     "scene unchanged (reconstruction)",
@@ -227,12 +253,12 @@ def report(paths: list[Path], out: Path) -> None:
     records = [json.loads(line) for path in paths for line in path.read_text().splitlines() if line]
     figure = Figure(figsize=(6, 3))
     axes = figure.subplots()
-    for fidelity in sorted({r["fidelity"] for r in records}):
-        runs = [r for r in records if r["fidelity"] == fidelity and r["tab"] == "aesthetic"]
+    for k, (fidelity, weight, cfg) in enumerate(sorted({setting(r) for r in records})):
+        runs = [r for r in records if setting(r) == (fidelity, weight, cfg) and r["tab"] == "aesthetic"]
         axes.scatter(
             [r["beauty_best"] - r["beauty_photo"] for r in runs],
-            [r["unchanged"] + 0.05 * fidelity for r in runs],
-            label=f"fidelity {fidelity:g}",
+            [r["unchanged"] + 0.03 * k for r in runs],
+            label=f"fidelity {fidelity:g}, photo weight {weight:g}, CFG {cfg:g}",
         )
     axes.set(xlabel="aesthetic tab: beauty change vs photo", ylabel="scene unchanged (0/1)")
     axes.legend()
@@ -260,6 +286,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=11, help="of the photos' scenes")
     p.add_argument("--tabs", nargs="+", default=list(TABS), choices=TABS)
     p.add_argument("--fidelities", nargs="+", type=float, default=list(DEFAULT_FIDELITIES))
+    p.add_argument(
+        "--photo-weights",
+        nargs="+",
+        type=float,
+        default=[embedded.EMBEDDED_PRESETS["aesthetic"].settings.photo_weight],
+        help="weights of the distance to the photo's reconstruction in the loss (DoodlSettings.photo_weight)",
+    )
+    p.add_argument("--guidance-scale", type=float, help="CFG of inversion and DOODL (default: the presets')")
     p.add_argument(
         "--json", type=Path, help="append each run's record here (default: OUT/photo-raw/runs.jsonl)"
     )

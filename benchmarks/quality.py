@@ -65,7 +65,7 @@ from doodl.world import judge, shapes
 # The arguments a capability's saved outcomes depend on (with its preset and the models' contents). Not
 # --n or --matched-n: prompt i's outcomes are the same whatever they are, so a run extends a smaller one.
 RAW_KEYS = ("steps", "iterations", "seed", "start_k")
-OVERRIDES = ("clip", "guidance_scale")  # of the presets' settings, for measuring a lever
+OVERRIDES = ("clip", "guidance_scale", "normalized", "learning_rate")  # of the presets', to measure a lever
 
 MATCHED = "best of K samples"  # unguided samples at DOODL's UNet calls, the guide's pick
 STARTED = "best-of-k start + DOODL"  # DOODL from the guide's pick of k unguided samples
@@ -196,9 +196,17 @@ def started_doodl(model: LatentDiffusion, task: Task, settings: DoodlSettings, k
 
 
 def run_task(
-    model: LatentDiffusion, task: Task, settings: DoodlSettings, scale: float, matched: bool, start_k: int
+    model: LatentDiffusion,
+    task: Task,
+    settings: DoodlSettings,
+    scale: float,
+    methods: tuple[str, ...],
+    start_k: int,
+    saved: dict[str, Outcome] | None = None,
 ) -> dict[str, Outcome]:
-    """{method: Outcome} for one prompt; `settings` carries DOODL's gradient clip."""
+    """{method: Outcome} for one prompt; `settings` carries DOODL's gradient clip. Methods `saved` holds
+    are not run again: every run is seeded, so a saved outcome is the one a new run would give."""
+    saved = saved or {}
     init = initial_latents(model, settings)
     curves = {}
 
@@ -207,21 +215,32 @@ def run_task(
         curves["DOODL"] = tuple(result.losses)
         return result.image
 
-    runs = {
-        "unguided": lambda: sample(model, task.prompt, settings, init),
-        "one-step": lambda: one_step(model, task, settings, scale, init),
-        "DOODL": doodl_run,
-    }
-    results = {name: counted(model, run) for name, run in runs.items()}
-    if matched:
-        k = matched_k(results["DOODL"][1], results["unguided"][1])
+    def random_search() -> tuple[Image.Image, int]:
+        k = matched_k(calls("DOODL"), calls("unguided"))
         best = best_of_samples(model, task.prompt, task.loss, settings, k)
-        results[MATCHED] = best.image, best.calls
-        results[STARTED] = counted(model, lambda: started_doodl(model, task, settings, start_k, curves))
-    return {
-        name: Outcome(task.score(image), image_loss(task, image), n, curves.get(name, ()))
-        for name, (image, n) in results.items()
+        return best.image, best.calls
+
+    runs = {
+        "unguided": lambda: counted(model, lambda: sample(model, task.prompt, settings, init)),
+        "one-step": lambda: counted(model, lambda: one_step(model, task, settings, scale, init)),
+        "DOODL": lambda: counted(model, doodl_run),
+        MATCHED: random_search,
+        STARTED: lambda: counted(model, lambda: started_doodl(model, task, settings, start_k, curves)),
     }
+    outcomes = {name: saved[name] for name in methods if name in saved}
+
+    def calls(name: str) -> int:
+        if name not in outcomes:
+            outcomes[name] = outcome_of(task, *runs[name](), curves.get(name, ()))
+        return outcomes[name].calls
+
+    for name in methods:
+        calls(name)
+    return {name: outcomes[name] for name in methods}
+
+
+def outcome_of(task: Task, image: Image.Image, calls: int, curve: tuple[float, ...]) -> Outcome:
+    return Outcome(task.score(image), image_loss(task, image), calls, curve)
 
 
 def settings_for(
@@ -235,6 +254,8 @@ def settings_for(
         "iterations": args.iterations,
         "guidance_scale": args.guidance_scale,
         "grad_clip": grad_clip,
+        "normalized": args.normalized,
+        "learning_rate": args.learning_rate,
     }
     return dataclasses.replace(settings, **{k: v for k, v in given.items() if v is not None})
 
@@ -288,7 +309,7 @@ def run_capability(
         needed = METHODS if matched else METHODS[:3]
         outcomes = raw.outcomes(i, needed)
         if outcomes is None:
-            outcomes = run_task(model, task, settings, scale, matched, args.start_k)
+            outcomes = run_task(model, task, settings, scale, needed, args.start_k, raw.partial(i))
             raw.save(i, outcomes)
         for method in needed:
             scores[method].append(outcomes[method])
@@ -327,8 +348,13 @@ class RawStore:
 
     def outcomes(self, i: int, methods: tuple[str, ...]) -> dict[str, Outcome] | None:
         """Prompt i's saved outcomes, if they hold every method asked for."""
-        if i >= len(self.prompts) or not set(methods) <= self.prompts[i].keys():
-            return None
+        saved = self.partial(i)
+        return saved if set(methods) <= saved.keys() else None
+
+    def partial(self, i: int) -> dict[str, Outcome]:
+        """Whatever prompt i's saved outcomes hold, e.g. the three methods before random search is asked."""
+        if i >= len(self.prompts):
+            return {}
         return {m: Outcome(**{**o, "curve": tuple(o["curve"])}) for m, o in self.prompts[i].items()}
 
     def save(self, i: int, outcomes: dict[str, Outcome]) -> None:
@@ -497,11 +523,15 @@ def main() -> None:
     p.add_argument("--iterations", type=int, help="DOODL iterations (default: each capability's preset)")
     p.add_argument("--guidance-scale", type=float, help="CFG scale (default: each capability's preset)")
     p.add_argument("--clip", type=float, help="DOODL's gradient clip (default: each capability's preset)")
+    p.add_argument(
+        "--normalized", action="store_true", default=None, help="DOODL's gradient scaled to the clip's RMS"
+    )
+    p.add_argument("--learning-rate", type=float, help="DOODL's rate (default: each capability's preset)")
     p.add_argument("--tune", action="store_true", help="choose clip and one-step scale on pilot prompts")
     p.add_argument("--scales", type=float, nargs="+", default=[0.1, 0.3, 1, 3, 10], help="one-step strengths")
-    # At the paper's rate of 1, over 99% of the gradient elements of each embedded guide exceed the paper's
-    # 1e-3 clip (medians 0.07 to 0.9): the clip, not the rate, sets DOODL's step, so the clip is what is
-    # tuned. The paper's 1e-3 was set for 50 iterations on a 64x64 latent; here there are 10 on 8x8.
+    # The clip is what is tuned: where a gradient element exceeds it, it sets the step. How many do differs
+    # by guide and prompt (benchmarks/results/steps.md: medians 2.6e-3 to 4.8e-2 at the presets). The
+    # paper's 1e-3 was set for 50 iterations on a 64x64 latent; here there are 10 on 8x8.
     p.add_argument(
         "--clips", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2, 3e-2, 0.1], help="DOODL gradient clips"
     )

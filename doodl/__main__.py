@@ -50,7 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         dest="init_image",
         metavar="FILE",
         help="start from this photo, EDICT-inverted, instead of noise (the prompt says what it shows; "
-        "--fidelity: how close the result stays to it)",
+        "--fidelity and --photo-weight: how close the result stays to it)",
     )
     parser.add_argument("--baseline-scale", type=float, help="also save one-step guidance at this scale")
     return parser.parse_args(argv)

@@ -408,6 +408,17 @@ def symmetry_loss() -> Loss:
     return loss
 
 
+def distance_to(image: torch.Tensor) -> Loss:
+    """Mean squared difference (pixels in [0, 1]) between images and a fixed image (1, 3, H, W) of their
+    size: the price of leaving a photo, added to a guide so that it buys only the changes worth it."""
+    image = image.detach()
+
+    def loss(images: torch.Tensor) -> torch.Tensor:
+        return F.mse_loss(images, image.to(images).expand_as(images))
+
+    return loss
+
+
 def weighted_sum(terms: Sequence[tuple[float, Loss]]) -> Loss:
     """The loss sum(weight * loss(images)) over (weight, loss) terms, e.g. text plus aesthetics."""
     if len(terms) == 0:

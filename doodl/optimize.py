@@ -30,7 +30,7 @@ from doodl.gradient import (
     PerLatentLoss,
     latent_grad,
 )
-from doodl.losses import Loss  # benchmarks import it from here too
+from doodl.losses import Loss, distance_to, weighted_sum  # benchmarks import Loss from here too
 from doodl.pipeline import LatentDiffusion, decoder_checkpointing, to_pil, to_tensor
 
 # denoise(eps, x_T, y_T, schedule) -> (x_0, y_0): `edict_denoise`, or `ddim_denoise` for few-step chains.
@@ -65,6 +65,10 @@ class DoodlSettings:
     learning_rate: float = 1.0  # loss multiplier before clipping (official: grad_scale=1)
     momentum: float = 0.9  # SGD momentum; Nesterov did not help (paper)
     grad_clip: float = 1e-3  # element-wise gradient clip (official: clip_grad_val)
+    # Scale each gradient to an RMS element of grad_clip before the rate and the clip, so that the step no
+    # longer depends on the loss's scale: a CLIP distance's gradient can sit 10x below any clip while a
+    # classifier's cross-entropy's exceeds it everywhere. Off: the paper's raw gradient.
+    normalized: bool = False
     perturbation: float = 1e-4  # std of the noise added to the latent each step (official)
     p: float = 0.93  # EDICT mixing weight (paper)
     guidance_scale: float = 7.5  # classifier-free guidance (official: sd_guidance_scale)
@@ -93,10 +97,14 @@ class DoodlSettings:
     # From given latents (`init`, e.g. a photo's EDICT inversion): keep each latent within a trust region
     # around its start, of radius (1 - fidelity) x the start's norm, projected back after every step, so
     # that the image keeps the photo's content. 0: no limit. From noise it has no effect. Default 0.9
-    # (radius 10 %): on the embedded world's aesthetic tab it kept 3 of 4 photos' scenes (none: 1 of 4);
-    # 0.99 kept every tab's but the guides gained less. Small samples: python -m benchmarks.photo
-    # (benchmarks/results/photo.md).
+    # (radius 10 %): on 10 photos of the embedded world's aesthetic tab it kept 4 scenes, as 0.97 and 0.99
+    # did; their beauty gains differ within noise (python -m benchmarks.photo, benchmarks/results/photo.md).
     fidelity: float = 0.9
+    # From given latents: add this weight x the mean squared pixel distance to their unguided image (the
+    # photo's EDICT reconstruction) to the loss, so that moving an object costs more than recoloring it.
+    # 0: none. From noise it has no effect. Default 0: on the aesthetic tab's photos, 30 kept one scene
+    # more of 10 but lowered beauty, 100 and more froze the image (benchmarks/results/photo.md).
+    photo_weight: float = 0.0
 
     def __post_init__(self) -> None:
         check = {
@@ -109,6 +117,7 @@ class DoodlSettings:
             "p": 0 < self.p <= 1,
             "guidance_scale": self.guidance_scale >= 0,
             "fidelity": 0 <= self.fidelity <= 1,
+            "photo_weight": self.photo_weight >= 0,
             # The model's own range is checked against the model: `LatentDiffusion.latent_shape`.
             "height": self.height is None or (isinstance(self.height, int) and self.height > 0),
             "width": self.width is None or (isinstance(self.width, int) and self.width > 0),
@@ -280,6 +289,9 @@ def doodl(
 
     decoded: list[torch.Tensor] = []  # x_0's image, kept from the loss's own decoding, not decoded again
     chain = settings.chain(from_photo=init is not None)
+    if init is not None and settings.photo_weight > 0:
+        anchor = distance_to(reconstruction(model, eps, x, y, settings))
+        loss = weighted_sum([(1.0, loss), (settings.photo_weight, anchor)])
     separately = settings.decodes_separately(model)
     # A DDIM chain carries one sample (x_0 = y_0): judged once.
     loss_of_final = final_loss(model, loss, settings.first_image_only or chain.few_steps, decoded, separately)
@@ -297,6 +309,15 @@ def doodl(
                 x, y = region.project((x, y))
 
 
+def reconstruction(
+    model: LatentDiffusion, eps: NoisePredictor, x: torch.Tensor, y: torch.Tensor, settings: DoodlSettings
+) -> torch.Tensor:
+    """The image (1, 3, H, W) that given latents, e.g. a photo's inversion, sample to unguided."""
+    with torch.no_grad():
+        x0, _ = settings.denoise(eps, x, y, model, from_photo=True)
+        return model.decode(x0)
+
+
 def _sgd_step(
     latents: Pair, grad: Pair, velocity: Pair, norms: Pair, s: DoodlSettings, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor, Pair]:
@@ -309,6 +330,8 @@ def _sgd_step(
         grad = ((grad[0] + grad[1]) / 2,) * 2
     noise = torch.randn(latents[0].shape, generator=generator, dtype=torch.float64)
     noise = s.perturbation * noise.to(latents[0])
+    if s.normalized:
+        grad = [g * (s.grad_clip / g.square().mean().sqrt().clamp_min(1e-30)) for g in grad]
     step = [(-s.learning_rate * g).clamp(-s.grad_clip, s.grad_clip) for g in grad]
     velocity = tuple(s.momentum * v + d for v, d in zip(velocity, step))
     new = [z + v + noise for z, v in zip(latents, velocity)]

@@ -167,7 +167,8 @@ SETTINGS: tuple[Setting, ...] = (
         range_note=f"a whole number from 0 to {MAX_SEED}",
     ),
     Setting("learning_rate", "Learning rate", float, lambda p: p.settings.learning_rate, "paper: 1", row=1),
-    # The clip, not the rate, sets the step: nearly every gradient element exceeds it.
+    # Elements above the clip step by the clip, the rest by rate x gradient; on the embedded guides, from 0 to
+    # 100 % of them are above it, by prompt (benchmarks/results/steps.md).
     Setting(
         "grad_clip",
         "Gradient clip",
@@ -225,6 +226,17 @@ SETTINGS: tuple[Setting, ...] = (
         "from a photo: its latents stay within (1 - fidelity) x their norm of its inversion; 0: no limit",
         row=4,
         slider=(0.0, 1.0, 0.01),
+    ),
+    # Only a run from a photo uses it too (DoodlSettings.photo_weight).
+    Setting(
+        "photo_weight",
+        "Closeness to the photo",
+        float,
+        lambda p: p.settings.photo_weight,
+        "from a photo: weight of the pixel distance to it in the loss; 0: none",
+        row=4,
+        minimum=0,
+        range_note="it must be 0 or more",
     ),
     Setting("height", "Height", int, lambda p: p.settings.height or 0, _SIZE, row=5),
     Setting("width", "Width", int, lambda p: p.settings.width or 0, _SIZE, row=5),

@@ -1,5 +1,6 @@
 """Every benchmark's --quick mode runs to the end, writes its report and prints its table."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -11,8 +12,19 @@ from benchmarks.common import EMBEDDED
 from benchmarks.quality import ASSETS, CAPABILITIES, MATCHED, METHODS, STARTED, Outcome, RawStore, verdict
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = ("cost", "memory", "fidelity", "quality", "smoothness", "batch", "photo", "examples")
-NEEDS_EMBEDDED = ("quality", "examples")
+SCRIPTS = (
+    "cost",
+    "memory",
+    "fidelity",
+    "quality",
+    "smoothness",
+    "batch",
+    "photo",
+    "examples",
+    "unet_call",
+    "steps",
+)
+NEEDS_EMBEDDED = ("quality", "examples", "steps")
 MISSING = [a for a in ASSETS if not (EMBEDDED / a).exists()]
 
 
@@ -87,21 +99,22 @@ def test_quality_outcomes_are_saved_per_prompt_and_reused_only_with_the_same_set
     assets = tmp_path / "assets"
     assets.mkdir()
     (assets / "weights.bin").write_bytes(b"one")
-    args = SimpleNamespace(
-        steps=None, iterations=None, seed=2024, start_k=4, clip=None, guidance_scale=None, assets=assets
-    )
+    overrides = {"clip": None, "guidance_scale": None, "normalized": None, "learning_rate": None}
+    args = SimpleNamespace(steps=None, iterations=None, seed=2024, start_k=4, assets=assets, **overrides)
     capability = CAPABILITIES[2]
     first = {m: Outcome(0.5, 0.25, 40, (0.3, 0.25)) for m in METHODS[:3]}
     RawStore.open(tmp_path, capability, args).save(0, first)
 
     again = RawStore.open(tmp_path, capability, args)
     assert again.outcomes(0, METHODS[:3]) == first  # curves come back as tuples, as saved
-    assert again.outcomes(0, METHODS) is None  # the random-search runs were not saved: run again
+    assert again.outcomes(0, METHODS) is None  # the random-search runs were not saved: run them
+    assert again.partial(0) == first  # ... beside the saved three, which are not run again
+    assert again.partial(1) == {}
     assert again.outcomes(1, METHODS[:3]) is None
     with pytest.raises(ValueError, match="prompt 2 saved before prompt 1"):
         again.save(2, first)
     assert RawStore.open(tmp_path, capability, SimpleNamespace(**{**vars(args), "start_k": 2})).prompts == []
-    for override in ({"clip": 0.1}, {"guidance_scale": 2.0}):
+    for override in ({"clip": 0.1}, {"guidance_scale": 2.0}, {"normalized": True}, {"learning_rate": 3.0}):
         assert (
             RawStore.open(tmp_path, capability, SimpleNamespace(**{**vars(args), **override})).prompts == []
         )
@@ -236,3 +249,24 @@ def test_sdxl_verdict_holds_a_whole_iteration_to_one_unet_vjp_plus_ten_percent(t
     said = xl_extrapolation(cases, [2.0, 2.1, 1.5, 1.0, 2.2], tmp_path, tmp_path / "guide")
     assert "UNet VJP 4.00 GB, decode (float32) 6.00 GB, guide 0.50 GB" in said
     assert "1.10x its largest piece" in said and "about 6.6 GB above" in said
+
+
+def test_compare_pairs_a_levers_prompts_with_the_references(tmp_path, capsys, monkeypatch):
+    from benchmarks import compare
+
+    for name, values in (("base", [0.0, 0.5, 1.0]), ("lever", [1.0, 0.5])):  # the lever ran 2 prompts
+        (tmp_path / name).mkdir()
+        prompts = [{"DOODL": {"score": v}, "unguided": {"score": 0.0}} for v in values]
+        (tmp_path / name / "text.json").write_text(json.dumps({"key": {}, "prompts": prompts}))
+    assert compare.row("text", [0.0, 0.5, 1.0], [1.0, 0.5]) == [
+        "text",
+        2,
+        "0.250",
+        "0.750",
+        "+0.500 ± 0.500",
+        1,
+        0,
+    ]
+    monkeypatch.setattr(sys, "argv", ["compare", str(tmp_path / "base"), str(tmp_path / "lever")])
+    compare.main()
+    assert "| text | 2 | 0.250 | 0.750 | +0.500 ± 0.500 | 1 | 0 |" in capsys.readouterr().out

@@ -238,6 +238,25 @@ def test_optimizer_is_deterministic_from_the_seed(tiny):
     assert other.losses[0] != first.losses[0]
 
 
+def test_normalized_steps_do_not_depend_on_the_loss_scale(tiny):
+    def scaled(factor):
+        return lambda images: factor * mean_gray_loss(images)
+
+    def last_latent(loss, normalized):
+        settings = DoodlSettings(steps=4, iterations=3, grad_clip=0.05, normalized=normalized, perturbation=0)
+        return optimize(tiny, PROMPT, loss, settings).last.latents[0]
+
+    start = initial_latents(tiny, DoodlSettings())[0]
+    small, large = (last_latent(scaled(f), normalized=True) for f in (1e-3, 10.0))
+    torch.testing.assert_close(small, large, rtol=1e-4, atol=1e-5)  # float32 UNet: rounding differs
+    # Each step moves the RMS element by the clip, momentum adding the last: about 0.05 * (1 + 1.9) in all.
+    moved = (small - start).square().mean().sqrt().item()
+    assert 0.05 < moved < 0.05 * 2.9
+    # The paper's raw gradient: the small loss barely moves the latents, the large one moves them far.
+    raw_small, raw_large = (last_latent(scaled(f), normalized=False) for f in (1e-3, 10.0))
+    assert (raw_small - start).abs().max() < 0.01 * (raw_large - start).abs().max()
+
+
 def test_callback_can_stop_the_run(tiny):
     settings = DoodlSettings(steps=4, iterations=10)
     result = optimize(tiny, PROMPT, mean_gray_loss, settings, callback=lambda step: step.iteration < 2)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from doodl import DoodlSettings
+from doodl import DoodlSettings, edict_denoise
 from doodl.optimize import TrustRegion, invert_image, optimize
 from doodl.serving import SETTING_NAMES, ModelCache, ModelNames, Serving, request, run_options
 from doodl.showcase import final, run
@@ -89,11 +89,41 @@ def test_fidelity_changes_nothing_from_noise(tiny):
     assert torch.equal(x, y)  # tied from noise: one latent, as the paper's averaging keeps it
 
 
-def test_fidelity_is_a_run_setting():
-    assert "fidelity" in SETTING_NAMES
+def test_the_photo_weight_prices_the_distance_to_the_photos_reconstruction(tiny, photo_latents):
+    settings = DoodlSettings(steps=6, iterations=2, learning_rate=100.0, fidelity=0, photo_weight=300.0)
+    steps = []
+    optimize(tiny, PROMPT, mean_gray_loss, settings, photo_latents, steps.append)
+    eps = tiny.noise_predictor(tiny.encode_prompt(PROMPT), settings.guidance_scale)
+    schedule = settings.schedule(tiny)
+    with torch.no_grad():
+        reconstruction = tiny.decode(edict_denoise(eps, *photo_latents, schedule)[0])
+        images = [tiny.decode(z) for z in edict_denoise(eps, *steps[1].latents, schedule)]
+    # Iteration 2's loss, written out: the guide plus the weight times the mean squared pixel distance to
+    # the reconstruction, averaged over the pair's two images.
+    expected = sum(mean_gray_loss(i) + 300.0 * ((i - reconstruction) ** 2).mean() for i in images) / 2
+    assert steps[1].loss == pytest.approx(float(expected), rel=1e-4)
+    assert float(((images[0] - reconstruction) ** 2).mean()) > 0  # the term was not zero: it was tested
+    # At the reconstruction itself the distance is zero: iteration 1 reports the guide's loss alone.
+    assert steps[0].loss == pytest.approx(float(mean_gray_loss(reconstruction)), rel=1e-4)
+
+
+def test_the_photo_weight_changes_nothing_from_noise(tiny):
+    settings = DoodlSettings(steps=5, iterations=3, learning_rate=100.0)
+    assert optimize(tiny, PROMPT, mean_gray_loss, settings).losses == (
+        optimize(tiny, PROMPT, mean_gray_loss, replace(settings, photo_weight=1e3)).losses
+    )
+    with pytest.raises(ValueError, match="photo_weight"):
+        DoodlSettings(photo_weight=-1)
+
+
+def test_fidelity_and_the_photo_weight_are_run_settings():
+    assert {"fidelity", "photo_weight"} <= set(SETTING_NAMES)
     assert run_options(fidelity=0.5).settings.fidelity == 0.5
+    assert run_options(photo_weight=30).settings.photo_weight == 30.0
     with pytest.raises(ValueError, match="fidelity"):
         run_options(fidelity=2.0)
+    with pytest.raises(ValueError, match="photo_weight"):
+        run_options(photo_weight=-1)
 
 
 # --- every tab from a photo, through the checks and the run the page shows ---------------------------

@@ -118,13 +118,12 @@ def run_case(
     c: Case,
     fidelity: float,
     photo_weight: float,
-    guidance_scale: float | None = None,
+    guidance_scale: float,
     quick: bool = False,
 ) -> dict[str, Any]:
-    """One photo through DOODL at its tab's preset, this fidelity and photo weight (and CFG), measured."""
+    """One photo through DOODL at its tab's preset with this fidelity, photo weight and CFG, measured."""
     preset = embedded.EMBEDDED_PRESETS[c.tab]
-    fixed = {"fidelity": fidelity, "photo_weight": photo_weight}
-    fixed["guidance_scale"] = preset.settings.guidance_scale if guidance_scale is None else guidance_scale
+    fixed = {"fidelity": fidelity, "photo_weight": photo_weight, "guidance_scale": guidance_scale}
     settings = dataclasses.replace(preset.settings, **fixed, **(QUICK if quick else {}))
     loss_name = CAPABILITIES[c.tab].losses[0]
     crops = Crops(2 if quick else preset.cutouts, generator=torch.Generator().manual_seed(settings.seed))
@@ -175,13 +174,13 @@ def measure(args: argparse.Namespace) -> None:
             [loss_name], roles, lambda kind, name: load_guide(kind, name, "cpu", torch.float32)
         )
         scenes = shapes.random_scenes(args.seed, args.n, two_object_fraction=0.5)
+        cfg = embedded.EMBEDDED_PRESETS[tab].settings.guidance_scale
+        cfg = cfg if args.guidance_scale is None else args.guidance_scale
         for index, scene in enumerate(scenes):
             for fidelity, weight in itertools.product(args.fidelities, args.photo_weights):
-                cfg = args.guidance_scale or embedded.EMBEDDED_PRESETS[tab].settings.guidance_scale
                 if (tab, index, fidelity, weight, cfg) in done:
                     continue
-                photo = case(tab, index, scene)
-                record = run_case(model, guides, photo, fidelity, weight, args.guidance_scale, args.quick)
+                record = run_case(model, guides, case(tab, index, scene), fidelity, weight, cfg, args.quick)
                 print(json.dumps(record), flush=True)
                 with args.json.open("a") as out:
                     out.write(json.dumps(record) + "\n")

@@ -216,7 +216,7 @@ def run_task(
         return result.image
 
     def random_search() -> tuple[Image.Image, int]:
-        k = matched_k(calls("DOODL"), calls("unguided"))
+        k = matched_k(outcome("DOODL").calls, outcome("unguided").calls)
         best = best_of_samples(model, task.prompt, task.loss, settings, k)
         return best.image, best.calls
 
@@ -229,14 +229,13 @@ def run_task(
     }
     outcomes = {name: saved[name] for name in methods if name in saved}
 
-    def calls(name: str) -> int:
+    def outcome(name: str) -> Outcome:
+        """The saved or already run outcome of a method, else its run's, now."""
         if name not in outcomes:
             outcomes[name] = outcome_of(task, *runs[name](), curves.get(name, ()))
-        return outcomes[name].calls
+        return outcomes[name]
 
-    for name in methods:
-        calls(name)
-    return {name: outcomes[name] for name in methods}
+    return {name: outcome(name) for name in methods}
 
 
 def outcome_of(task: Task, image: Image.Image, calls: int, curve: tuple[float, ...]) -> Outcome:

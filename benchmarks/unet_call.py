@@ -4,7 +4,7 @@
     python -m benchmarks.unet_call --threads 2 --no-compile # eager only (compiling takes minutes on a CPU)
     python -m benchmarks.unet_call --quick                  # seconds-long smoke run on a tiny model
 
-A call here is what `LatentDiffusion.noise_predictor` makes: one batched UNet evaluation of the
+A call here is `LatentDiffusion.noise_predictor`'s own, as DOODL makes it: one batched UNet evaluation of the
 unconditional and conditional halves (2 latents) at one timestep, with the prompt's context. Timed: the
 forward without gradients (the chain forward makes one per half-step) and the forward with the
 vector-Jacobian product to the latents (the reversible backward makes one per half-step; the weights are
@@ -40,60 +40,60 @@ from benchmarks.common import (
     write_report,
 )
 from doodl.embedded import EMBEDDED_PRESETS
-from doodl.pipeline import ONEDNN_MIN_LATENT_SIDE, guidance_halves, load_pipeline, onednn
+from doodl.pipeline import LatentDiffusion, NoisePredictor, load_pipeline
 
 ITERATION_TARGET = 1.2  # seconds per default iteration on 2 cores (issue: 30 iterations in today's ~35 s)
+PRESET = EMBEDDED_PRESETS["text"].settings  # every tab's steps and CFG are the same
 
 
-def call_inputs(folder: Path) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
-    """The model's UNet, a guided call's latents (2, C, h, w) and its context, as DOODL batches them."""
+def noise_predictor(folder: Path) -> tuple[LatentDiffusion, NoisePredictor, torch.Tensor]:
+    """The model, DOODL's guided noise predictor of a prompt at the presets' CFG, and latents for it."""
     model = load_pipeline(folder, "cpu", torch.float32)
-    halves = guidance_halves(model.encode_prompt(PROMPT), 4.0)
-    context = torch.cat([half.hidden for half in halves])
+    eps = model.noise_predictor(model.encode_prompt(PROMPT), PRESET.guidance_scale)
     generator = torch.Generator().manual_seed(0)
-    latents = torch.randn((len(halves), *model.latent_shape()[1:]), generator=generator)
-    return model.unet, latents, context
+    return model, eps, torch.randn(model.latent_shape(), generator=generator, dtype=PRESET.precision)
 
 
-def forward(unet, latents, context, t: torch.Tensor) -> None:
+def forward(eps: NoisePredictor, latents: torch.Tensor, t: torch.Tensor) -> None:
     with torch.no_grad():
-        unet(latents, t, encoder_hidden_states=context)
+        eps(latents, t)
 
 
-def forward_vjp(unet, latents, context, t: torch.Tensor) -> None:
+def forward_vjp(eps: NoisePredictor, latents: torch.Tensor, t: torch.Tensor) -> None:
     x = latents.clone().requires_grad_(True)
-    out = unet(x, t, encoder_hidden_states=context).sample
+    out = eps(x, t)
     torch.autograd.grad(out, x, torch.ones_like(out))
 
 
-def milliseconds(run, unet, latents, context, calls: int) -> float:
+def milliseconds(run, eps: NoisePredictor, latents: torch.Tensor, calls: int) -> float:
     """Mean ms of a call over `calls` timesteps across the schedule, after two warm-up calls."""
     for t in (999, 500):
-        run(unet, latents, context, torch.tensor(t))
+        run(eps, latents, torch.tensor(t))
     begin = time.perf_counter()
     for k in range(calls):
-        run(unet, latents, context, torch.tensor(980 - k * (960 // max(calls - 1, 1))))
+        run(eps, latents, torch.tensor(980 - k * (960 // max(calls - 1, 1))))
     return 1000 * (time.perf_counter() - begin) / calls
 
 
-def flops(unet, latents, context) -> float:
+def flops(eps: NoisePredictor, latents: torch.Tensor) -> float:
     with FlopCounterMode(display=False) as counter:
-        forward(unet, latents, context, torch.tensor(500))
+        forward(eps, latents, torch.tensor(500))
     return counter.get_total_flops()
 
 
-def measure(unet, latents, context, calls: int, compiled: bool) -> dict[str, float]:
+def measure(
+    model: LatentDiffusion, eps: NoisePredictor, latents, calls: int, compiled: bool
+) -> dict[str, float]:
+    """ms of a forward and of a forward with its VJP; compiled, `model`'s UNet is compiled in place first."""
     compile_s = 0.0
     if compiled:
-        unet = torch.compile(unet, dynamic=False)
+        model.unet.compile(dynamic=False)
         begin = time.perf_counter()
-        forward(unet, latents, context, torch.tensor(1))
-        forward_vjp(unet, latents, context, torch.tensor(1))
+        forward(eps, latents, torch.tensor(1))
+        forward_vjp(eps, latents, torch.tensor(1))
         compile_s = time.perf_counter() - begin
-    small = max(latents.shape[-2:]) <= ONEDNN_MIN_LATENT_SIDE
-    with onednn(not small):  # as `noise_predictor` runs it
-        fwd = milliseconds(forward, unet, latents, context, calls)
-        vjp = milliseconds(forward_vjp, unet, latents, context, calls)
+    fwd = milliseconds(forward, eps, latents, calls)
+    vjp = milliseconds(forward_vjp, eps, latents, calls)
     return {"forward": fwd, "forward+VJP": vjp, "compile": compile_s}
 
 
@@ -107,13 +107,13 @@ def main() -> None:
     if args.quick or folder is None:
         folder, name, args.calls, args.no_compile = tiny_folder(8), "tiny 8x8 latents", 3, True
     out = start(args)
-    unet, latents, context = call_inputs(folder)
-    gflop = flops(unet, latents, context) / 1e9
-    steps = EMBEDDED_PRESETS["text"].settings.steps
+    model, eps, latents = noise_predictor(folder)
+    gflop = flops(eps, latents) / 1e9
+    steps = PRESET.steps
     rows, results = [], {}
     for compiled in (False,) if args.no_compile else (False, True):
         label = "compiled" if compiled else "eager"
-        ms = results[label] = measure(unet, latents, context, args.calls, compiled)
+        ms = results[label] = measure(model, eps, latents, args.calls, compiled)
         unet_s = 2 * steps * (ms["forward"] + ms["forward+VJP"]) / 1000
         rows.append(
             [
@@ -129,7 +129,8 @@ def main() -> None:
         )
         print(rows[-1], flush=True)
     notes = (
-        f"One call: 2 latents {tuple(latents.shape[1:])}, context {tuple(context.shape[1:])}; ms are means "
+        f"One call: latents {tuple(latents.shape[1:])}, cond and uncond in one batch, CFG "
+        f"{PRESET.guidance_scale:g}; ms are means "
         f"over {args.calls} timesteps. UNet s per iteration = {2 * steps} x (forward + forward with VJP), "
         f"the UNet work of one reversible iteration at the presets' {steps} steps; an iteration of "
         f"{ITERATION_TARGET} s also holds decoding and the guide. Inductor's cache: "

@@ -56,16 +56,23 @@ except ImportError:
 
 # ZeroGPU holds a GPU for the duration a run asks for. The estimate: the official code's ~10 s per 50-step
 # iteration on an A100, i.e. 0.2 s per step and iteration; the one-step comparison costs about two
-# iterations more, and loading the models a fixed start.
+# iterations more, each start sample beyond the seed's own about a quarter of one (a forward chain without
+# the backward), and loading the models a fixed start.
 GPU_SECONDS_PER_STEP_ITERATION = 0.2
 GPU_START_SECONDS = 30
 
 
 def gpu_seconds(
-    *inputs: Any, steps: float = 50, iterations: float = 50, compare: bool = True, **_: Any
+    *inputs: Any,
+    steps: float = 50,
+    iterations: float = 50,
+    compare: bool = True,
+    start_samples: float = 1,
+    **_: Any,
 ) -> int:
     """Seconds a run with these settings holds a ZeroGPU GPU (`spaces.GPU` calls it with the run's inputs)."""
-    work = float(steps) * (float(iterations) + (2 if compare else 0))
+    starts = (float(start_samples) - 1) / 4
+    work = float(steps) * (float(iterations) + (2 if compare else 0) + starts)
     return int(GPU_START_SECONDS + GPU_SECONDS_PER_STEP_ITERATION * work)
 
 

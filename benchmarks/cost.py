@@ -201,6 +201,7 @@ def default_runs(quick: bool) -> tuple[str, str, dict[str, float]]:
                 tab,
                 settings.steps,
                 settings.iterations,
+                settings.start_samples,
                 preset.cutouts,
                 f"{doodl_seconds:.1f}",
                 f"{one_step:.1f}",
@@ -216,6 +217,7 @@ def default_runs(quick: bool) -> tuple[str, str, dict[str, float]]:
             "tab",
             "steps",
             "iterations",
+            "start samples",
             "crops",
             "DOODL (s)",
             "one-step side-by-side (s)",
@@ -297,8 +299,8 @@ def default_runs_report(quick: bool, out) -> None:
     runs_table, parts_table, totals = default_runs(quick)
     notes = (
         "A visitor's wait on the embedded model: each tab's first example at the tab's settings "
-        "(`doodl.embedded.EMBEDDED_PRESETS`), all DOODL iterations plus the one-step image of the "
-        "side-by-side (the unguided image is DOODL's first iteration). Target: at most "
+        "(`doodl.embedded.EMBEDDED_PRESETS`): the start's samples, all DOODL iterations, and the one-step "
+        "image of the side-by-side (the unguided image is DOODL's first iteration). Target: at most "
         f"{DEFAULT_RUN_TARGET:g} s on 2 idle cores (`--threads 2`). Below, one default iteration split into "
         "its parts (seconds): the UNet calls "
         "are the chain forward and the reversible backward; decode and guide each include their backward."

@@ -46,7 +46,7 @@ from doodl.world import beauty, judge, shapes
 
 AESTHETIC_GAIN = 1.0  # beauty points over the unguided image (issue #17's aesthetic target)
 METHODS = ("unguided", "one-step", "DOODL")
-CANDIDATES = {"text": 48, "vocabulary": 16, "personalization": 16, "aesthetic": 16}
+CANDIDATES = {"text": 48, "vocabulary": 16, "personalization": 36, "aesthetic": 16}
 PHOTO_BEAUTY_BELOW = 7.0  # the aesthetic candidates' photos: room for the +1 a success needs
 IMAGES = RESULTS / "examples-images"  # the candidates' references and photos
 

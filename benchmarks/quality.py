@@ -12,7 +12,7 @@ iterations, CFG, gradient clip, crops, one-step scale), so the figures describe 
 
 Per prompt, from the same initial latents: the unguided EDICT sample, one-step guidance, and DOODL (the
 image of lowest guidance loss over its iterations). On the first --matched-n prompts also two uses of
-random search (`doodl.baseline.best_of_samples`), each candidate picked by the same guidance loss: best of
+random search (`doodl.optimize.best_of_samples`), each candidate picked by the same guidance loss: best of
 K unguided samples, with K chosen so that they make as many UNet calls as DOODL (`matched_k`; the first
 candidate is the prompt's own seed), and DOODL started from the best of --start-k samples, which costs
 those samples' calls on top of DOODL's. Each guided method's strength (one-step scale, DOODL's
@@ -49,6 +49,7 @@ from benchmarks.common import (
 from benchmarks.evaluators import beauty_agreement, measured_shade, pixel_beauty
 from doodl import (
     DoodlSettings,
+    best_of_samples,
     capabilities,
     initial_latents,
     load_pipeline,
@@ -56,7 +57,7 @@ from doodl import (
     optimize,
     sample,
 )
-from doodl.baseline import best_of_samples, matched_k
+from doodl.baseline import matched_k
 from doodl.embedded import EMBEDDED_PRESETS, Preset
 from doodl.losses import Loss
 from doodl.pipeline import LatentDiffusion, count_unet_calls
@@ -189,8 +190,7 @@ def doodl_image(model: LatentDiffusion, task: Task, settings: DoodlSettings, ini
 
 def started_doodl(model: LatentDiffusion, task: Task, settings: DoodlSettings, k: int, curves: dict):
     """DOODL from the best of k unguided samples by the same guidance loss; its UNet calls count both."""
-    start = best_of_samples(model, task.prompt, task.loss, settings, k)
-    result = optimize(model, task.prompt, task.loss, dataclasses.replace(settings, seed=start.seed))
+    result = optimize(model, task.prompt, task.loss, dataclasses.replace(settings, start_samples=k))
     curves[STARTED] = tuple(result.losses)
     return result.image
 
@@ -242,12 +242,20 @@ def outcome_of(task: Task, image: Image.Image, calls: int, curve: tuple[float, .
     return Outcome(task.score(image), image_loss(task, image), calls, curve)
 
 
+def measured_preset(capability: Capability) -> Preset:
+    """The capability's preset as every method here starts from it: the prompt's own noise. Each method
+    sets its own start (DOODL the paper's, the best-of-k one --start-k samples), so the app's
+    `start_samples` is not one of the outcomes' inputs."""
+    preset = EMBEDDED_PRESETS[capability.name]
+    return dataclasses.replace(preset, settings=dataclasses.replace(preset.settings, start_samples=1))
+
+
 def settings_for(
     args, capability: Capability, index: int, i: int, grad_clip: float | None = None
 ) -> DoodlSettings:
     """Settings of prompt i of capability `index`: the capability's preset, with its own initial latents
     and what the command line overrides."""
-    settings = dataclasses.replace(EMBEDDED_PRESETS[capability.name].settings, seed=1000 * index + i)
+    settings = dataclasses.replace(measured_preset(capability).settings, seed=1000 * index + i)
     given = {
         "steps": args.steps,
         "iterations": args.iterations,
@@ -337,7 +345,7 @@ class RawStore:
         key = {name: getattr(args, name) for name in RAW_KEYS}
         # An override joins the key only when given: outcomes saved at the presets' stay reusable.
         key |= {name: getattr(args, name) for name in OVERRIDES if getattr(args, name) is not None}
-        key["preset"] = repr(EMBEDDED_PRESETS[capability.name])
+        key["preset"] = measured_preset(capability).key()
         key["models"] = assets_digest(args.assets)  # a retrained model or guide
         path = out / "quality-raw" / f"{capability.name}.json"
         saved = json.loads(path.read_text()) if path.is_file() else {}
@@ -449,7 +457,8 @@ def verdict(name: str, scores: dict[str, list]) -> str:
         "lower on " + ", ".join(losses) + "."
     )
     if scores[STARTED]:
-        pairs = [compared(scores, STARTED, m) for m in ("DOODL", MATCHED) if scores[m]]
+        others = ("unguided", "one-step", "DOODL", MATCHED)
+        pairs = [compared(scores, STARTED, m) for m in others if scores[m]]
         said, losses = zip(*pairs)
         text += (
             f" {STARTED} " + "; ".join(said) + "; its guidance loss is lower on " + ", ".join(losses) + "."
@@ -575,7 +584,9 @@ def main() -> None:
         f"same guidance loss: *{MATCHED}*, K = DOODL's UNet calls / a sample's unguided samples (the "
         f"prompt's own seed first; the same UNet calls as DOODL), and *{STARTED}*, DOODL from the best of "
         f"k = {args.start_k} samples: k samples' calls more than DOODL, so it costs more than the matched "
-        "budget (UNet calls per image in the last table). Scores: "
+        "budget (UNet calls per image in the last table). *DOODL* starts from the prompt's own noise, as "
+        f"the paper's; *{STARTED}* is what the app runs (the presets' `start_samples`: "
+        f"{', '.join(f'{n} {p.settings.start_samples}' for n, p in EMBEDDED_PRESETS.items())}). Scores: "
         "mean ± standard error; judge fractions and success rates are 0-1. The pixel beauty estimate "
         f"correlates {beauty_agreement(100):.2f} with the beauty of the true scene on rendered images."
     )

@@ -224,8 +224,11 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     result.best.image.save(out)
     print(f"best loss {result.best.loss:.5f} at iteration {result.best.iteration + 1}; saved {out}")
+    if init is None and settings.start_samples > 1:
+        print(f"started from seed {result.best.seed}, the best of {settings.start_samples} samples")
     if args.baseline_scale is not None:
-        baseline = one_step_guidance(model, args.prompt, loss, args.baseline_scale, settings, init)
+        start = replace(settings, seed=result.best.seed, start_samples=1)  # from DOODL's start
+        baseline = one_step_guidance(model, args.prompt, loss, args.baseline_scale, start, init)
         baseline_path = out.with_name(f"{out.stem}-one-step{out.suffix}")
         baseline.save(baseline_path)
         print(f"one-step guidance at scale {args.baseline_scale}: saved {baseline_path}")

@@ -34,11 +34,11 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from doodl.baseline import best_of_samples, matched_k, one_step_guidance
+from doodl.baseline import matched_k, one_step_guidance
 from doodl.capabilities import Crops, Target, build_weighted, capability_of
 from doodl.embedded import presets
 from doodl.losses import Loss
-from doodl.optimize import DoodlSettings, conditioning, initial_latents, optimize, sample
+from doodl.optimize import DoodlSettings, best_of_samples, conditioning, initial_latents, optimize, sample
 from doodl.pipeline import LatentDiffusion, ModelLoadError, count_unet_calls, load_pipeline, to_tensor
 
 METHODS = ("unguided", "one-step", "doodl", "best-of-n")
@@ -167,6 +167,7 @@ class Runner:
                 result = optimize(self.model, job.prompt, self.loss(job, target), settings)
                 image = result.best.image
                 extra = {"curve": result.losses, "best_iteration": result.best.iteration + 1}
+                extra["start_seed"] = result.best.seed  # the pair's own, or the best of start_samples
             else:
                 image, extra = self.best_of_n(job, target, settings, n)
         return Made(image, self.judged(job, target, image), calls.calls, extra)

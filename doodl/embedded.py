@@ -31,6 +31,11 @@ class Preset:
     cutouts: int = CUTOUTS
     one_step_scale: float = 1.0
 
+    def key(self) -> str:
+        """The preset by what it changes from the defaults, for the keys of stored runs: a setting added
+        later, at its default, leaves them valid."""
+        return repr((self.settings.changed(), self.cutouts, self.one_step_scale))
+
 
 # The paper's settings (50 steps, 50 iterations, CFG 7.5, clip 1e-3) for any real model.
 PAPER = Preset(DoodlSettings())
@@ -43,13 +48,18 @@ PAPER = Preset(DoodlSettings())
 # - the gradient clip and the one-step scale of each capability are the ones `python -m benchmarks.quality
 #   --tune --pilot 2 --clips 0.01 0.03 --scales 0.3 1 3 10` chose, by each method's own guidance loss on
 #   pilot prompts (benchmarks/results/quality-tune-*.md). A sign step beyond ~0.1 per latent element
-#   overshoots along the gradient, and momentum 0.9 lets the step grow to ten times the clip.
-_EMBEDDED_BASE = DoodlSettings(steps=20, iterations=10, guidance_scale=4.0)
+#   overshoots along the gradient, and momentum 0.9 lets the step grow to ten times the clip;
+# - DOODL starts from the best of 4 samples by the guide, for about one iteration's time: on 30 prompts per
+#   tab it was ahead of DOODL from the seed on text (+0.08), vocabulary (+0.20, beyond 2 SE) and
+#   personalization (+0.10) (benchmarks/results/quality.md). Not on aesthetic (+0.25 ± 0.27 beauty, a tie):
+#   there the best of 4 is already beautiful (8.3 or more on 16 of 18 candidate examples), which leaves DOODL
+#   nothing to show (none of 36 candidates: benchmarks/results/examples-aesthetic-start-4.jsonl).
+_EMBEDDED_BASE = DoodlSettings(steps=20, iterations=10, guidance_scale=4.0, start_samples=4)
 EMBEDDED_PRESETS = {
     "text": Preset(replace(_EMBEDDED_BASE, grad_clip=0.01), one_step_scale=0.3),
     "vocabulary": Preset(replace(_EMBEDDED_BASE, grad_clip=0.03), one_step_scale=10.0),
     "personalization": Preset(replace(_EMBEDDED_BASE, grad_clip=0.01), one_step_scale=0.3),
-    "aesthetic": Preset(replace(_EMBEDDED_BASE, grad_clip=0.03), one_step_scale=1.0),
+    "aesthetic": Preset(replace(_EMBEDDED_BASE, grad_clip=0.03, start_samples=1), one_step_scale=1.0),
 }
 
 
@@ -60,11 +70,14 @@ EMBEDDED_PRESETS = {
 # rarely candidates do); tests/test_examples.py holds every stored run to it. An illustration:
 # benchmarks/quality.py is the evidence.
 EXAMPLES = {
-    "text": [["a green square below a yellow square", 3513], ["a red square below a yellow star", 1341]],
-    "vocabulary": [["a red star", "scarlet", 8486], ["a red star", "maroon", 9727]],
+    "text": [
+        ["a cyan triangle above a purple circle", 7214],
+        ["a cyan star below a green circle", 3515],
+    ],
+    "vocabulary": [["a red circle", "maroon", 1528], ["a red star", "scarlet", 3338]],
     "personalization": [
-        ["a star", [str(EXAMPLE_IMAGES / f"personalization-9-{k}.png") for k in range(3)], 2380],
-        ["a circle", [str(EXAMPLE_IMAGES / f"personalization-15-{k}.png") for k in range(3)], 8688],
+        ["a star", [str(EXAMPLE_IMAGES / f"personalization-5-{k}.png") for k in range(3)], 8388],
+        ["a circle", [str(EXAMPLE_IMAGES / f"personalization-21-{k}.png") for k in range(3)], 7025],
     ],
     "aesthetic": [["a cyan square", None, 5197]],
 }
@@ -73,21 +86,24 @@ EXAMPLES = {
 # examples.
 EXAMPLE_NOTES = {
     "text": [
-        "Unguided, the green shape sits beside the yellow square, not below it; DOODL puts a green square "
-        "below it. One-step guidance changes nothing.",
-        "Unguided, the yellow shape above the red square is round; DOODL gives it a star's points. One-step "
-        "guidance rounds the square as well.",
+        "Unguided (the best of 4 samples), the circle below is blue-violet and the cyan triangle's tip "
+        "reads as a star's; DOODL makes the circle purple and the triangle's sides straight. One-step "
+        "guidance turns the circle bluer.",
+        "Unguided (the best of 4 samples), both shapes are green; DOODL turns the star below the circle "
+        "cyan, and darkens the background. One-step guidance changes nothing.",
     ],
     "vocabulary": [
-        "Unguided, the star is crimson; DOODL turns it scarlet, a shade no caption names. One-step guidance "
-        "leaves it crimson and spoils the image.",
-        "Unguided, the star is crimson; DOODL darkens it to maroon. One-step guidance leaves no red object.",
+        "Unguided (the best of 4 samples), the circle is crimson; DOODL darkens it to maroon. One-step "
+        "guidance breaks the image.",
+        "Unguided (the best of 4 samples), the star is crimson; DOODL shifts it to scarlet, a shade no "
+        "caption names: a small change of hue, read from the pixels. One-step guidance breaks the image.",
     ],
     "personalization": [
-        "Unguided, the star is teal; DOODL makes it blue, as in the references. One-step guidance leaves it "
-        "teal.",
-        "Unguided, a purple blob; DOODL turns it into a round blue shape, the references' shape and color "
-        "(a darker blue). One-step guidance leaves it purple.",
+        "Unguided (the best of 4 samples), a pale blue blob; DOODL draws a blue star, as in the references. "
+        "One-step guidance finds a star too, smaller and paler.",
+        "Unguided (the best of 4 samples), a dark blue shape with a star's points; DOODL rounds it into a "
+        "lumpy circle, the references' shape, though darker than their light blue. One-step guidance "
+        "leaves the points.",
     ],
     "aesthetic": [
         "Unguided, a large cyan square crowds the frame beside a faint stray blob; DOODL draws a smaller, "

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
 
 import torch
 from PIL import Image
@@ -31,7 +33,7 @@ from doodl.gradient import (
     latent_grad,
 )
 from doodl.losses import Loss, distance_to, weighted_sum  # benchmarks import Loss from here too
-from doodl.pipeline import LatentDiffusion, decoder_checkpointing, to_pil, to_tensor
+from doodl.pipeline import LatentDiffusion, count_unet_calls, decoder_checkpointing, to_pil, to_tensor
 
 # denoise(eps, x_T, y_T, schedule) -> (x_0, y_0): `edict_denoise`, or `ddim_denoise` for few-step chains.
 ChainDenoise = Callable[[NoisePredictor, torch.Tensor, torch.Tensor, EdictSchedule], Pair]
@@ -106,6 +108,11 @@ class DoodlSettings:
     # 0: none. From noise it has no effect. Default 0: on the aesthetic tab's photos, 30 kept one scene
     # more of 10 but lowered beauty, 100 and more froze the image (benchmarks/results/photo.md).
     photo_weight: float = 0.0
+    # From noise: start from the best of this many unguided samples by the same loss (the seed's own first,
+    # `best_of_samples`), then optimize that sample's seed. 1: the paper's, the seed's own noise. A sample is
+    # the chain forward alone, about a third of an iteration. On the embedded model, DOODL from the best
+    # of 4 was ahead of DOODL from the seed in the mean on every tab (benchmarks/results/quality.md).
+    start_samples: int = 1
 
     def __post_init__(self) -> None:
         check = {
@@ -119,6 +126,7 @@ class DoodlSettings:
             "guidance_scale": self.guidance_scale >= 0,
             "fidelity": 0 <= self.fidelity <= 1,
             "photo_weight": self.photo_weight >= 0,
+            "start_samples": isinstance(self.start_samples, int) and self.start_samples >= 1,
             # The model's own range is checked against the model: `LatentDiffusion.latent_shape`.
             "height": self.height is None or (isinstance(self.height, int) and self.height > 0),
             "width": self.width is None or (isinstance(self.width, int) and self.width > 0),
@@ -135,6 +143,11 @@ class DoodlSettings:
                 raise ValueError(
                     f"setting {name}={getattr(self, name)!r} is not one of {', '.join(DECODER_CHECKPOINTING)}"
                 )
+
+    def changed(self) -> dict[str, Any]:
+        """The settings that differ from the defaults: what keys of stored runs hold, so that a new setting
+        at its default leaves them valid."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) != f.default}
 
     def trust_radius(self, start: torch.Tensor) -> float | None:
         """How far (L2) a latent that started at `start` may move; None: no limit."""
@@ -190,8 +203,9 @@ class Step:
     iteration: int
     loss: float
     image: Image.Image  # decoded x_0 of the latent this loss belongs to
-    seconds: float  # since the optimization started
+    seconds: float  # since the optimization started, the start's samples included
     latents: Pair  # the (x_T, y_T) that produced this image
+    seed: int  # of the run's noise and perturbations: with start_samples > 1, the chosen sample's
 
 
 @dataclass(frozen=True)
@@ -277,9 +291,15 @@ def doodl(
     """Optimize the initial noise so that the generated image lowers `loss`; yield every iteration.
 
     Iteration 0 reports the unguided image of the initial latents. Stop early by leaving the loop.
-    `init` starts from given latents, e.g. those of `invert_image` for a real photo.
+    `init` starts from given latents, e.g. those of `invert_image` for a real photo; without it, the noise
+    of `settings.seed`, or of the best of `settings.start_samples` seeds' samples.
     """
+    start = time.perf_counter()  # the start's samples count in every iteration's seconds
     eps = conditioning(model, prompt, settings)
+    if init is None and settings.start_samples > 1:
+        # DOODL from the best of k samples is DOODL from that sample's seed: its noise, its perturbations.
+        best = best_of_samples(model, prompt, loss, settings, settings.start_samples)
+        settings = replace(settings, seed=best.seed, start_samples=1)
     schedule = settings.schedule(model)
     x, y = initial_latents(model, settings) if init is None else (v.to(settings.precision) for v in init)
     norms = (x.norm(), y.norm())
@@ -297,13 +317,12 @@ def doodl(
     # A DDIM chain carries one sample (x_0 = y_0): judged once.
     loss_of_final = final_loss(model, loss, settings.first_image_only or chain.few_steps, decoded, separately)
 
-    start = time.perf_counter()
     for iteration in range(settings.iterations):
         with decoder_checkpointing(model.vae, settings.checkpoints_decoder(model)):
             result = latent_grad(eps, x, y, schedule, loss_of_final, chain.mode, chain.step)
         image = to_pil(decoded[0])[0]
         decoded.clear()
-        yield Step(iteration, result.loss, image, time.perf_counter() - start, (x, y))
+        yield Step(iteration, result.loss, image, time.perf_counter() - start, (x, y), settings.seed)
         if iteration + 1 < settings.iterations:
             x, y, velocity = _sgd_step((x, y), result.grad, velocity, norms, settings, generator)
             if region is not None:
@@ -399,3 +418,61 @@ def sample(
     with torch.no_grad():
         x, _ = settings.denoise(eps, x, y, model, from_photo=init is not None)
         return to_pil(model.decode(x))[0]
+
+
+# --- the best of K unguided samples: random search, and a start for DOODL ------------------------
+
+
+@dataclass(frozen=True)
+class BestOf:
+    """K unguided samples and the one of lowest guidance loss."""
+
+    image: Image.Image  # the chosen sample
+    chosen: int  # its index among the candidates
+    seeds: tuple[int, ...]  # every candidate's seed, the settings' own first
+    losses: tuple[float, ...]  # every candidate's guidance loss on its final image
+    calls: int  # UNet calls spent sampling (scoring makes none)
+
+    @property
+    def seed(self) -> int:
+        """The chosen sample's seed, which DOODL with `start_samples` = K optimizes. A seed, not latents
+        passed as `init`: `init` is a photo's inversion (EDICT chain, trust region)."""
+        return self.seeds[self.chosen]
+
+
+def candidate_seed(seed: int, k: int) -> int:
+    """The k-th candidate's seed (k >= 1; the 0th is `seed` itself): spread far from the settings' seed,
+    so that nearby seeds' candidates never overlap, and the same on every machine."""
+    return int(hashlib.sha256(f"{seed}/{k}".encode()).hexdigest()[:15], 16)
+
+
+def candidate_seeds(seed: int, k: int) -> tuple[int, ...]:
+    """The seeds of K candidates: `seed` first, so the first candidate is the unguided sample."""
+    return (seed, *(candidate_seed(seed, i) for i in range(1, k)))
+
+
+def best_of_samples(
+    model: LatentDiffusion,
+    prompt: str,
+    loss: Loss,
+    settings: DoodlSettings,
+    k: int,
+    seeds: Sequence[int] | None = None,
+) -> BestOf:
+    """Sample K initial noises without guidance; keep the image of lowest `loss` (ties: the first).
+
+    `seeds` defaults to `candidate_seeds(settings.seed, k)`. `loss` is called once per candidate, on its
+    decoded image as a (1, 3, H, W) tensor in [0, 1]: one that draws random views draws new ones each
+    call, unless it is built to repeat them.
+    """
+    seeds = candidate_seeds(settings.seed, k) if seeds is None else tuple(int(s) for s in seeds)
+    if k < 1 or len(seeds) != k:
+        raise ValueError(f"best of K needs K >= 1 and K seeds, got K={k} and {len(seeds)} seeds")
+    images, losses = [], []
+    with count_unet_calls(model.unet) as calls:
+        for seed in seeds:
+            images.append(sample(model, prompt, replace(settings, seed=seed)))
+            with torch.no_grad():
+                losses.append(float(loss(to_tensor(images[-1], images[-1].size))))
+    chosen = min(range(k), key=losses.__getitem__)
+    return BestOf(images[chosen], chosen, seeds, tuple(losses), calls.calls)

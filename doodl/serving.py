@@ -166,6 +166,15 @@ SETTINGS: tuple[Setting, ...] = (
         minimum=0,
         range_note=f"a whole number from 0 to {MAX_SEED}",
     ),
+    Setting(
+        "start_samples",
+        "Start from the best of",
+        int,
+        lambda p: p.settings.start_samples,
+        "unguided samples, by the guide; paper: 1, the seed's own",
+        minimum=1,
+        range_note="1 or more samples",
+    ),
     Setting("learning_rate", "Learning rate", float, lambda p: p.settings.learning_rate, "paper: 1", row=1),
     # Elements above the clip step by the clip, the rest by rate x gradient; on the embedded guides, from 0 to
     # 100 % of them are above it, by prompt (benchmarks/results/steps.md).
@@ -332,6 +341,7 @@ class Serving:
     max_iterations: int | None = None
     max_cutouts: int | None = None
     max_references: int | None = None
+    max_start_samples: int | None = None
     queue_size: int | None = None  # runs waiting for the device beyond the one running
     max_file_size: str | None = None  # of an upload, in gradio's notation ("8mb"); checked before saving
 
@@ -347,6 +357,7 @@ class Serving:
             "max_iterations": 10 if embedded else 8,
             "max_cutouts": 16,
             "max_references": 8,
+            "max_start_samples": 4,
             "queue_size": 10,
             "max_file_size": "8mb",
         }
@@ -375,11 +386,13 @@ class Serving:
             ("iterations", self.max_iterations, "--max-iterations"),
             ("cutouts", self.max_cutouts, "--max-cutouts"),
             ("reference images", self.max_references, "--max-references"),
+            ("start samples", self.max_start_samples, "--max-start-samples"),
         ]
 
     def check(self, options: RunOptions, references: int = 0) -> None:
         """Refuse a run that asks for more than the host allows, naming the limit."""
-        asked = (options.settings.steps, options.settings.iterations, options.cutouts, references)
+        settings = options.settings
+        asked = (settings.steps, settings.iterations, options.cutouts, references, settings.start_samples)
         for (name, limit, flag), value in zip(self.limits(), asked):
             if limit is not None and value > limit:
                 raise ValueError(
@@ -389,11 +402,12 @@ class Serving:
     def within_budget(self, preset: Preset) -> Preset:
         """A tab's preset, cut down to the budget so that its defaults always run."""
         settings = preset.settings
-        steps, iterations = settings.steps, settings.iterations
+        steps, iterations, starts = settings.steps, settings.iterations, settings.start_samples
         settings = replace(
             settings,
             steps=min(steps, self.max_steps or steps),
             iterations=min(iterations, self.max_iterations or iterations),
+            start_samples=min(starts, self.max_start_samples or starts),
         )
         return replace(
             preset, settings=settings, cutouts=min(preset.cutouts, self.max_cutouts or preset.cutouts)
@@ -501,7 +515,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-BUDGETS = ("max_steps", "max_iterations", "max_cutouts", "max_references", "queue_size")
+BUDGETS = ("max_steps", "max_iterations", "max_cutouts", "max_references", "max_start_samples", "queue_size")
 
 
 def add_serving_arguments(parser: argparse.ArgumentParser) -> None:

@@ -12,7 +12,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -122,6 +122,9 @@ def run(asked: Request, models: ModelCache, progress: Progress = quiet) -> Itera
         progress(0, desc="inverting the photo with EDICT")
         init = invert_image(model, asked.photo, asked.prompt, options.settings)
     total, steps, files = options.settings.iterations, [], RunImages()
+    starts = options.settings.start_samples if init is None else 1
+    if starts > 1:
+        progress(0, desc=f"sampling {starts} starts, keeping the one the guide prefers")
     for step in doodl(model, asked.prompt, loss, options.settings, init):
         steps.append(step)
         progress(number(step) / total, desc=f"DOODL iteration {number(step)}/{total}")
@@ -131,19 +134,16 @@ def run(asked: Request, models: ModelCache, progress: Progress = quiet) -> Itera
     result, gallery = result_of(steps), ()
     if options.compare:
         progress(1.0, desc="one-step guidance, for comparison")
+        # From DOODL's start: with start_samples > 1, the chosen sample's seed.
+        start = replace(options.settings, seed=steps[0].seed, start_samples=1)
         one_step = one_step_guidance(
-            model,
-            asked.prompt,
-            make_loss(seeded(options.settings.seed)),
-            options.one_step_scale,
-            options.settings,
-            init,
+            model, asked.prompt, make_loss(seeded(start.seed)), options.one_step_scale, start, init
         )
         photo = asked.photo
         gallery = (
             *([(files.path(photo), "Uploaded photo")] if photo is not None else []),
             # DOODL's iteration 1 is the unguided sample (or, from a photo, its EDICT reconstruction).
-            (files.path(steps[0].image), "Unguided" if photo is None else "Unguided reconstruction"),
+            (files.path(steps[0].image), unguided_caption(starts, photo is not None)),
             (files.path(one_step), f"One-step guidance, scale {options.one_step_scale:g}"),
             (files.path(result.image), f"DOODL, iteration {number(result.best)}"),
         )
@@ -151,6 +151,12 @@ def run(asked: Request, models: ModelCache, progress: Progress = quiet) -> Itera
     yield Shown(
         files.path(result.last.image), status, tuple(result.losses), files.path(result.image), gallery
     )
+
+
+def unguided_caption(starts: int, from_photo: bool) -> str:
+    if from_photo:
+        return "Unguided reconstruction"
+    return "Unguided" if starts == 1 else f"Unguided, the best of {starts} samples by the guide"
 
 
 # --- examples -------------------------------------------------------------------------------------
@@ -207,7 +213,8 @@ def models_digest(serving: Serving) -> str:
 def store_key(serving: Serving) -> str:
     """Names the examples' runs by all they depend on: the models, each tab's settings and the examples.
     Another model or budget never shows stale images."""
-    key = repr((serving.names, serving.presets(), EXAMPLES, models_digest(serving), STORE_FORMAT))
+    presets = {tab: preset.key() for tab, preset in serving.presets().items()}
+    key = repr((serving.names, presets, EXAMPLES, models_digest(serving), STORE_FORMAT))
     return hashlib.sha256(key.replace(str(ROOT), ".").encode()).hexdigest()[:16]
 
 

@@ -349,6 +349,12 @@ def test_public_app_refuses_runs_over_its_budget(public, names, reference):
             f"limit of {budget.max_iterations} per run (set by the host: --max-it",
         ),
         (lambda: text(cutouts=budget.max_cutouts + 1), "cutouts=17 is over this app's limit of 16"),
+        (
+            lambda: text(start_samples=budget.max_start_samples + 1),
+            f"start samples={budget.max_start_samples + 1} is over this app's limit of "
+            f"{budget.max_start_samples} per run (set by the host: --max-start-samples)",
+        ),
+        (lambda: text(start_samples=0), "setting start_samples=0 is out of range: 1 or more samples"),
         (lambda: text(seed=-1), "setting seed=-1 is out of range: a whole number from 0 to"),
         (lambda: text(seed=2**63), f"setting seed={2**63} is out of range"),
         (

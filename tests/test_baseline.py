@@ -1,5 +1,5 @@
-"""Best of K unguided samples (`doodl.baseline.best_of_samples`): the random-search baseline DOODL is
-matched against, and a start for DOODL."""
+"""Best of K unguided samples (`doodl.optimize.best_of_samples`): the random-search baseline DOODL is
+matched against, and a start for DOODL (`DoodlSettings.start_samples`)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from doodl import DoodlSettings, optimize, sample
-from doodl.baseline import best_of_samples, candidate_seeds, matched_k
+from doodl.baseline import matched_k
+from doodl.optimize import best_of_samples, candidate_seeds
 from doodl.pipeline import count_unet_calls, to_tensor
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -77,3 +78,43 @@ def test_bad_k_or_seeds_are_refused(tiny):
         best_of_samples(tiny, PROMPT, brightness, SETTINGS, 0)
     with pytest.raises(ValueError, match="2 seeds"):
         best_of_samples(tiny, PROMPT, brightness, SETTINGS, 3, seeds=[1, 2])
+
+
+def darkness(pixels: torch.Tensor) -> torch.Tensor:
+    return -pixels.mean()
+
+
+def test_start_samples_is_doodl_from_the_chosen_seed(tiny):
+    """DOODL from the best of 4 samples: the same run, loss for loss, as DOODL from the chosen seed, and
+    every iteration says which seed it started from."""
+    best = best_of_samples(tiny, PROMPT, darkness, SETTINGS, 4)
+    assert best.chosen != 0  # a start other than the seed's own: the setting changes something
+    started = optimize(tiny, PROMPT, darkness, replace(SETTINGS, start_samples=4))
+    chosen = optimize(tiny, PROMPT, darkness, replace(SETTINGS, seed=best.seed))
+    assert started.losses == chosen.losses
+    assert started.best.seed == started.last.seed == best.seed != SETTINGS.seed
+    assert np.array_equal(np.asarray(started.last.image), np.asarray(chosen.last.image))
+
+
+def test_one_start_sample_is_the_seeds_own_noise(tiny):
+    own = optimize(tiny, PROMPT, brightness, SETTINGS)
+    assert own.best.seed == SETTINGS.seed
+    assert own.losses == optimize(tiny, PROMPT, brightness, replace(SETTINGS, start_samples=1)).losses
+
+
+def test_start_samples_leave_a_photos_latents_alone(tiny):
+    x = torch.randn(tiny.latent_shape(None, None), generator=torch.Generator().manual_seed(3))
+    init = (x.double(), x.double().clone())
+    settings = replace(SETTINGS, iterations=1)
+    with count_unet_calls(tiny.unet) as one:
+        optimize(tiny, PROMPT, brightness, settings, init)
+    with count_unet_calls(tiny.unet) as four:
+        result = optimize(tiny, PROMPT, brightness, replace(settings, start_samples=4), init)
+    assert four.calls == one.calls  # no candidate was sampled
+    assert result.best.seed == SETTINGS.seed
+
+
+def test_start_samples_below_one_are_refused():
+    for bad in (0, -1, 2.5):
+        with pytest.raises(ValueError, match="start_samples"):
+            DoodlSettings(start_samples=bad)

@@ -77,7 +77,7 @@ def test_quality_verdict_calls_a_difference_within_noise_a_tie():
     assert STARTED not in said
 
 
-def test_quality_verdict_compares_doodl_from_the_best_start_with_doodl_and_best_of_k():
+def test_quality_verdict_compares_doodl_from_the_best_start_with_every_other_method():
     def outcomes(scores, loss):
         return [Outcome(score, loss, calls=1) for score in scores]
 
@@ -89,10 +89,12 @@ def test_quality_verdict_compares_doodl_from_the_best_start_with_doodl_and_best_
         STARTED: outcomes([1, 1, 1, 1], loss=0.3),  # right on every prompt
     }
     said = verdict("personalization", scores).split(STARTED)[1]
-    assert said.startswith(" beats DOODL (+0.750 ± 0.250; better on 3, worse on 0 of 4)")
+    assert said.startswith(" beats unguided (+1.000 ± 0.000; better on 4, worse on 0 of 4); beats one-step")
+    assert "; beats DOODL (+0.750 ± 0.250; better on 3, worse on 0 of 4);" in said
     # Right on 2 more of 4, but within two standard errors: a tie.
     assert "ties with best of K samples (+0.500 ± 0.289; better on 2, worse on 0 of 4)" in said
-    assert "its guidance loss is lower on 4 of 4 vs DOODL (-0.200 ± 0.000)" in said
+    assert "its guidance loss is lower on 4 of 4 vs unguided (-0.700 ± 0.000)" in said
+    assert ", 4 of 4 vs DOODL (-0.200 ± 0.000)," in said
 
 
 def test_quality_outcomes_are_saved_per_prompt_and_reused_only_with_the_same_settings(tmp_path):

@@ -4,13 +4,15 @@ scan chose them). And that verdict tells a right image from a wrong one."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
 from benchmarks.examples import verdict
-from doodl.embedded import CAPABILITIES, EXAMPLE_NOTES, EXAMPLES
+from doodl.embedded import CAPABILITIES, EXAMPLE_NOTES, EXAMPLES, Preset
+from doodl.optimize import DoodlSettings
 from doodl.serving import ModelCache, Serving
 from doodl.showcase import ExampleStore, example_request, final, run
 from doodl.world import shapes
@@ -79,3 +81,19 @@ def test_the_text_verdict_needs_a_wrong_unguided_image_and_a_right_doodl_image(t
     for unguided, doodl in ((right, right), (wrong, wrong), (right, wrong)):
         judged = verdict("text", [caption], gallery(tmp_path, unguided=unguided, one_step=wrong, doodl=doodl))
         assert not judged["shows_doodl"], judged
+
+
+def test_stored_runs_are_keyed_by_what_a_preset_changes():
+    """A setting added at its default keeps the stored runs (the key holds only what differs from the
+    defaults); any setting a preset changes, or the crops, changes the key."""
+    preset = Preset(DoodlSettings(steps=20, grad_clip=0.01), one_step_scale=0.3)
+    assert preset.settings.changed() == {"steps": 20, "grad_clip": 0.01}
+    assert DoodlSettings().changed() == {}
+    assert preset.key() == Preset(replace(preset.settings, start_samples=1), preset.cutouts, 0.3).key()
+    others = [
+        replace(preset, settings=replace(preset.settings, start_samples=4)),
+        replace(preset, settings=replace(preset.settings, grad_clip=0.02)),
+        replace(preset, cutouts=preset.cutouts + 1),
+        replace(preset, one_step_scale=1.0),
+    ]
+    assert len({preset.key(), *(other.key() for other in others)}) == 5

@@ -603,12 +603,13 @@ def device_note(serving: Serving) -> str:
 def launch(
     demo: gr.Blocks,
     host: str = "127.0.0.1",
-    port: int = 7860,
+    port: int | None = 7860,
     share: bool = False,
     block: bool = True,
     max_file_size: str | None = None,
 ) -> tuple[Any, str, str | None]:
-    """Serve the app; with block=False, return at once (the server runs in a thread).
+    """Serve the app; with block=False, return at once (the server runs in a thread). port=None: the first
+    free port from 7860 (gradio's search).
 
     Returns gradio's (server app, local URL, public URL if shared)."""
     return demo.launch(

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import socket
 from pathlib import Path
 
 from playwright.sync_api import expect, sync_playwright
@@ -20,12 +19,6 @@ from doodl.capabilities import CAPABILITIES
 from doodl.serving import Serving
 
 WAIT = 60_000  # ms: everything shown comes from the store
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def screenshot(url: str, tab: str, out: Path) -> None:
@@ -51,7 +44,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=ROOT / "assets" / "screenshot.png")
     args = p.parse_args()
     demo = app.build_app(Serving())
-    _, url, _ = app.launch(demo, port=free_port(), block=False)
+    _, url, _ = app.launch(demo, port=None, block=False)
     try:
         screenshot(url, args.tab, args.out)
     finally:

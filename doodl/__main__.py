@@ -224,8 +224,9 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     result.best.image.save(out)
     print(f"best loss {result.best.loss:.5f} at iteration {result.best.iteration + 1}; saved {out}")
-    if init is None and settings.start_samples > 1:
-        print(f"started from seed {result.best.seed}, the best of {settings.start_samples} samples")
+    starts = settings.samples_to_start(from_photo=init is not None)
+    if starts > 1:
+        print(f"started from seed {result.best.seed}, the best of {starts} samples")
     if args.baseline_scale is not None:
         start = replace(settings, seed=result.best.seed, start_samples=1)  # from DOODL's start
         baseline = one_step_guidance(model, args.prompt, loss, args.baseline_scale, start, init)

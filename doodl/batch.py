@@ -166,8 +166,11 @@ class Runner:
             elif method == "doodl":
                 result = optimize(self.model, job.prompt, self.loss(job, target), settings)
                 image = result.best.image
-                extra = {"curve": result.losses, "best_iteration": result.best.iteration + 1}
-                extra["start_seed"] = result.best.seed  # the pair's own, or the best of start_samples
+                extra = {
+                    "curve": result.losses,
+                    "best_iteration": result.best.iteration + 1,
+                    "start_seed": result.best.seed,  # the pair's own, or the best of start_samples
+                }
             else:
                 image, extra = self.best_of_n(job, target, settings, n)
         return Made(image, self.judged(job, target, image), calls.calls, extra)

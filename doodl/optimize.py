@@ -149,6 +149,10 @@ class DoodlSettings:
         at its default leaves them valid."""
         return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) != f.default}
 
+    def samples_to_start(self, from_photo: bool) -> int:
+        """How many samples a run picks its start from: a photo's inversion is its own start."""
+        return 1 if from_photo else self.start_samples
+
     def trust_radius(self, start: torch.Tensor) -> float | None:
         """How far (L2) a latent that started at `start` may move; None: no limit."""
         return None if self.fidelity == 0 else (1 - self.fidelity) * float(start.norm())
@@ -296,9 +300,10 @@ def doodl(
     """
     start = time.perf_counter()  # the start's samples count in every iteration's seconds
     eps = conditioning(model, prompt, settings)
-    if init is None and settings.start_samples > 1:
+    starts = settings.samples_to_start(from_photo=init is not None)
+    if starts > 1:
         # DOODL from the best of k samples is DOODL from that sample's seed: its noise, its perturbations.
-        best = best_of_samples(model, prompt, loss, settings, settings.start_samples)
+        best = best_of_samples(model, prompt, loss, settings, starts)
         settings = replace(settings, seed=best.seed, start_samples=1)
     schedule = settings.schedule(model)
     x, y = initial_latents(model, settings) if init is None else (v.to(settings.precision) for v in init)

@@ -122,7 +122,7 @@ def run(asked: Request, models: ModelCache, progress: Progress = quiet) -> Itera
         progress(0, desc="inverting the photo with EDICT")
         init = invert_image(model, asked.photo, asked.prompt, options.settings)
     total, steps, files = options.settings.iterations, [], RunImages()
-    starts = options.settings.start_samples if init is None else 1
+    starts = options.settings.samples_to_start(from_photo=init is not None)
     if starts > 1:
         progress(0, desc=f"sampling {starts} starts, keeping the one the guide prefers")
     for step in doodl(model, asked.prompt, loss, options.settings, init):

@@ -418,7 +418,13 @@ def sample(
     model: LatentDiffusion, prompt: str, settings: DoodlSettings = DoodlSettings(), init: Pair | None = None
 ) -> Image.Image:
     """One unguided sample: the image iteration 0 of `doodl` shows."""
-    eps = conditioning(model, prompt, settings)
+    return unguided_image(model, conditioning(model, prompt, settings), settings, init)
+
+
+def unguided_image(
+    model: LatentDiffusion, eps: NoisePredictor, settings: DoodlSettings, init: Pair | None = None
+) -> Image.Image:
+    """The unguided sample of an already conditioned noise predictor (`sample` without the prompt)."""
     x, y = initial_latents(model, settings) if init is None else init
     with torch.no_grad():
         x, _ = settings.denoise(eps, x, y, model, from_photo=init is not None)
@@ -474,9 +480,10 @@ def best_of_samples(
     if k < 1 or len(seeds) != k:
         raise ValueError(f"best of K needs K >= 1 and K seeds, got K={k} and {len(seeds)} seeds")
     images, losses = [], []
+    eps = conditioning(model, prompt, settings)  # the same for every seed: the prompt is encoded once
     with count_unet_calls(model.unet) as calls:
         for seed in seeds:
-            images.append(sample(model, prompt, replace(settings, seed=seed)))
+            images.append(unguided_image(model, eps, replace(settings, seed=seed)))
             with torch.no_grad():
                 losses.append(float(loss(to_tensor(images[-1], images[-1].size))))
     chosen = min(range(k), key=losses.__getitem__)

@@ -73,6 +73,17 @@ def test_its_calls_are_k_samples(tiny, best):
     assert best.calls == 4 * one.calls > 0
 
 
+def test_the_prompt_is_encoded_once_for_all_candidates(tiny, best):
+    encoded = []
+    handle = tiny.text_encoder.register_forward_pre_hook(lambda *_: encoded.append(1))
+    try:
+        again = best_of_samples(tiny, PROMPT, brightness, SETTINGS, 4)
+    finally:
+        handle.remove()
+    assert len(encoded) == 1
+    assert again.losses == best.losses
+
+
 def test_bad_k_or_seeds_are_refused(tiny):
     with pytest.raises(ValueError, match="K >= 1"):
         best_of_samples(tiny, PROMPT, brightness, SETTINGS, 0)

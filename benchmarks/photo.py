@@ -1,6 +1,7 @@
 """Does a photo stay itself? DOODL started from photos (EDICT inversion), at each tab's preset, with and
-without the trust region of `DoodlSettings.fidelity` and the distance to the photo in the loss
-(`DoodlSettings.photo_weight`) (issue #17, item 4).
+without the trust region of `DoodlSettings.fidelity`, the distance to the photo in the loss
+(`DoodlSettings.photo_weight`), and inverted through the whole chain or only its last part
+(`DoodlSettings.photo_strength`) (issue #17, item 4).
 
 The photos are renders of the embedded world's scenes (`doodl.world.shapes`), so what they show is known.
 For each photo and tab: invert it, run DOODL at the tab's preset (10 iterations, 20 steps) with each
@@ -21,6 +22,7 @@ What each tab asks of a photo, so that the scene may stay while the guide gains:
     python -m benchmarks.photo --n 6 --tabs aesthetic --json /tmp/photo-aesthetic.jsonl   # one process a tab
     python -m benchmarks.photo --report /tmp/photo-*.jsonl     # writes benchmarks/results/photo.md
     python -m benchmarks.photo --n 10 --tabs aesthetic --fidelities 0.9 --photo-weights 0 30 100
+    python -m benchmarks.photo --n 10 --tabs aesthetic --fidelities 0.97 0.99 --strengths 0.6 0.4 0.25
 """
 
 from __future__ import annotations
@@ -119,11 +121,18 @@ def run_case(
     fidelity: float,
     photo_weight: float,
     guidance_scale: float,
+    strength: float,
     quick: bool = False,
 ) -> dict[str, Any]:
-    """One photo through DOODL at its tab's preset with this fidelity, photo weight and CFG, measured."""
+    """One photo through DOODL at its tab's preset with this fidelity, photo weight, CFG and strength,
+    measured."""
     preset = embedded.EMBEDDED_PRESETS[c.tab]
-    fixed = {"fidelity": fidelity, "photo_weight": photo_weight, "guidance_scale": guidance_scale}
+    fixed = {
+        "fidelity": fidelity,
+        "photo_weight": photo_weight,
+        "guidance_scale": guidance_scale,
+        "photo_strength": strength,
+    }
     settings = dataclasses.replace(preset.settings, **fixed, **(QUICK if quick else {}))
     loss_name = CAPABILITIES[c.tab].losses[0]
     crops = Crops(2 if quick else preset.cutouts, generator=torch.Generator().manual_seed(settings.seed))
@@ -138,6 +147,7 @@ def run_case(
         "fidelity": fidelity,
         "photo_weight": photo_weight,
         "guidance_scale": settings.guidance_scale,
+        "photo_strength": strength,
         "reconstruction_unchanged": same_scene(photo_blobs, judge.find_blobs(start_image)),
         "unchanged": same_scene(photo_blobs, judge.find_blobs(best_image)),
         "beauty_photo": pixel_beauty(c.photo),
@@ -177,10 +187,13 @@ def measure(args: argparse.Namespace) -> None:
         cfg = embedded.EMBEDDED_PRESETS[tab].settings.guidance_scale
         cfg = cfg if args.guidance_scale is None else args.guidance_scale
         for index, scene in enumerate(scenes):
-            for fidelity, weight in itertools.product(args.fidelities, args.photo_weights):
-                if (tab, index, fidelity, weight, cfg) in done:
+            for fidelity, weight, strength in itertools.product(
+                args.fidelities, args.photo_weights, args.strengths
+            ):
+                if (tab, index, fidelity, weight, cfg, strength) in done:
                     continue
-                record = run_case(model, guides, case(tab, index, scene), fidelity, weight, cfg, args.quick)
+                c = case(tab, index, scene)
+                record = run_case(model, guides, c, fidelity, weight, cfg, strength, args.quick)
                 print(json.dumps(record), flush=True)
                 with args.json.open("a") as out:
                     out.write(json.dumps(record) + "\n")
@@ -189,11 +202,12 @@ def measure(args: argparse.Namespace) -> None:
 _ROLES = ("clip", "classifier", "aesthetic_clip", "aesthetic_head")
 
 
-def setting(record: dict[str, Any]) -> tuple[float, float, float]:
-    """(fidelity, photo weight, CFG) of a run; runs recorded before the last two were varied had the
-    presets' (no photo weight)."""
+def setting(record: dict[str, Any]) -> tuple[float, float, float, float]:
+    """(fidelity, photo weight, CFG, strength) of a run; runs recorded before the last three were varied
+    had no photo weight, the presets' CFG and the whole chain (strength 1)."""
     cfg = embedded.EMBEDDED_PRESETS[record["tab"]].settings.guidance_scale
-    return record["fidelity"], record.get("photo_weight", 0.0), record.get("guidance_scale", cfg)
+    weight, strength = record.get("photo_weight", 0.0), record.get("photo_strength", 1.0)
+    return record["fidelity"], weight, record.get("guidance_scale", cfg), strength
 
 
 def _mean(values: list[float]) -> str:
@@ -206,11 +220,11 @@ def _mean(values: list[float]) -> str:
 
 
 def summary_rows(records: list[dict[str, Any]]) -> list[list[Any]]:
-    """Per tab, fidelity, photo weight and CFG: scenes unchanged, beauty and loss changes."""
+    """Per tab, fidelity, photo weight, CFG and strength: scenes unchanged, beauty and loss changes."""
     rows = []
     keys = sorted({(r["tab"], *setting(r)) for r in records}, key=lambda k: (TABS.index(k[0]), *k[1:]))
-    for tab, fidelity, weight, cfg in keys:
-        runs = [r for r in records if (r["tab"], *setting(r)) == (tab, fidelity, weight, cfg)]
+    for tab, fidelity, weight, cfg, strength in keys:
+        runs = [r for r in records if (r["tab"], *setting(r)) == (tab, fidelity, weight, cfg, strength)]
         unchanged = sum(r["unchanged"] for r in runs)
         rec = sum(r["reconstruction_unchanged"] for r in runs)
         shade = sum(bool(r["shade_hit"]) for r in runs) if tab == "vocabulary" else None
@@ -220,6 +234,7 @@ def summary_rows(records: list[dict[str, Any]]) -> list[list[Any]]:
                 f"{fidelity:g}",
                 f"{weight:g}",
                 f"{cfg:g}",
+                f"{strength:g}",
                 len(runs),
                 f"{unchanged}/{len(runs)} ({100 * unchanged / len(runs):.0f} %)",
                 f"{rec}/{len(runs)}",
@@ -238,6 +253,7 @@ HEADERS = (
     "fidelity",
     "photo weight",
     "CFG",
+    "strength",
     "photos",
     "scene unchanged (best image)",
     "scene unchanged (reconstruction)",
@@ -252,12 +268,14 @@ def report(paths: list[Path], out: Path) -> None:
     records = [json.loads(line) for path in paths for line in path.read_text().splitlines() if line]
     figure = Figure(figsize=(6, 3))
     axes = figure.subplots()
-    for k, (fidelity, weight, cfg) in enumerate(sorted({setting(r) for r in records})):
-        runs = [r for r in records if setting(r) == (fidelity, weight, cfg) and r["tab"] == "aesthetic"]
+    for k, (fidelity, weight, cfg, strength) in enumerate(sorted({setting(r) for r in records})):
+        runs = [
+            r for r in records if setting(r) == (fidelity, weight, cfg, strength) and r["tab"] == "aesthetic"
+        ]
         axes.scatter(
             [r["beauty_best"] - r["beauty_photo"] for r in runs],
             [r["unchanged"] + 0.03 * k for r in runs],
-            label=f"fidelity {fidelity:g}, photo weight {weight:g}, CFG {cfg:g}",
+            label=f"fidelity {fidelity:g}, weight {weight:g}, CFG {cfg:g}, strength {strength:g}",
         )
     axes.set(xlabel="aesthetic tab: beauty change vs photo", ylabel="scene unchanged (0/1)")
     axes.legend()
@@ -269,7 +287,9 @@ def report(paths: list[Path], out: Path) -> None:
 
 NOTES = (
     "Photos: renders of `doodl.world.shapes.random_scenes(seed, n, two_object_fraction=0.5)`; every tab at "
-    "its preset (`doodl.embedded.EMBEDDED_PRESETS`, fidelity replaced by the row's). Scene unchanged: the "
+    "its preset (`doodl.embedded.EMBEDDED_PRESETS`, the photo's settings replaced by the row's: fidelity, "
+    "photo weight, CFG, and strength, the fraction of the chain the photo is inverted through and edited). "
+    "Scene unchanged: the "
     "judge reads the same objects (color name, shape) from the best image as from the photo, each centre "
     f"within {POSITION_TOLERANCE:g} px, none added. Beauty: `benchmarks.evaluators.pixel_beauty` (1-10). "
     "Changes are means ± standard errors over the photos. What each tab asks: text, the photo's caption "
@@ -293,6 +313,13 @@ def main(argv: list[str] | None = None) -> None:
         help="weights of the distance to the photo's reconstruction in the loss (DoodlSettings.photo_weight)",
     )
     p.add_argument("--guidance-scale", type=float, help="CFG of inversion and DOODL (default: the presets')")
+    p.add_argument(
+        "--strengths",
+        nargs="+",
+        type=float,
+        default=[embedded.EMBEDDED_PRESETS["aesthetic"].settings.photo_strength],
+        help="fractions of the chain a photo is inverted through (DoodlSettings.photo_strength)",
+    )
     p.add_argument(
         "--json", type=Path, help="append each run's record here (default: OUT/photo-raw/runs.jsonl)"
     )

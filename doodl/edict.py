@@ -36,6 +36,14 @@ class EdictSchedule:
         """Whether step i updates y before x (the official EDICT code alternates on odd steps)."""
         return self.leapfrog and i % 2 == 1
 
+    def last(self, n: int) -> EdictSchedule:
+        """The schedule of the last `n` steps alone: the chain from timestep `timesteps[-n]` to x_0, which
+        inverts an image only part of the way to noise (img2img's strength)."""
+        if not 1 <= n <= len(self):
+            raise ValueError(f"a schedule of {len(self)} steps has no last {n} steps")
+        k = len(self) - n
+        return EdictSchedule(self.timesteps[k:], self.a[k:], self.b[k:], self.p, self.leapfrog)
+
 
 def edict_schedule(
     scheduler: DDIMScheduler, steps: int = 50, p: float = 0.93, leapfrog: bool = True

@@ -99,15 +99,22 @@ class DoodlSettings:
     sampler: str = "auto"
     # From given latents (`init`, e.g. a photo's EDICT inversion): keep each latent within a trust region
     # around its start, of radius (1 - fidelity) x the start's norm, projected back after every step, so
-    # that the image keeps the photo's content. 0: no limit. From noise it has no effect. Default 0.9
-    # (radius 10 %): on 10 photos of the embedded world's aesthetic tab it kept 4 scenes, as 0.97 and 0.99
-    # did; their beauty gains differ within noise (python -m benchmarks.photo, benchmarks/results/photo.md).
-    fidelity: float = 0.9
+    # that the image keeps the photo's content. 0: no limit. From noise it has no effect. Default 0.99, with
+    # photo_strength 0.4: on 10 photos of the embedded world's aesthetic tab the scene stayed on 9 (all
+    # whose reconstruction does) and beauty rose by 0.12 +- 0.07; at 0.97, 5 stayed; through the whole
+    # chain, 4 at any fidelity (python -m benchmarks.photo, benchmarks/results/photo.md).
+    fidelity: float = 0.99
     # From given latents: add this weight x the mean squared pixel distance to their unguided image (the
     # photo's EDICT reconstruction) to the loss, so that moving an object costs more than recoloring it.
     # 0: none. From noise it has no effect. Default 0: on the aesthetic tab's photos, 30 kept one scene
     # more of 10 but lowered beauty, 100 and more froze the image (benchmarks/results/photo.md).
     photo_weight: float = 0.0
+    # From given latents: the fraction of the chain a photo is inverted through and DOODL optimizes, as
+    # img2img's strength (official EDICT editing: init_image_strength=0.8). 1: to noise, the paper's. Less
+    # stops at an intermediate timestep, whose latent still holds the photo's layout, so that the guide
+    # changes what the last steps decide (colors, contrast, size) rather than where the objects are; and an
+    # iteration's chain is that fraction as long. Default 0.4: see fidelity.
+    photo_strength: float = 0.4
     # From noise: start from the best of this many unguided samples by the same loss (the seed's own first,
     # `best_of_samples`), then optimize that sample's seed. 1: the paper's, the seed's own noise. A sample is
     # the chain forward alone, about a third of an iteration. On the embedded model, DOODL from the best
@@ -126,6 +133,7 @@ class DoodlSettings:
             "guidance_scale": self.guidance_scale >= 0,
             "fidelity": 0 <= self.fidelity <= 1,
             "photo_weight": self.photo_weight >= 0,
+            "photo_strength": 0 < self.photo_strength <= 1,
             "start_samples": isinstance(self.start_samples, int) and self.start_samples >= 1,
             # The model's own range is checked against the model: `LatentDiffusion.latent_shape`.
             "height": self.height is None or (isinstance(self.height, int) and self.height > 0),
@@ -157,8 +165,10 @@ class DoodlSettings:
         """How far (L2) a latent that started at `start` may move; None: no limit."""
         return None if self.fidelity == 0 else (1 - self.fidelity) * float(start.norm())
 
-    def schedule(self, model: LatentDiffusion) -> EdictSchedule:
-        return edict_schedule(model.scheduler, self.steps, self.p, self.leapfrog)
+    def schedule(self, model: LatentDiffusion, from_photo: bool = False) -> EdictSchedule:
+        """The chain's steps; from a photo, the last `photo_strength` of them (at least one)."""
+        schedule = edict_schedule(model.scheduler, self.steps, self.p, self.leapfrog)
+        return schedule.last(max(1, round(self.photo_strength * self.steps))) if from_photo else schedule
 
     def few_step_chain(self, from_photo: bool = False) -> bool:
         """Whether the chain is plain DDIM. A photo's latents stay with EDICT, whose inversion is exact."""
@@ -182,8 +192,9 @@ class DoodlSettings:
         model: LatentDiffusion,
         from_photo: bool = False,
     ) -> Pair:
-        """The whole chain, from (x_T, y_T) to (x_0, y_0), with this setting's sampler."""
-        return self.chain(from_photo).denoise(eps, x, y, self.schedule(model))
+        """The whole chain, from (x_T, y_T) to (x_0, y_0), with this setting's sampler; from a photo's
+        latents, its last `photo_strength` (`schedule`)."""
+        return self.chain(from_photo).denoise(eps, x, y, self.schedule(model, from_photo))
 
     def checkpoints_decoder(self, model: LatentDiffusion) -> bool:
         """Whether the VAE decoder runs with gradient checkpointing for this model and image size."""
@@ -242,14 +253,16 @@ def initial_latents(model: LatentDiffusion, settings: DoodlSettings) -> Pair:
 def invert_image(
     model: LatentDiffusion, image: Image.Image, prompt: str, settings: DoodlSettings = DoodlSettings()
 ) -> Pair:
-    """The (x_T, y_T) from which EDICT regenerates `image` (resized to the model's resolution)."""
+    """The latents from which EDICT regenerates `image` (resized to the model's resolution): (x_T, y_T), or
+    with `photo_strength` < 1 those of the timestep the photo's chain starts from."""
     if not isinstance(image, Image.Image):
         raise TypeError(f"expected a PIL image, got {type(image).__name__}")
     _, _, h, w = model.latent_shape(settings.height, settings.width)
     pixels = to_tensor(image, (w * model.vae_scale, h * model.vae_scale))
     z = model.encode(pixels).to(settings.precision)
     with torch.no_grad():
-        return edict_invert(conditioning(model, prompt, settings), z, z.clone(), settings.schedule(model))
+        schedule = settings.schedule(model, from_photo=True)
+        return edict_invert(conditioning(model, prompt, settings), z, z.clone(), schedule)
 
 
 def final_loss(
@@ -305,7 +318,7 @@ def doodl(
         # DOODL from the best of k samples is DOODL from that sample's seed: its noise, its perturbations.
         best = best_of_samples(model, prompt, loss, settings, starts)
         settings = replace(settings, seed=best.seed, start_samples=1)
-    schedule = settings.schedule(model)
+    schedule = settings.schedule(model, from_photo=init is not None)
     x, y = initial_latents(model, settings) if init is None else (v.to(settings.precision) for v in init)
     norms = (x.norm(), y.norm())
     # A trust region around given latents keeps a photo's content (DoodlSettings.fidelity).

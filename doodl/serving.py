@@ -247,6 +247,16 @@ SETTINGS: tuple[Setting, ...] = (
         minimum=0,
         range_note="it must be 0 or more",
     ),
+    # Only a run from a photo uses it too (DoodlSettings.photo_strength).
+    Setting(
+        "photo_strength",
+        "Strength of the edit",
+        float,
+        lambda p: p.settings.photo_strength,
+        "from a photo: the fraction of the chain it is inverted through and edited; 1: all of it (paper)",
+        row=4,
+        slider=(0.05, 1.0, 0.05),
+    ),
     Setting("height", "Height", int, lambda p: p.settings.height or 0, _SIZE, row=5),
     Setting("width", "Width", int, lambda p: p.settings.width or 0, _SIZE, row=5),
     Setting(

@@ -12,6 +12,7 @@ from PIL import Image
 
 from doodl import DoodlSettings, edict_denoise
 from doodl.optimize import TrustRegion, invert_image, optimize
+from doodl.pipeline import count_unet_calls
 from doodl.serving import SETTING_NAMES, ModelCache, ModelNames, Serving, request, run_options
 from doodl.showcase import final, run
 from tests.test_app import prepare_models
@@ -94,7 +95,7 @@ def test_the_photo_weight_prices_the_distance_to_the_photos_reconstruction(tiny,
     steps = []
     optimize(tiny, PROMPT, mean_gray_loss, settings, photo_latents, steps.append)
     eps = tiny.noise_predictor(tiny.encode_prompt(PROMPT), settings.guidance_scale)
-    schedule = settings.schedule(tiny)
+    schedule = settings.schedule(tiny, from_photo=True)
     with torch.no_grad():
         reconstruction = tiny.decode(edict_denoise(eps, *photo_latents, schedule)[0])
         images = [tiny.decode(z) for z in edict_denoise(eps, *steps[1].latents, schedule)]
@@ -116,14 +117,59 @@ def test_the_photo_weight_changes_nothing_from_noise(tiny):
         DoodlSettings(photo_weight=-1)
 
 
+def test_a_photos_chain_is_the_last_strength_of_the_steps(tiny):
+    settings = DoodlSettings(steps=10, photo_strength=0.4)
+    full, part = settings.schedule(tiny), settings.schedule(tiny, from_photo=True)
+    assert len(full) == 10 and len(part) == 4
+    assert (part.timesteps, part.a, part.b) == (full.timesteps[6:], full.a[6:], full.b[6:])
+    assert len(replace(settings, photo_strength=0.01).schedule(tiny, from_photo=True)) == 1  # never none
+    assert len(replace(settings, photo_strength=1.0).schedule(tiny, from_photo=True)) == 10
+    for bad in (0, -0.5, 1.5):
+        with pytest.raises(ValueError, match="photo_strength"):
+            DoodlSettings(photo_strength=bad)
+    with pytest.raises(ValueError, match="no last 11 steps"):
+        full.last(11)
+
+
+def test_a_partial_inversion_regenerates_the_photo_in_its_own_steps(tiny):
+    settings = DoodlSettings(steps=10, photo_strength=0.4)
+    photo = Image.new("RGB", (64, 64), (200, 40, 40))
+    with count_unet_calls(tiny.unet) as calls:
+        x, y = invert_image(tiny, photo, PROMPT, settings)
+    assert calls.calls == 2 * 4  # two half-steps of each of the last 4 steps, and no more
+    eps = tiny.noise_predictor(tiny.encode_prompt(PROMPT), settings.guidance_scale)
+    with torch.no_grad():
+        x0, _ = settings.denoise(eps, x, y, tiny, from_photo=True)
+        encoded = tiny.encode(torch.tensor([200, 40, 40]).div(255).view(1, 3, 1, 1).expand(1, 3, 64, 64))
+        whole = invert_image(tiny, photo, PROMPT, replace(settings, photo_strength=1.0))
+    assert (x0 - encoded.double()).abs().max() < 1e-5  # exact: EDICT's inverse, on fewer steps
+    # Stopped at an intermediate timestep, the latent is still mostly the photo's: nearer to it than the
+    # whole inversion, which reaches the noise.
+    assert float((x - encoded).norm()) < float((whole[0] - encoded).norm())
+    with count_unet_calls(tiny.unet) as calls:
+        steps = optimize(tiny, PROMPT, mean_gray_loss, replace(settings, iterations=2), init=(x, y))
+    assert steps.losses[0] == pytest.approx(float(mean_gray_loss(tiny.decode(x0))), rel=1e-3)
+    assert calls.calls == 2 * (2 * 4 + 2 * 4)  # an iteration: 4 steps forward, then back
+
+
+def test_the_photo_strength_changes_nothing_from_noise(tiny):
+    settings = DoodlSettings(steps=5, iterations=2, learning_rate=100.0)
+    assert optimize(tiny, PROMPT, mean_gray_loss, settings).losses == (
+        optimize(tiny, PROMPT, mean_gray_loss, replace(settings, photo_strength=0.2)).losses
+    )
+
+
 def test_fidelity_and_the_photo_weight_are_run_settings():
-    assert {"fidelity", "photo_weight"} <= set(SETTING_NAMES)
+    assert {"fidelity", "photo_weight", "photo_strength"} <= set(SETTING_NAMES)
     assert run_options(fidelity=0.5).settings.fidelity == 0.5
+    assert run_options(photo_strength=0.5).settings.photo_strength == 0.5
     assert run_options(photo_weight=30).settings.photo_weight == 30.0
     with pytest.raises(ValueError, match="fidelity"):
         run_options(fidelity=2.0)
     with pytest.raises(ValueError, match="photo_weight"):
         run_options(photo_weight=-1)
+    with pytest.raises(ValueError, match="photo_strength"):
+        run_options(photo_strength=0)
 
 
 # --- every tab from a photo, through the checks and the run the page shows ---------------------------

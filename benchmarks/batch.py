@@ -68,10 +68,11 @@ def main() -> None:
     print(" ".join(command), flush=True)
     subprocess.run(command, check=True, env=environment, cwd=ROOT)
     table, _, note = summarize(raw, ["world-judge"]).read_text().strip().partition("\n\n")
+    processes = f"{args.processes} process" + ("es" if args.processes > 1 else "")
     text = "\n\n".join(
         [
             "# Batch: unguided, one-step, DOODL and best-of-N at matched compute (embedded world)",
-            machine() + f" {args.processes} processes, {args.threads} thread each.",
+            machine() + f" {processes}, {args.threads} thread each.",
             f"`python -m benchmarks.batch --n {args.n} --processes {args.processes}"
             + (" --quick" if args.quick else "")
             + "`: "

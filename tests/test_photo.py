@@ -1,6 +1,6 @@
-"""Starting from a photo: the trust region of `DoodlSettings.fidelity`, the tied step that keeps an inverted
-pair's difference, and a photo request on every tab through `doodl.serving.request` and
-`doodl.showcase.run`."""
+"""Starting from a photo: the partial chain of `DoodlSettings.photo_strength`, the trust region of
+`DoodlSettings.fidelity`, the tied step that keeps an inverted pair's difference, and a photo request on every
+tab through `doodl.serving.request` and `doodl.showcase.run`."""
 
 from __future__ import annotations
 

@@ -187,12 +187,12 @@ def measure(args: argparse.Namespace) -> None:
         cfg = embedded.EMBEDDED_PRESETS[tab].settings.guidance_scale
         cfg = cfg if args.guidance_scale is None else args.guidance_scale
         for index, scene in enumerate(scenes):
+            c = case(tab, index, scene)
             for fidelity, weight, strength in itertools.product(
                 args.fidelities, args.photo_weights, args.strengths
             ):
                 if (tab, index, fidelity, weight, cfg, strength) in done:
                     continue
-                c = case(tab, index, scene)
                 record = run_case(model, guides, c, fidelity, weight, cfg, strength, args.quick)
                 print(json.dumps(record), flush=True)
                 with args.json.open("a") as out:
@@ -223,8 +223,9 @@ def summary_rows(records: list[dict[str, Any]]) -> list[list[Any]]:
     """Per tab, fidelity, photo weight, CFG and strength: scenes unchanged, beauty and loss changes."""
     rows = []
     keys = sorted({(r["tab"], *setting(r)) for r in records}, key=lambda k: (TABS.index(k[0]), *k[1:]))
-    for tab, fidelity, weight, cfg, strength in keys:
-        runs = [r for r in records if (r["tab"], *setting(r)) == (tab, fidelity, weight, cfg, strength)]
+    for key in keys:
+        runs = [r for r in records if (r["tab"], *setting(r)) == key]
+        tab, fidelity, weight, cfg, strength = key
         unchanged = sum(r["unchanged"] for r in runs)
         rec = sum(r["reconstruction_unchanged"] for r in runs)
         shade = sum(bool(r["shade_hit"]) for r in runs) if tab == "vocabulary" else None
@@ -268,10 +269,9 @@ def report(paths: list[Path], out: Path) -> None:
     records = [json.loads(line) for path in paths for line in path.read_text().splitlines() if line]
     figure = Figure(figsize=(6, 3))
     axes = figure.subplots()
-    for k, (fidelity, weight, cfg, strength) in enumerate(sorted({setting(r) for r in records})):
-        runs = [
-            r for r in records if setting(r) == (fidelity, weight, cfg, strength) and r["tab"] == "aesthetic"
-        ]
+    for k, chosen in enumerate(sorted({setting(r) for r in records})):
+        runs = [r for r in records if setting(r) == chosen and r["tab"] == "aesthetic"]
+        fidelity, weight, cfg, strength = chosen
         axes.scatter(
             [r["beauty_best"] - r["beauty_photo"] for r in runs],
             [r["unchanged"] + 0.03 * k for r in runs],

@@ -171,10 +171,13 @@ class DoodlSettings:
         return schedule.last(max(1, round(self.photo_strength * self.steps))) if from_photo else schedule
 
     def few_step_chain(self, from_photo: bool = False) -> bool:
-        """Whether the chain is plain DDIM. A photo's latents stay with EDICT, whose inversion is exact."""
+        """Whether the chain is plain DDIM. A photo's latents stay with EDICT, whatever the sampler: they
+        are EDICT's inversion of it, which only EDICT's chain regenerates."""
+        if from_photo:
+            return False
         if self.sampler != "auto":
             return self.sampler == "ddim"
-        return not from_photo and self.steps < FEW_STEPS
+        return self.steps < FEW_STEPS
 
     def chain(self, from_photo: bool = False) -> Chain:
         """The chain these settings sample with, and the gradient mode it takes."""

@@ -224,6 +224,9 @@ def test_the_chain_is_edict_from_few_steps_up_unless_set():
     assert not DoodlSettings(steps=FEW_STEPS).few_step_chain()
     assert DoodlSettings(steps=FEW_STEPS, sampler="ddim").few_step_chain()
     assert not DoodlSettings(steps=1, sampler="edict").few_step_chain()
+    # A photo's latents are EDICT's inversion: only EDICT's chain regenerates them.
+    assert not DoodlSettings(steps=2).few_step_chain(from_photo=True)
+    assert not DoodlSettings(sampler="ddim").few_step_chain(from_photo=True)
     with pytest.raises(ValueError, match="setting sampler='euler' is not one of auto, edict, ddim"):
         DoodlSettings(sampler="euler")
 

@@ -131,8 +131,9 @@ def test_a_photos_chain_is_the_last_strength_of_the_steps(tiny):
         full.last(11)
 
 
-def test_a_partial_inversion_regenerates_the_photo_in_its_own_steps(tiny):
-    settings = DoodlSettings(steps=10, photo_strength=0.4)
+@pytest.mark.parametrize("sampler", ["auto", "ddim"])  # a photo's chain is EDICT's whatever the sampler
+def test_a_partial_inversion_regenerates_the_photo_in_its_own_steps(tiny, sampler):
+    settings = DoodlSettings(steps=10, photo_strength=0.4, sampler=sampler)
     photo = Image.new("RGB", (64, 64), (200, 40, 40))
     with count_unet_calls(tiny.unet) as calls:
         x, y = invert_image(tiny, photo, PROMPT, settings)

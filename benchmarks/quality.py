@@ -51,7 +51,6 @@ from doodl import (
     DoodlSettings,
     best_of_samples,
     capabilities,
-    initial_latents,
     load_pipeline,
     one_step_guidance,
     optimize,
@@ -60,13 +59,15 @@ from doodl import (
 from doodl.baseline import matched_k
 from doodl.embedded import EMBEDDED_PRESETS, Preset
 from doodl.losses import Loss
+from doodl.optimize import SAMPLERS
 from doodl.pipeline import LatentDiffusion, count_unet_calls
 from doodl.world import judge, shapes
 
 # The arguments a capability's saved outcomes depend on (with its preset and the models' contents). Not
 # --n or --matched-n: prompt i's outcomes are the same whatever they are, so a run extends a smaller one.
 RAW_KEYS = ("steps", "iterations", "seed", "start_k")
-OVERRIDES = ("clip", "guidance_scale", "normalized", "learning_rate")  # of the presets', to measure a lever
+# Of the presets', to measure a lever.
+OVERRIDES = ("clip", "guidance_scale", "normalized", "learning_rate", "sampler")
 
 MATCHED = "best of K samples"  # unguided samples at DOODL's UNet calls, the guide's pick
 STARTED = "best-of-k start + DOODL"  # DOODL from the guide's pick of k unguided samples
@@ -180,12 +181,12 @@ def image_loss(task: Task, image: Image.Image) -> float:
         return float(task.loss(pil_to_tensor(image).float().div(255).unsqueeze(0)))
 
 
-def one_step(model: LatentDiffusion, task: Task, settings: DoodlSettings, scale: float, init=None):
-    return one_step_guidance(model, task.prompt, task.loss, scale, settings, init)
+def one_step(model: LatentDiffusion, task: Task, settings: DoodlSettings, scale: float) -> Image.Image:
+    return one_step_guidance(model, task.prompt, task.loss, scale, settings)
 
 
-def doodl_image(model: LatentDiffusion, task: Task, settings: DoodlSettings, init=None) -> Image.Image:
-    return optimize(model, task.prompt, task.loss, settings, init).image
+def doodl_image(model: LatentDiffusion, task: Task, settings: DoodlSettings) -> Image.Image:
+    return optimize(model, task.prompt, task.loss, settings).image
 
 
 def started_doodl(model: LatentDiffusion, task: Task, settings: DoodlSettings, k: int, curves: dict):
@@ -205,13 +206,14 @@ def run_task(
     saved: dict[str, Outcome] | None = None,
 ) -> dict[str, Outcome]:
     """{method: Outcome} for one prompt; `settings` carries DOODL's gradient clip. Methods `saved` holds
-    are not run again: every run is seeded, so a saved outcome is the one a new run would give."""
+    are not run again: every run is seeded, so a saved outcome is the one a new run would give. Every
+    method starts from the noise of `settings.seed`, drawn by each run itself: latents given to a run are
+    a photo's, sampled through the photo's partial chain."""
     saved = saved or {}
-    init = initial_latents(model, settings)
     curves = {}
 
     def doodl_run() -> Image.Image:
-        result = optimize(model, task.prompt, task.loss, settings, init)
+        result = optimize(model, task.prompt, task.loss, settings)
         curves["DOODL"] = tuple(result.losses)
         return result.image
 
@@ -221,8 +223,8 @@ def run_task(
         return best.image, best.calls
 
     runs = {
-        "unguided": lambda: counted(model, lambda: sample(model, task.prompt, settings, init)),
-        "one-step": lambda: counted(model, lambda: one_step(model, task, settings, scale, init)),
+        "unguided": lambda: counted(model, lambda: sample(model, task.prompt, settings)),
+        "one-step": lambda: counted(model, lambda: one_step(model, task, settings, scale)),
         "DOODL": lambda: counted(model, doodl_run),
         MATCHED: random_search,
         STARTED: lambda: counted(model, lambda: started_doodl(model, task, settings, start_k, curves)),
@@ -263,6 +265,7 @@ def settings_for(
         "grad_clip": grad_clip,
         "normalized": args.normalized,
         "learning_rate": args.learning_rate,
+        "sampler": args.sampler,
     }
     return dataclasses.replace(settings, **{k: v for k, v in given.items() if v is not None})
 
@@ -313,7 +316,7 @@ def run_capability(
         torch.manual_seed(settings.seed)  # anything random in a loss
         task = capability.make_task(guides, rng)  # made even when saved: the next prompt's rng follows it
         matched = i < args.matched_n
-        needed = METHODS if matched else METHODS[:3]
+        needed = tuple(m for m in (METHODS if matched else METHODS[:3]) if m in args.methods)
         outcomes = raw.outcomes(i, needed)
         if outcomes is None:
             outcomes = run_task(model, task, settings, scale, needed, args.start_k, raw.partial(i))
@@ -450,19 +453,13 @@ def compared(scores: dict[str, list], ours: str, theirs: str) -> tuple[str, str]
 def verdict(name: str, scores: dict[str, list]) -> str:
     """Plain sentences: does DOODL beat each baseline, by the evaluator, on the prompts both ran on? Does
     it lower its own guidance loss more? Then the same for DOODL from the best of k samples."""
-    pairs = [compared(scores, "DOODL", m) for m in ("unguided", "one-step", MATCHED) if scores[m]]
-    said, losses = zip(*pairs)
-    text = (
-        f"- **{name}**: by the evaluator, DOODL " + "; ".join(said) + ". DOODL's own guidance loss is "
-        "lower on " + ", ".join(losses) + "."
-    )
-    if scores[STARTED]:
-        others = ("unguided", "one-step", "DOODL", MATCHED)
-        pairs = [compared(scores, STARTED, m) for m in others if scores[m]]
-        said, losses = zip(*pairs)
-        text += (
-            f" {STARTED} " + "; ".join(said) + "; its guidance loss is lower on " + ", ".join(losses) + "."
-        )
+    text = f"- **{name}**:"
+    for ours, others in (("DOODL", ("unguided", "one-step", MATCHED)), (STARTED, METHODS[:4])):
+        pairs = [compared(scores, ours, m) for m in others if scores[ours] and scores[m]]
+        if pairs:
+            said, losses = zip(*pairs)
+            text += f" By the evaluator, {ours} {'; '.join(said)}; its guidance loss is lower on "
+            text += ", ".join(losses) + "."
     return text
 
 
@@ -535,6 +532,7 @@ def main() -> None:
         "--normalized", action="store_true", default=None, help="DOODL's gradient scaled to the clip's RMS"
     )
     p.add_argument("--learning-rate", type=float, help="DOODL's rate (default: each capability's preset)")
+    p.add_argument("--sampler", choices=SAMPLERS, help="DOODL's chain (default: each capability's preset)")
     p.add_argument("--tune", action="store_true", help="choose clip and one-step scale on pilot prompts")
     p.add_argument("--scales", type=float, nargs="+", default=[0.1, 0.3, 1, 3, 10], help="one-step strengths")
     # The clip is what is tuned: where a gradient element exceeds it, it sets the step. How many do differs
@@ -545,6 +543,9 @@ def main() -> None:
     )
     p.add_argument("--pilot", type=int, default=3, help="prompts that choose the strengths")
     p.add_argument("--seed", type=int, default=2024)
+    p.add_argument(
+        "--methods", nargs="+", choices=METHODS, default=METHODS, help="methods to run (default: all)"
+    )
     p.add_argument("--only", nargs="+", choices=[c.name for c in CAPABILITIES], help="capabilities to run")
     p.add_argument("--device", default="cpu")
     p.add_argument(

@@ -17,7 +17,7 @@ import torch
 from matplotlib.figure import Figure
 
 from benchmarks.common import EMBEDDED, markdown_table, parser, start, write_report
-from benchmarks.quality import CAPABILITIES, load_guides, settings_for
+from benchmarks.quality import CAPABILITIES, OVERRIDES, load_guides, settings_for
 from doodl import latent_grad, load_pipeline
 from doodl.optimize import conditioning, final_loss, initial_latents
 
@@ -40,7 +40,8 @@ def main() -> None:
     p.add_argument("--n", type=int, default=3, help="prompts per capability")
     args = p.parse_args()
     # What quality.settings_for reads: the presets' own settings.
-    args.steps = args.iterations = args.guidance_scale = args.normalized = args.learning_rate = None
+    for name in ("steps", "iterations", *OVERRIDES):
+        setattr(args, name, None)
     args.seed = 2024
     if args.quick:
         args.n, args.steps = 1, 3

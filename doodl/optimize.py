@@ -311,8 +311,10 @@ def doodl(
     """Optimize the initial noise so that the generated image lowers `loss`; yield every iteration.
 
     Iteration 0 reports the unguided image of the initial latents. Stop early by leaving the loop.
-    `init` starts from given latents, e.g. those of `invert_image` for a real photo; without it, the noise
-    of `settings.seed`, or of the best of `settings.start_samples` seeds' samples.
+    `init` starts from a photo's latents, those of `invert_image` at the same settings: they are run
+    through the photo's chain (the last `photo_strength` of the steps, EDICT) within the trust region of
+    `fidelity`. Without it, from the noise of `settings.seed`, or of the best of `settings.start_samples`
+    seeds' samples; other noise is another seed, not `init`.
     """
     start = time.perf_counter()  # the start's samples count in every iteration's seconds
     eps = conditioning(model, prompt, settings)
@@ -433,7 +435,7 @@ def result_of(steps: list[Step]) -> Result:
 def sample(
     model: LatentDiffusion, prompt: str, settings: DoodlSettings = DoodlSettings(), init: Pair | None = None
 ) -> Image.Image:
-    """One unguided sample: the image iteration 0 of `doodl` shows."""
+    """One unguided sample: the image iteration 0 of `doodl` shows (`init`: a photo's latents, as there)."""
     return unguided_image(model, conditioning(model, prompt, settings), settings, init)
 
 

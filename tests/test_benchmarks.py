@@ -9,7 +9,17 @@ from types import SimpleNamespace
 import pytest
 
 from benchmarks.common import EMBEDDED
-from benchmarks.quality import ASSETS, CAPABILITIES, MATCHED, METHODS, STARTED, Outcome, RawStore, verdict
+from benchmarks.quality import (
+    ASSETS,
+    CAPABILITIES,
+    MATCHED,
+    METHODS,
+    OVERRIDES,
+    STARTED,
+    Outcome,
+    RawStore,
+    verdict,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = (
@@ -58,6 +68,20 @@ def test_quick_run_prints_its_table(runs, name):
     assert (out / f"{name}.md").is_file() and (out / f"{name}.png").stat().st_size > 0
 
 
+def test_quality_methods_sample_the_whole_chain_from_the_seeds_noise(runs):
+    """Given latents are a photo's, run through its partial chain: every method here starts from noise, so
+    the start of k samples costs k unguided samples and DOODL's iterations cost the same from either start."""
+    if MISSING:
+        pytest.skip(f"quality needs the embedded models, not trained yet: {MISSING}")
+    saved = list((runs["quality"][2] / "quality-raw").glob("*.json"))
+    assert saved
+    for path in saved:
+        for prompt in json.loads(path.read_text())["prompts"]:
+            calls = {method: outcome["calls"] for method, outcome in prompt.items()}
+            assert calls["one-step"] == calls["unguided"]
+            assert calls[STARTED] == 2 * calls["unguided"] + calls["DOODL"]  # --quick starts from 2 samples
+
+
 def test_quality_verdict_calls_a_difference_within_noise_a_tie():
     def outcomes(scores, loss):
         return [Outcome(score, loss, calls=1) for score in scores]
@@ -101,7 +125,7 @@ def test_quality_outcomes_are_saved_per_prompt_and_reused_only_with_the_same_set
     assets = tmp_path / "assets"
     assets.mkdir()
     (assets / "weights.bin").write_bytes(b"one")
-    overrides = {"clip": None, "guidance_scale": None, "normalized": None, "learning_rate": None}
+    overrides = dict.fromkeys(OVERRIDES)
     args = SimpleNamespace(steps=None, iterations=None, seed=2024, start_k=4, assets=assets, **overrides)
     capability = CAPABILITIES[2]
     first = {m: Outcome(0.5, 0.25, 40, (0.3, 0.25)) for m in METHODS[:3]}
@@ -116,7 +140,13 @@ def test_quality_outcomes_are_saved_per_prompt_and_reused_only_with_the_same_set
     with pytest.raises(ValueError, match="prompt 2 saved before prompt 1"):
         again.save(2, first)
     assert RawStore.open(tmp_path, capability, SimpleNamespace(**{**vars(args), "start_k": 2})).prompts == []
-    for override in ({"clip": 0.1}, {"guidance_scale": 2.0}, {"normalized": True}, {"learning_rate": 3.0}):
+    for override in (
+        {"clip": 0.1},
+        {"guidance_scale": 2.0},
+        {"normalized": True},
+        {"learning_rate": 3.0},
+        {"sampler": "ddim"},
+    ):
         assert (
             RawStore.open(tmp_path, capability, SimpleNamespace(**{**vars(args), **override})).prompts == []
         )

@@ -27,7 +27,7 @@ from doodl.capabilities import CAPABILITIES, GUIDE_NAMES, LOSSES, LossKind, Targ
 from doodl.embedded import PAPER, Preset, is_embedded, presets
 from doodl.gradient import MODES
 from doodl.guides import HPS_ARCHITECTURE
-from doodl.optimize import DoodlSettings
+from doodl.optimize import SAMPLERS, DoodlSettings
 from doodl.pipeline import LatentDiffusion, load_pipeline
 
 ROOT = Path(__file__).resolve().parent.parent  # the app's folder: default model paths are relative to it
@@ -198,6 +198,16 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting(
         "mode", "Backpropagation", str, lambda p: p.settings.mode, "reversible: EDICT", row=1, choices=MODES
+    ),
+    Setting(
+        "sampler",
+        "Sampling chain",
+        str,
+        lambda p: p.settings.sampler,
+        "edict: the paper's, exactly invertible; ddim: one UNet call a step, inputs stored for the gradient; "
+        "auto: ddim below 10 steps. A photo's is EDICT's",
+        row=2,
+        choices=SAMPLERS,
     ),
     Setting(
         "p",

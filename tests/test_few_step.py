@@ -1,5 +1,6 @@
 """Few-step models (SD-Turbo style): trailing timesteps from the scheduler's config, guidance off at half
-the UNet batch, exact inversion and gradient parity at 1, 2 and 4 steps, and the CLI taking such a model."""
+the UNet batch, exact inversion and gradient parity at 1, 2 and 4 steps, and the CLI taking such a model;
+and the chain a run samples with (EDICT or plain DDIM), a run setting."""
 
 import pytest
 import torch
@@ -18,7 +19,9 @@ from doodl import (
 )
 from doodl.__main__ import main
 from doodl.edict import FEW_STEPS, ddim_denoise, ddim_step
+from doodl.embedded import EMBEDDED_PRESETS
 from doodl.pipeline import PromptEmbeds, load_pipeline
+from doodl.serving import preset_values, run_options
 from doodl.tiny import save_tiny_turbo_pipeline
 
 PROMPT = "a red circle above a blue square"
@@ -281,3 +284,11 @@ def test_cli_runs_a_few_step_model_without_guidance(turbo_folder, tmp_path, caps
     # "guidance off", the CLI says what it does.
     assert main(base + ["--guidance-scale", "0"]) == 0
     assert "ignores the prompt" in capsys.readouterr().err
+
+
+def test_the_chain_is_a_run_setting():
+    assert run_options(sampler="edict").settings.sampler == "edict"
+    assert run_options(sampler="ddim", steps=20).settings.few_step_chain()
+    assert preset_values(EMBEDDED_PRESETS["text"])["sampler"] == "auto"  # EDICT at the presets' 20 steps
+    with pytest.raises(ValueError, match="sampler"):
+        run_options(sampler="euler")

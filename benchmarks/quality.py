@@ -311,12 +311,17 @@ def run_capability(
     print(capability.name, "one-step scale", scale, "DOODL gradient clip", clip, flush=True)
     rng = np.random.default_rng(args.seed + index)
     scores: dict[str, list] = {method: [] for method in METHODS}
+    missing: set[str] = set()  # --saved-only: methods not saved for an earlier prompt, left out after it
     for i in range(args.n):
         settings = settings_for(args, capability, index, i, clip)
         torch.manual_seed(settings.seed)  # anything random in a loss
         task = capability.make_task(guides, rng)  # made even when saved: the next prompt's rng follows it
         matched = i < args.matched_n
         needed = tuple(m for m in (METHODS if matched else METHODS[:3]) if m in args.methods)
+        if args.saved_only:
+            # Pairs are compared by prompt index, so a method stops at its first unsaved prompt.
+            missing |= set(needed) - raw.partial(i).keys()
+            needed = tuple(m for m in needed if m not in missing)
         outcomes = raw.outcomes(i, needed)
         if outcomes is None:
             outcomes = run_task(model, task, settings, scale, needed, args.start_k, raw.partial(i))
@@ -546,6 +551,11 @@ def main() -> None:
     p.add_argument(
         "--methods", nargs="+", choices=METHODS, default=METHODS, help="methods to run (default: all)"
     )
+    p.add_argument(
+        "--saved-only",
+        action="store_true",
+        help="run nothing: report each method on the first prompts it has saved outcomes for",
+    )
     p.add_argument("--only", nargs="+", choices=[c.name for c in CAPABILITIES], help="capabilities to run")
     p.add_argument("--device", default="cpu")
     p.add_argument(
@@ -591,6 +601,11 @@ def main() -> None:
         "mean ± standard error; judge fractions and success rates are 0-1. The pixel beauty estimate "
         f"correlates {beauty_agreement(100):.2f} with the beauty of the true scene on rendered images."
     )
+    if args.saved_only:
+        notes += (
+            " Written from saved outcomes alone (`--saved-only`): each method on the first prompts it was "
+            "run on, n in each cell; paired comparisons over the prompts both methods ran on."
+        )
     verdicts = "\n".join(verdict(name, scores) for name, scores in all_scores.items())
     losses = "Guidance loss of the final images (lower: the method did what its guide asked):\n\n"
     losses += markdown_table(["capability", *METHODS], loss_rows)

@@ -33,8 +33,9 @@ SCRIPTS = (
     "examples",
     "unet_call",
     "steps",
+    "samplers",
 )
-NEEDS_EMBEDDED = ("quality", "examples", "steps")
+NEEDS_EMBEDDED = ("quality", "examples", "steps", "samplers")
 MISSING = [a for a in ASSETS if not (EMBEDDED / a).exists()]
 
 
@@ -80,6 +81,30 @@ def test_quality_methods_sample_the_whole_chain_from_the_seeds_noise(runs):
             calls = {method: outcome["calls"] for method, outcome in prompt.items()}
             assert calls["one-step"] == calls["unguided"]
             assert calls[STARTED] == 2 * calls["unguided"] + calls["DOODL"]  # --quick starts from 2 samples
+
+
+def test_quality_reports_saved_outcomes_without_running_anything(runs, tmp_path):
+    if MISSING:
+        pytest.skip(f"quality needs the embedded models, not trained yet: {MISSING}")
+    out = runs["quality"][2]
+    (tmp_path / "quality-raw").mkdir()
+    for path in (out / "quality-raw").glob("*.json"):
+        saved = json.loads(path.read_text())
+        for prompt in saved["prompts"]:
+            del prompt[MATCHED]  # as if random search had not run yet
+        (tmp_path / "quality-raw" / path.name).write_text(json.dumps(saved))
+    command = [sys.executable, "-m", "benchmarks.quality", "--quick", "--saved-only", "--out", str(tmp_path)]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = (tmp_path / "quality.md").read_text()
+    full = (out / "quality.md").read_text()
+    row = next(line for line in full.splitlines() if line.startswith("| text | judge"))
+    cells = row.split(" | ")
+    cells[5] = "-"  # best of K samples: not saved, not run
+    calls = cells[7].removesuffix(" |").split("/")
+    calls[3] = "-"
+    cells[7] = "/".join(calls) + " |"
+    assert " | ".join(cells) in report.splitlines()
 
 
 def test_quality_verdict_calls_a_difference_within_noise_a_tie():

@@ -37,7 +37,7 @@ from doodl import MODES, edict_denoise, edict_schedule, latent_grad, one_step_gu
 from doodl.capabilities import Crops, build_loss, load_guides
 from doodl.embedded import EMBEDDED_PRESETS, EXAMPLES, SD
 from doodl.losses import Loss
-from doodl.optimize import conditioning, initial_latents
+from doodl.optimize import SAMPLERS, conditioning, initial_latents
 from doodl.pipeline import count_unet_calls, load_pipeline
 from doodl.serving import ModelCache, Serving
 from doodl.showcase import example_request
@@ -150,12 +150,13 @@ def timed(run: Callable[[], object]) -> float:
 
 def iteration_parts(model, prompt: str, loss: Loss, settings) -> dict[str, float]:
     """Seconds of one default iteration's parts: the chain forward, the decode of both latents with its
-    backward, the guide on every view with its backward, and the reversible backward through the chain."""
-    eps, schedule = conditioning(model, prompt, settings), settings.schedule(model)
+    backward, the guide on every view with its backward, and the backward through the chain (the
+    settings' own: EDICT's reversible one, or DDIM's from its stored step inputs)."""
+    eps, schedule, chain = conditioning(model, prompt, settings), settings.schedule(model), settings.chain()
     x, y = initial_latents(model, settings)
-    chain = timed(lambda: edict_denoise(eps, x, y, schedule))
+    forward = timed(lambda: chain.denoise(eps, x, y, schedule))
     with torch.no_grad():
-        x0, y0 = edict_denoise(eps, x, y, schedule)
+        x0, y0 = chain.denoise(eps, x, y, schedule)
     latents = torch.cat([x0, y0]).requires_grad_(True)
 
     def decode() -> None:
@@ -165,28 +166,30 @@ def iteration_parts(model, prompt: str, loss: Loss, settings) -> dict[str, float
     pixels = model.decode(latents).detach().requires_grad_(True)
     decoding = timed(decode)
     guide = timed(lambda: torch.autograd.grad(loss(pixels), pixels))
-    whole = timed(
-        lambda: latent_grad(eps, x, y, schedule, lambda a, b: loss(model.decode(torch.cat([a, b]))))
-    )
+
+    def final(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return loss(model.decode(torch.cat([a, b])))
+
+    whole = timed(lambda: latent_grad(eps, x, y, schedule, final, chain.mode, chain.step))
     return {
-        "chain forward": chain,
+        "chain forward": forward,
         "decode + backward": decoding,
         "guide + backward": guide,
-        "reversible backward (UNet VJPs)": whole - chain - decoding - guide,
+        "backward through the chain (UNet VJPs)": whole - forward - decoding - guide,
         "iteration": whole,
     }
 
 
-def default_runs(quick: bool) -> tuple[str, str, dict[str, float]]:
+def default_runs(quick: bool, overrides: dict) -> tuple[str, str, dict[str, float]]:
     """Tables: seconds of each tab's whole default run (DOODL and the side-by-side one-step image), and
-    where one default iteration's time goes."""
+    where one default iteration's time goes; `overrides` replace the presets' settings (a lever's)."""
     model = load_pipeline(SD)
     runs, parts = [], []
     for tab, (prompt, make_loss) in tab_losses().items():
         preset = EMBEDDED_PRESETS[tab]
-        settings = (
-            preset.settings if not quick else dataclasses.replace(preset.settings, steps=2, iterations=2)
-        )
+        settings = dataclasses.replace(preset.settings, **overrides)
+        if quick:
+            settings = dataclasses.replace(settings, steps=2, iterations=2)
         generator = torch.Generator().manual_seed(settings.seed)
         doodl_seconds = timed(functools.partial(optimize, model, prompt, make_loss(generator), settings))
         one_step = timed(
@@ -232,7 +235,7 @@ def default_runs(quick: bool) -> tuple[str, str, dict[str, float]]:
             "chain forward",
             "decode + backward",
             "guide + backward",
-            "reversible backward",
+            "backward through the chain",
             "iteration (s)",
         ],
         parts,
@@ -249,13 +252,16 @@ def main() -> None:
     p.add_argument("--tiny-size", type=int, default=16, help="latent side of the tiny model")
     p.add_argument("--no-embedded", action="store_true", help="skip the embedded model")
     p.add_argument("--only-default-runs", action="store_true", help="only time each tab's default run")
+    p.add_argument("--sampler", choices=SAMPLERS, help="default runs: the chain (default: the presets')")
+    p.add_argument("--iterations", type=int, help="default runs: DOODL iterations (default: the presets')")
     args = p.parse_args()
     if args.quick:
         args.steps, args.repeats, args.tiny_size, args.no_embedded = [2, 4], 1, 8, True
     out = start(args)
     if not args.only_default_runs:
         ratio_report(args, out)
-    default_runs_report(args.quick, out)
+    given = {"sampler": args.sampler, "iterations": args.iterations}
+    default_runs_report(args.quick, out, {k: v for k, v in given.items() if v is not None})
 
 
 def ratio_report(args, out) -> None:
@@ -295,16 +301,18 @@ def ratio_report(args, out) -> None:
     write_report(out, "cost", "Cost of a DOODL iteration", [notes, calls_table, cost_table], plot(results))
 
 
-def default_runs_report(quick: bool, out) -> None:
-    runs_table, parts_table, totals = default_runs(quick)
+def default_runs_report(quick: bool, out, overrides: dict) -> None:
+    runs_table, parts_table, totals = default_runs(quick, overrides)
     notes = (
         "A visitor's wait on the embedded model: each tab's first example at the tab's settings "
         "(`doodl.embedded.EMBEDDED_PRESETS`): the start's samples, all DOODL iterations, and the one-step "
         "image of the side-by-side (the unguided image is DOODL's first iteration). Target: at most "
         f"{DEFAULT_RUN_TARGET:g} s on 2 idle cores (`--threads 2`). Below, one default iteration split into "
         "its parts (seconds): the UNet calls "
-        "are the chain forward and the reversible backward; decode and guide each include their backward."
+        "are the chain forward and the backward through it; decode and guide each include their backward."
     )
+    if overrides:
+        notes += f" The presets' settings replaced by {overrides}."
     figure = Figure(figsize=(5, 3))
     ax = figure.subplots()
     ax.bar(list(totals), list(totals.values()), color="tab:red")

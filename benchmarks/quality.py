@@ -601,6 +601,10 @@ def main() -> None:
         "mean ± standard error; judge fractions and success rates are 0-1. The pixel beauty estimate "
         f"correlates {beauty_agreement(100):.2f} with the beauty of the true scene on rendered images."
     )
+    overridden = {name: getattr(args, name) for name in ("steps", "iterations", *OVERRIDES)}
+    overridden = {name: value for name, value in overridden.items() if value is not None}
+    if overridden:
+        notes += f" Every method's settings are the presets' with {overridden}."
     if args.saved_only:
         notes += (
             " Written from saved outcomes alone (`--saved-only`): each method on the first prompts it was "

@@ -1,4 +1,5 @@
-"""What one UNet call of a DOODL chain costs, and whether that cost is arithmetic or overhead.
+"""What one UNet call of a DOODL chain costs, and whether that cost is arithmetic or fixed cost: the same
+call with 1, 2, 4 and 8 latents.
 
     python -m benchmarks.unet_call --threads 2              # the embedded UNet, eager and compiled
     python -m benchmarks.unet_call --threads 2 --no-compile # eager only (compiling takes minutes on a CPU)
@@ -44,6 +45,7 @@ from doodl.pipeline import LatentDiffusion, NoisePredictor, load_pipeline
 
 ITERATION_TARGET = 1.2  # seconds per default iteration on 2 cores (issue: 30 iterations in today's ~35 s)
 PRESET = EMBEDDED_PRESETS["text"].settings  # every tab's steps and CFG are the same
+BATCHES = (1, 2, 4, 8)  # latents per call, for the fixed-cost table
 
 
 def noise_predictor(folder: Path) -> tuple[LatentDiffusion, NoisePredictor, torch.Tensor]:
@@ -97,6 +99,18 @@ def measure(
     return {"forward": fwd, "forward+VJP": vjp, "compile": compile_s}
 
 
+def batch_scaling(eps: NoisePredictor, latents: torch.Tensor, calls: int) -> list[list[str]]:
+    """Rows of ms per forward with 1 to 8 latents in one call: a call whose time hardly grows with its
+    latents is mostly fixed cost (kernel launches and set-up on tiny tensors), not arithmetic."""
+    rows, one = [], None
+    for n in BATCHES:
+        ms = milliseconds(forward, eps, latents.repeat(n, 1, 1, 1), calls)
+        one = one or ms
+        rows.append([str(n), f"{ms:.1f}", f"{ms / one:.2f}", f"{ms / n:.1f}"])
+        print(rows[-1], flush=True)
+    return rows
+
+
 def main() -> None:
     p = parser(__doc__)
     p.add_argument("--calls", type=int, default=40, help="timed calls per measurement")
@@ -109,6 +123,7 @@ def main() -> None:
     out = start(args)
     model, eps, latents = noise_predictor(folder)
     gflop = flops(eps, latents) / 1e9
+    scaling_rows = batch_scaling(eps, latents, args.calls)  # eager: before the UNet may be compiled in place
     steps = PRESET.steps
     rows, results = [], {}
     for compiled in (False,) if args.no_compile else (False, True):
@@ -147,7 +162,15 @@ def main() -> None:
         "compile (s)",
     ]
     table = markdown_table(headers, rows)
-    write_report(out, "unet_call", "What a UNet call costs", [notes, table], plot(results))
+    scaling = (
+        "Fixed cost or arithmetic: the eager forward with several latents in one call (each latent is a "
+        "cond and an uncond row). Were a call arithmetic, its time would grow in proportion.\n\n"
+        + markdown_table(
+            ["latents per call", "forward (ms)", "x one latent's", "ms per latent"],
+            scaling_rows,
+        )
+    )
+    write_report(out, "unet_call", "What a UNet call costs", [notes, table, scaling], plot(results))
 
 
 def plot(results: dict[str, dict[str, float]]) -> Figure:

@@ -41,7 +41,14 @@ class Preset:
 PAPER = Preset(DoodlSettings())
 
 # The embedded model, sized to run on two CPU cores in well under a minute (benchmarks/cost.py):
-# - 20 EDICT steps: 10 lose a tenth of the one-object shapes (doodl.world.evaluate --steps 10 / 20);
+# - 20 EDICT steps: 10 lose a tenth of the one-object shapes (doodl.world.evaluate --steps 10 / 20). But
+#   EDICT needs about 30 steps on this model to sample as well as plain DDIM: at 20 its unguided images score
+#   0.34 on 30 text prompts against DDIM's 0.53, beauty 7.4 against 8.0 (benchmarks/results/samplers.md),
+#   and 20 DDIM iterations (one UNet call a step, inputs stored for the gradient) cost the UNet calls of
+#   these 10: the app's method then scores 0.67 on text (0.58), 0.80 on vocabulary (0.73), 0.35 on
+#   personalization (0.38), beauty 8.70 (8.36) (benchmarks/results/quality-ddim/). Not adopted yet: the
+#   shipped examples were chosen at these settings and must be chosen again (the first text example's DOODL
+#   image equals its unguided one at DDIM's);
 # - CFG 4: at the paper's 7.5 the generator draws every shade of a color alike
 #   (doodl.world.evaluate --guidance 4), which leaves the guide nothing to choose;
 # - 16 views per image, as the paper's 16 cutouts (`doodl.losses.cutouts`);

@@ -568,8 +568,9 @@ def build_app(serving: Serving = LOCAL) -> gr.Blocks:
     with gr.Blocks(title="DOODL", analytics_enabled=False) as demo:
         gr.Markdown(
             "# DOODL: Direct Optimization Of Diffusion Latents\n"
-            "The initial noise of Stable Diffusion is optimized through the whole EDICT sampling chain "
-            "against a loss on the final image." + (f"\n\n{EMBEDDED_WORLD}" if serving.embedded() else "")
+            "The initial noise of Stable Diffusion is optimized through the whole sampling chain (EDICT, "
+            "exactly invertible, or plain DDIM) against a loss on the final image."
+            + (f"\n\n{EMBEDDED_WORLD}" if serving.embedded() else "")
         )
         with gr.Row():
             model = gr.Textbox(
@@ -590,7 +591,7 @@ def device_note(serving: Serving) -> str:
     if serving.embedded():
         note += (
             " Each tab's settings are the embedded model's: fewer steps and iterations than the paper's "
-            "50 and 50, chosen by the quality benchmark (see README)."
+            "50 and 50, and plain DDIM as the chain from noise, chosen by the quality benchmark (see README)."
         )
     limits = [f"{limit} {name}" for name, limit, _ in serving.limits() if limit is not None]
     if limits:

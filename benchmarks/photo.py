@@ -4,12 +4,13 @@ without the trust region of `DoodlSettings.fidelity`, the distance to the photo 
 (`DoodlSettings.photo_strength`) (issue #17, item 4).
 
 The photos are renders of the embedded world's scenes (`doodl.world.shapes`), so what they show is known.
-For each photo and tab: invert it, run DOODL at the tab's preset (10 iterations, 20 steps) with each
-fidelity and photo weight, and read the scene back from the pixels of the best image with the world's judge
-(`doodl.world.judge.find_blobs`: each object's color, shape and centre). A scene is *unchanged* when the
-result has the photo's objects, each with its color and shape and its centre within `POSITION_TOLERANCE`
-pixels, and no other object. Beside it: the beauty rule read from the pixels (`pixel_beauty`, the
-aesthetic tab's evaluator) and the guide's own loss, first iteration (the photo's reconstruction) to best.
+For each photo and tab: invert it, run DOODL at the tab's preset (20 steps, 20 iterations; EDICT, as every
+photo) with each fidelity and photo weight, and read the scene back from the pixels of the best image with
+the world's judge (`doodl.world.judge.find_blobs`: each object's color, shape and centre). A scene is
+*unchanged* when the result has the photo's objects, each with its color and shape and its centre within
+`POSITION_TOLERANCE` pixels, and no other object. Beside it: the beauty rule read from the pixels
+(`pixel_beauty`, the aesthetic tab's evaluator) and the guide's own loss, first iteration (the photo's
+reconstruction) to best.
 
 What each tab asks of a photo, so that the scene may stay while the guide gains:
 - text: the photo's own caption as the prompt and CLIP's target;
@@ -148,6 +149,7 @@ def run_case(
         "photo_weight": photo_weight,
         "guidance_scale": settings.guidance_scale,
         "photo_strength": strength,
+        "iterations": settings.iterations,
         "reconstruction_unchanged": same_scene(photo_blobs, judge.find_blobs(start_image)),
         "unchanged": same_scene(photo_blobs, judge.find_blobs(best_image)),
         "beauty_photo": pixel_beauty(c.photo),
@@ -186,12 +188,13 @@ def measure(args: argparse.Namespace) -> None:
         scenes = shapes.random_scenes(args.seed, args.n, two_object_fraction=0.5)
         cfg = embedded.EMBEDDED_PRESETS[tab].settings.guidance_scale
         cfg = cfg if args.guidance_scale is None else args.guidance_scale
+        iterations = QUICK["iterations"] if args.quick else embedded.EMBEDDED_PRESETS[tab].settings.iterations
         for index, scene in enumerate(scenes):
             c = case(tab, index, scene)
             for fidelity, weight, strength in itertools.product(
                 args.fidelities, args.photo_weights, args.strengths
             ):
-                if (tab, index, fidelity, weight, cfg, strength) in done:
+                if (tab, index, fidelity, weight, cfg, strength, iterations) in done:
                     continue
                 record = run_case(model, guides, c, fidelity, weight, cfg, strength, args.quick)
                 print(json.dumps(record), flush=True)
@@ -202,12 +205,14 @@ def measure(args: argparse.Namespace) -> None:
 _ROLES = ("clip", "classifier", "aesthetic_clip", "aesthetic_head")
 
 
-def setting(record: dict[str, Any]) -> tuple[float, float, float, float]:
-    """(fidelity, photo weight, CFG, strength) of a run; runs recorded before the last three were varied
-    had no photo weight, the presets' CFG and the whole chain (strength 1)."""
+def setting(record: dict[str, Any]) -> tuple[float, float, float, float, int]:
+    """(fidelity, photo weight, CFG, strength, iterations) of a run; runs recorded before the last four
+    were varied or recorded had no photo weight, the presets' CFG, the whole chain (strength 1) and the
+    presets' 10 iterations of that time."""
     cfg = embedded.EMBEDDED_PRESETS[record["tab"]].settings.guidance_scale
     weight, strength = record.get("photo_weight", 0.0), record.get("photo_strength", 1.0)
-    return record["fidelity"], weight, record.get("guidance_scale", cfg), strength
+    iterations = record.get("iterations", 10)
+    return record["fidelity"], weight, record.get("guidance_scale", cfg), strength, iterations
 
 
 def _mean(values: list[float]) -> str:
@@ -225,7 +230,7 @@ def summary_rows(records: list[dict[str, Any]]) -> list[list[Any]]:
     keys = sorted({(r["tab"], *setting(r)) for r in records}, key=lambda k: (TABS.index(k[0]), *k[1:]))
     for key in keys:
         runs = [r for r in records if (r["tab"], *setting(r)) == key]
-        tab, fidelity, weight, cfg, strength = key
+        tab, fidelity, weight, cfg, strength, iterations = key
         unchanged = sum(r["unchanged"] for r in runs)
         rec = sum(r["reconstruction_unchanged"] for r in runs)
         shade = sum(bool(r["shade_hit"]) for r in runs) if tab == "vocabulary" else None
@@ -236,6 +241,7 @@ def summary_rows(records: list[dict[str, Any]]) -> list[list[Any]]:
                 f"{weight:g}",
                 f"{cfg:g}",
                 f"{strength:g}",
+                iterations,
                 len(runs),
                 f"{unchanged}/{len(runs)} ({100 * unchanged / len(runs):.0f} %)",
                 f"{rec}/{len(runs)}",
@@ -255,6 +261,7 @@ HEADERS = (
     "photo weight",
     "CFG",
     "strength",
+    "iterations",
     "photos",
     "scene unchanged (best image)",
     "scene unchanged (reconstruction)",
@@ -271,11 +278,12 @@ def report(paths: list[Path], out: Path) -> None:
     axes = figure.subplots()
     for k, chosen in enumerate(sorted({setting(r) for r in records})):
         runs = [r for r in records if setting(r) == chosen and r["tab"] == "aesthetic"]
-        fidelity, weight, cfg, strength = chosen
+        fidelity, weight, cfg, strength, iterations = chosen
         axes.scatter(
             [r["beauty_best"] - r["beauty_photo"] for r in runs],
             [r["unchanged"] + 0.03 * k for r in runs],
-            label=f"fidelity {fidelity:g}, weight {weight:g}, CFG {cfg:g}, strength {strength:g}",
+            label=f"fidelity {fidelity:g}, weight {weight:g}, CFG {cfg:g}, strength {strength:g}, "
+            f"{iterations} iterations",
         )
     axes.set(xlabel="aesthetic tab: beauty change vs photo", ylabel="scene unchanged (0/1)")
     axes.legend()

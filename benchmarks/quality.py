@@ -373,9 +373,11 @@ class RawStore:
         return {m: Outcome(**{**o, "curve": tuple(o["curve"])}) for m, o in self.prompts[i].items()}
 
     def save(self, i: int, outcomes: dict[str, Outcome]) -> None:
+        """Add prompt i's outcomes to those saved: a run of a few --methods keeps the others' outcomes."""
         if i > len(self.prompts):
             raise ValueError(f"prompt {i} saved before prompt {len(self.prompts)}")
-        self.prompts[i : i + 1] = [{m: dataclasses.asdict(o) for m, o in outcomes.items()}]
+        saved = self.prompts[i] if i < len(self.prompts) else {}
+        self.prompts[i : i + 1] = [saved | {m: dataclasses.asdict(o) for m, o in outcomes.items()}]
         self.path.parent.mkdir(exist_ok=True)
         temporary = self.path.with_suffix(".tmp")  # a kill mid-write leaves the last whole file
         temporary.write_text(json.dumps({"key": self.key, "prompts": self.prompts}, indent=1))

@@ -93,9 +93,11 @@ class DoodlSettings:
     # same random views), or "auto": apart from DECODER_CHECKPOINT_MIN_LATENT_SIDE up, where holding both
     # graphs costs most (SD 1.5 at 256 px: 2.86 GB for both, 1.47 GB for one); below, one batch is faster.
     separate_decoding: str = "auto"
-    # The chain: "edict"; "ddim", plain DDIM, whose few steps are stored for the gradient (checkpoint or
-    # autograd); or "auto": DDIM below doodl.edict.FEW_STEPS steps from noise, where EDICT's coupled
-    # chain is no longer the model's own sample (few-step models such as SD-Turbo), else EDICT.
+    # The chain: "edict"; "ddim", plain DDIM, one UNet call a step (EDICT's make two), each step's input
+    # stored for the gradient (checkpoint or autograd mode): memory grows by one latent a step, which is
+    # small beside a UNet call's for few steps or small latents (the embedded presets); or "auto": DDIM
+    # below doodl.edict.FEW_STEPS steps from noise, where EDICT's coupled chain is no longer the model's own
+    # sample (few-step models such as SD-Turbo), else EDICT.
     sampler: str = "auto"
     # From given latents (`init`, e.g. a photo's EDICT inversion): keep each latent within a trust region
     # around its start, of radius (1 - fidelity) x the start's norm, projected back after every step, so
@@ -118,7 +120,8 @@ class DoodlSettings:
     # From noise: start from the best of this many unguided samples by the same loss (the seed's own first,
     # `best_of_samples`), then optimize that sample's seed. 1: the paper's, the seed's own noise. A sample is
     # the chain forward alone, about a third of an iteration. On the embedded model, DOODL from the best
-    # of 4 was ahead of DOODL from the seed in the mean on every tab (benchmarks/results/quality.md).
+    # of 4 was ahead of DOODL from the seed in the mean on every tab with EDICT's chain
+    # (benchmarks/results/edict/quality.md).
     start_samples: int = 1
 
     def __post_init__(self) -> None:

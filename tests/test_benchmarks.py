@@ -164,6 +164,10 @@ def test_quality_outcomes_are_saved_per_prompt_and_reused_only_with_the_same_set
     assert again.outcomes(1, METHODS[:3]) is None
     with pytest.raises(ValueError, match="prompt 2 saved before prompt 1"):
         again.save(2, first)
+    # A run of a few methods (--methods) adds to the prompt's saved outcomes and keeps the others'.
+    searched = {METHODS[3]: Outcome(1.0, 0.1, 800, ())}
+    again.save(0, searched)
+    assert RawStore.open(tmp_path, capability, args).partial(0) == first | searched
     assert RawStore.open(tmp_path, capability, SimpleNamespace(**{**vars(args), "start_k": 2})).prompts == []
     for override in (
         {"clip": 0.1},

@@ -289,6 +289,6 @@ def test_cli_runs_a_few_step_model_without_guidance(turbo_folder, tmp_path, caps
 def test_the_chain_is_a_run_setting():
     assert run_options(sampler="edict").settings.sampler == "edict"
     assert run_options(sampler="ddim", steps=20).settings.few_step_chain()
-    assert preset_values(EMBEDDED_PRESETS["text"])["sampler"] == "auto"  # EDICT at the presets' 20 steps
+    assert preset_values(EMBEDDED_PRESETS["text"])["sampler"] == "ddim"  # the embedded presets' chain
     with pytest.raises(ValueError, match="sampler"):
         run_options(sampler="euler")

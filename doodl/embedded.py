@@ -58,8 +58,8 @@ PAPER = Preset(DoodlSettings())
 #   overshoots along the gradient, and momentum 0.9 lets the step grow to ten times the clip;
 # - DOODL starts from the best of 4 samples by the guide, for 4 samples' UNet calls: with EDICT's chain, on
 #   30 prompts per tab, it was ahead of DOODL from the seed on text (+0.08), vocabulary (+0.20, beyond 2 SE)
-#   and personalization (+0.10) (benchmarks/results/edict/quality.md); with DDIM's it ties on text and is
-#   ahead in the mean on vocabulary and personalization, within noise (benchmarks/results/quality.md). Not
+#   and personalization (+0.10) (benchmarks/results/edict/quality.md); with DDIM's it ties on text, is ahead
+#   on personalization (+0.13 ± 0.06, 24 prompts) and in the mean on vocabulary (quality.md). Not
 #   on aesthetic: there the best of 4 is already beautiful (8.3 or more on 16 of 18 candidate examples at
 #   EDICT's), which left DOODL nothing to show (none of 36 candidates:
 #   benchmarks/results/examples-aesthetic-start-4.jsonl).

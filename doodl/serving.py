@@ -24,6 +24,7 @@ from huggingface_hub import constants as hf_constants
 from PIL import Image
 
 from doodl.capabilities import CAPABILITIES, GUIDE_NAMES, LOSSES, LossKind, Target, load_guide
+from doodl.edict import FEW_STEPS
 from doodl.embedded import PAPER, Preset, is_embedded, presets
 from doodl.gradient import MODES
 from doodl.guides import HPS_ARCHITECTURE
@@ -205,7 +206,7 @@ SETTINGS: tuple[Setting, ...] = (
         str,
         lambda p: p.settings.sampler,
         "edict: the paper's, exactly invertible; ddim: one UNet call a step, inputs stored for the gradient; "
-        "auto: ddim below 10 steps. A photo's is EDICT's",
+        f"auto: ddim below {FEW_STEPS} steps. A photo's is EDICT's",
         row=2,
         choices=SAMPLERS,
     ),

@@ -24,6 +24,7 @@ import pandas as pd
 from doodl.capabilities import CAPABILITIES
 from doodl.embedded import EXAMPLE_IMAGES, EXAMPLES, Preset
 from doodl.guides import GuideNotFoundError
+from doodl.optimize import DoodlSettings
 from doodl.pipeline import ModelLoadError
 from doodl.serving import (
     SETTINGS,
@@ -55,9 +56,10 @@ except ImportError:
     spaces = None
 
 # ZeroGPU holds a GPU for the duration a run asks for. The estimate: the official code's ~10 s per 50-step
-# iteration on an A100, i.e. 0.2 s per step and iteration; the one-step comparison costs about two
-# iterations more, each start sample beyond the seed's own about a quarter of one (a forward chain without
-# the backward), and loading the models a fixed start.
+# iteration on an A100, i.e. 0.2 s per step and iteration of EDICT (two UNet calls a step), half that with
+# plain DDIM's one; the one-step comparison costs about two iterations more, each start sample beyond the
+# seed's own about a quarter of one (a forward chain without the backward), and loading the models a fixed
+# start. A photo's run is EDICT's, over the last `photo_strength` of the steps.
 GPU_SECONDS_PER_STEP_ITERATION = 0.2
 GPU_START_SECONDS = 30
 
@@ -68,11 +70,21 @@ def gpu_seconds(
     iterations: float = 50,
     compare: bool = True,
     start_samples: float = 1,
+    sampler: str = "auto",
+    photo: str | None = None,
+    photo_strength: float = 1.0,
     **_: Any,
 ) -> int:
     """Seconds a run with these settings holds a ZeroGPU GPU (`spaces.GPU` calls it with the run's inputs)."""
+    try:
+        ddim = DoodlSettings(steps=int(steps), sampler=str(sampler)).few_step_chain(from_photo=bool(photo))
+    except ValueError:  # settings the run itself refuses, with a message
+        ddim = False
+    if photo:
+        steps = float(steps) * float(photo_strength)
+    per_step = 0.5 if ddim else 1.0
     starts = (float(start_samples) - 1) / 4
-    work = float(steps) * (float(iterations) + (2 if compare else 0) + starts)
+    work = float(steps) * per_step * (float(iterations) + (2 if compare else 0) + starts)
     return int(GPU_START_SECONDS + GPU_SECONDS_PER_STEP_ITERATION * work)
 
 

@@ -510,3 +510,14 @@ def test_an_example_not_stored_is_run_at_its_first_click_then_shown_from_the_sto
     assert all(Path(image).is_file() for image, _ in shown.gallery)
     assert tab.stored((0, None))[1] == shown.status
     assert list(tab.run_missing((0, None))) == [(gr.skip(),) * 5]  # stored: never run twice
+
+
+def test_zerogpu_duration_follows_the_chain():
+    """A GPU is asked for as long as the run's UNet calls take: DDIM makes one a step, EDICT two, a photo
+    runs EDICT over its part of the chain; settings the run refuses still get an estimate."""
+    edict = app.gpu_seconds(steps=20, iterations=20, sampler="edict") - app.GPU_START_SECONDS
+    ddim = app.gpu_seconds(steps=20, iterations=20, sampler="ddim") - app.GPU_START_SECONDS
+    assert ddim == pytest.approx(edict / 2, abs=1)
+    photo = app.gpu_seconds(steps=20, iterations=20, sampler="ddim", photo="x.png", photo_strength=0.5)
+    assert photo - app.GPU_START_SECONDS == pytest.approx(edict / 2, abs=1)
+    assert app.gpu_seconds(steps=20, sampler="bogus") == app.gpu_seconds(steps=20, sampler="edict")

@@ -44,7 +44,7 @@ from benchmarks.common import markdown_table, parser, start, write_report
 from benchmarks.evaluators import measured_shade, pixel_beauty
 from doodl import embedded
 from doodl.capabilities import CAPABILITIES, Crops, Target, build_loss, load_guide, load_guides
-from doodl.optimize import doodl, invert_image, result_of
+from doodl.optimize import DoodlSettings, doodl, invert_image, result_of
 from doodl.pipeline import LatentDiffusion, load_pipeline
 from doodl.serving import ModelNames, locate
 from doodl.world import judge, shapes
@@ -115,26 +115,24 @@ def same_scene(before: tuple[judge.Blob, ...], after: tuple[judge.Blob, ...]) ->
 QUICK = {"steps": 4, "iterations": 2}
 
 
-def run_case(
-    model: LatentDiffusion,
-    guides: dict,
-    c: Case,
-    fidelity: float,
-    photo_weight: float,
-    guidance_scale: float,
-    strength: float,
-    quick: bool = False,
-) -> dict[str, Any]:
-    """One photo through DOODL at its tab's preset with this fidelity, photo weight, CFG and strength,
-    measured."""
-    preset = embedded.EMBEDDED_PRESETS[c.tab]
+def photo_settings(
+    tab: str, fidelity: float, photo_weight: float, guidance_scale: float, strength: float, quick: bool
+) -> DoodlSettings:
+    """The tab's preset with this fidelity, photo weight, CFG and strength (--quick: a few steps)."""
     fixed = {
         "fidelity": fidelity,
         "photo_weight": photo_weight,
         "guidance_scale": guidance_scale,
         "photo_strength": strength,
     }
-    settings = dataclasses.replace(preset.settings, **fixed, **(QUICK if quick else {}))
+    return dataclasses.replace(embedded.EMBEDDED_PRESETS[tab].settings, **fixed, **(QUICK if quick else {}))
+
+
+def run_case(
+    model: LatentDiffusion, guides: dict, c: Case, settings: DoodlSettings, quick: bool = False
+) -> dict[str, Any]:
+    """One photo through DOODL with these settings (`photo_settings`), measured."""
+    preset = embedded.EMBEDDED_PRESETS[c.tab]
     loss_name = CAPABILITIES[c.tab].losses[0]
     crops = Crops(2 if quick else preset.cutouts, generator=torch.Generator().manual_seed(settings.seed))
     loss = build_loss(loss_name, guides, c.target, crops)
@@ -145,10 +143,10 @@ def run_case(
     return {
         "tab": c.tab,
         "index": c.index,
-        "fidelity": fidelity,
-        "photo_weight": photo_weight,
+        "fidelity": settings.fidelity,
+        "photo_weight": settings.photo_weight,
         "guidance_scale": settings.guidance_scale,
-        "photo_strength": strength,
+        "photo_strength": settings.photo_strength,
         "iterations": settings.iterations,
         "reconstruction_unchanged": same_scene(photo_blobs, judge.find_blobs(start_image)),
         "unchanged": same_scene(photo_blobs, judge.find_blobs(best_image)),
@@ -188,15 +186,15 @@ def measure(args: argparse.Namespace) -> None:
         scenes = shapes.random_scenes(args.seed, args.n, two_object_fraction=0.5)
         cfg = embedded.EMBEDDED_PRESETS[tab].settings.guidance_scale
         cfg = cfg if args.guidance_scale is None else args.guidance_scale
-        iterations = QUICK["iterations"] if args.quick else embedded.EMBEDDED_PRESETS[tab].settings.iterations
         for index, scene in enumerate(scenes):
             c = case(tab, index, scene)
             for fidelity, weight, strength in itertools.product(
                 args.fidelities, args.photo_weights, args.strengths
             ):
-                if (tab, index, fidelity, weight, cfg, strength, iterations) in done:
+                settings = photo_settings(tab, fidelity, weight, cfg, strength, args.quick)
+                if (tab, index, fidelity, weight, cfg, strength, settings.iterations) in done:
                     continue
-                record = run_case(model, guides, c, fidelity, weight, cfg, strength, args.quick)
+                record = run_case(model, guides, c, settings, args.quick)
                 print(json.dumps(record), flush=True)
                 with args.json.open("a") as out:
                     out.write(json.dumps(record) + "\n")

@@ -371,12 +371,14 @@ class Serving:
         """The host's models only, and runs of about a minute: on two CPU cores, the embedded model's
         presets (20 steps x 20 DDIM iterations: benchmarks/results/default-runs.md); on a GPU, a real
         model's 50 steps x 8 iterations (~10 s per iteration for the official code on an A100)."""
-        embedded = is_embedded(locate(names.sd))
-        own = presets(locate(names.sd)).values()
+        max_steps, max_iterations = 50, 8
+        if is_embedded(locate(names.sd)):
+            own = [preset.settings for preset in presets(locate(names.sd)).values()]
+            max_steps, max_iterations = max(s.steps for s in own), max(s.iterations for s in own)
         defaults = {
             "allow_model_choice": False,
-            "max_steps": max(p.settings.steps for p in own) if embedded else 50,
-            "max_iterations": max(p.settings.iterations for p in own) if embedded else 8,
+            "max_steps": max_steps,
+            "max_iterations": max_iterations,
             "max_cutouts": 16,
             "max_references": 8,
             "max_start_samples": 4,

@@ -34,8 +34,9 @@ SCRIPTS = (
     "unet_call",
     "steps",
     "samplers",
+    "prior",
 )
-NEEDS_EMBEDDED = ("quality", "examples", "steps", "samplers")
+NEEDS_EMBEDDED = ("quality", "examples", "steps", "samplers", "prior")
 MISSING = [a for a in ASSETS if not (EMBEDDED / a).exists()]
 
 

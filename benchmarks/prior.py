@@ -33,6 +33,7 @@ from doodl.optimize import candidate_seeds
 from doodl.world import judge, shapes
 
 BLANK = "nothing"
+PERSONALIZATION = next(c for c in CAPABILITIES if c.name == "personalization")
 
 
 def read(image: Image.Image | np.ndarray) -> tuple[str, str]:
@@ -53,7 +54,7 @@ def sampled_reads(
 ) -> dict[str, list[tuple[str, str]]]:
     """{prompt: the judge's read of its unguided sample at each of `seeds` seeds}, at the personalization
     preset (`steps`: fewer, for --quick)."""
-    preset = measured_preset(next(c for c in CAPABILITIES if c.name == "personalization")).settings
+    preset = measured_preset(PERSONALIZATION).settings
     preset = dataclasses.replace(preset, steps=steps or preset.steps)
     found = {}
     for prompt in prompts:
@@ -66,8 +67,7 @@ def sampled_reads(
 def best_picks(model, guides, n: int, k: int, seed: int, steps: int | None = None) -> list[list[object]]:
     """The judge's score of the best of k unguided samples of n personalization tasks, picked by the judge
     and by the guide, against the seed's own sample."""
-    capability = next(c for c in CAPABILITIES if c.name == "personalization")
-    preset = measured_preset(capability).settings
+    preset = measured_preset(PERSONALIZATION).settings
     rng = np.random.default_rng(seed)
     picks: dict[str, list[float]] = {
         "the seed's own sample": [],
@@ -75,7 +75,7 @@ def best_picks(model, guides, n: int, k: int, seed: int, steps: int | None = Non
         "the judge's pick": [],
     }
     for i in range(n):
-        task = capability.make_task(guides, rng)
+        task = PERSONALIZATION.make_task(guides, rng)
         settings = dataclasses.replace(preset, seed=seed * 1000 + i, steps=steps or preset.steps)
         images = [
             sample(model, task.prompt, dataclasses.replace(settings, seed=s))

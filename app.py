@@ -80,11 +80,9 @@ def gpu_seconds(
         ddim = DoodlSettings(steps=int(steps), sampler=str(sampler)).few_step_chain(from_photo=bool(photo))
     except ValueError:  # settings the run itself refuses, with a message
         ddim = False
-    if photo:
-        steps = float(steps) * float(photo_strength)
-    per_step = 0.5 if ddim else 1.0
+    chain_steps = float(steps) * (float(photo_strength) if photo else 1.0) * (0.5 if ddim else 1.0)
     starts = (float(start_samples) - 1) / 4
-    work = float(steps) * per_step * (float(iterations) + (2 if compare else 0) + starts)
+    work = chain_steps * (float(iterations) + (2 if compare else 0) + starts)
     return int(GPU_START_SECONDS + GPU_SECONDS_PER_STEP_ITERATION * work)
 
 

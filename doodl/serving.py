@@ -372,8 +372,9 @@ class Serving:
         presets (20 steps x 20 DDIM iterations: benchmarks/results/default-runs.md); on a GPU, a real
         model's 50 steps x 8 iterations (~10 s per iteration for the official code on an A100)."""
         max_steps, max_iterations = 50, 8
-        if is_embedded(locate(names.sd)):
-            own = [preset.settings for preset in presets(locate(names.sd)).values()]
+        sd = locate(names.sd)
+        if is_embedded(sd):
+            own = [preset.settings for preset in presets(sd).values()]
             max_steps, max_iterations = max(s.steps for s in own), max(s.iterations for s in own)
         defaults = {
             "allow_model_choice": False,

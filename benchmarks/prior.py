@@ -23,11 +23,12 @@ import collections
 import dataclasses
 
 import numpy as np
+import torch
 from matplotlib.figure import Figure
 from PIL import Image
 
 from benchmarks.common import EMBEDDED, markdown_table, parser, start, write_report
-from benchmarks.quality import CAPABILITIES, image_loss, load_guides, measured_preset
+from benchmarks.quality import CAPABILITIES, image_loss, load_guides, mean_and_error, measured_preset
 from doodl import load_pipeline, sample
 from doodl.optimize import candidate_seeds
 from doodl.world import judge, shapes
@@ -77,6 +78,7 @@ def best_picks(model, guides, n: int, k: int, seed: int, steps: int | None = Non
     for i in range(n):
         task = PERSONALIZATION.make_task(guides, rng)
         settings = dataclasses.replace(preset, seed=seed * 1000 + i, steps=steps or preset.steps)
+        torch.manual_seed(settings.seed)  # the guide's random views, as the quality benchmark draws them
         images = [
             sample(model, task.prompt, dataclasses.replace(settings, seed=s))
             for s in candidate_seeds(settings.seed, k)
@@ -87,7 +89,7 @@ def best_picks(model, guides, n: int, k: int, seed: int, steps: int | None = Non
         picks["the guide's pick"].append(scores[guides_pick])
         picks["the judge's pick"].append(max(scores))
         print(task.prompt, scores, "guide's pick", guides_pick, flush=True)
-    return [[name, f"{np.mean(v):.3f} ± {np.std(v) / np.sqrt(len(v)):.3f}"] for name, v in picks.items()]
+    return [[name, "{:.3f} ± {:.3f}".format(*mean_and_error(v))] for name, v in picks.items()]
 
 
 def share(hits: list[bool]) -> str:

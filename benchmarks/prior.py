@@ -6,7 +6,8 @@
 Personalization's prompts name the shape only ("a triangle"); the references give the color. Three
 readings, all by the rule-based judge of the quality benchmark (`doodl.world.judge`), at the personalization
 preset (its CFG, steps and chain), unguided:
-- the judge on the world's own renders, one object each: how well it reads a clean shape;
+- the judge on the world's own renders, one object each, and on the embedded VAE's reconstructions of them
+  (what a generator that drew the scene perfectly would show): how well it reads a clean shape;
 - full captions ("a red triangle"), the only kind the generator was trained on: how often the judge reads
   the caption's shape and color, and what it reads instead;
 - shape-only prompts: how often the generator draws nothing, and which colors it draws at all. A color it
@@ -32,6 +33,7 @@ from benchmarks.quality import CAPABILITIES, image_loss, load_guides, mean_and_e
 from doodl import load_pipeline, sample
 from doodl.optimize import candidate_seeds
 from doodl.world import judge, shapes
+from doodl.world.evaluate import reconstructions
 
 BLANK = "nothing"
 PERSONALIZATION = next(c for c in CAPABILITIES if c.name == "personalization")
@@ -43,11 +45,15 @@ def read(image: Image.Image | np.ndarray) -> tuple[str, str]:
     return (blobs[0].color, blobs[0].shape) if blobs else (BLANK, BLANK)
 
 
-def rendered_reads(n: int, seed: int) -> list[tuple[str, tuple[str, str]]]:
-    """[(true shape, read)] for n one-object renders of the world."""
+def rendered_reads(model, n: int, seed: int) -> list[tuple[str, tuple[str, str], tuple[str, str]]]:
+    """[(true shape, read of the render, read of its VAE reconstruction)] for n one-object renders."""
     rng = np.random.default_rng(seed)
     scenes = [shapes.random_scene(rng, 1) for _ in range(n)]
-    return [(scene.objects[0].shape, read(shapes.render(scene))) for scene in scenes]
+    renders = shapes.render_dataset(scenes)
+    return [
+        (scene.objects[0].shape, read(image), read(decoded))
+        for scene, image, decoded in zip(scenes, renders, reconstructions(model.vae, renders), strict=True)
+    ]
 
 
 def sampled_reads(
@@ -101,11 +107,18 @@ def most_common_other(reads: list[str], right: str) -> str:
     return ", ".join(f"{name} {count}" for name, count in others.most_common(2)) or "-"
 
 
-def render_table(renders: list[tuple[str, tuple[str, str]]]) -> list[list[object]]:
+def render_table(renders: list[tuple[str, tuple[str, str], tuple[str, str]]]) -> list[list[object]]:
     rows = []
     for shape in shapes.SHAPES:
-        reads = [r for s, r in renders if s == shape]
-        rows.append([shape, len(reads), share([r[1] == shape for r in reads])])
+        reads = [(r, d) for s, r, d in renders if s == shape]
+        rows.append(
+            [
+                shape,
+                len(reads),
+                share([r[1] == shape for r, _ in reads]),
+                share([d[1] == shape for _, d in reads]),
+            ]
+        )
     return rows
 
 
@@ -172,7 +185,7 @@ def main() -> None:
         args.seeds, args.shape_only_seeds, args.renders, args.tasks, args.k, steps = 1, 2, 8, 1, 2, 3
     out = start(args)
     model = load_pipeline(EMBEDDED / "sd", "cpu")
-    renders = render_table(rendered_reads(args.renders, seed=7))
+    renders = render_table(rendered_reads(model, args.renders, seed=7))
     captions = [f"a {color} {shape}" for shape in shapes.SHAPES for color in shapes.COLORS]
     captioned = caption_table(sampled_reads(model, captions, args.seeds, steps))
     shape_only = shape_only_table(
@@ -189,8 +202,9 @@ def main() -> None:
         "What the embedded generator draws, read by the judge",
         [
             notes,
-            "The judge on the world's one-object renders (seed 7):\n\n"
-            + markdown_table(["shape", "renders", "shape read right"], renders),
+            "The judge on the world's one-object renders (seed 7), and on the embedded VAE's "
+            "reconstructions of them:\n\n"
+            + markdown_table(["shape", "renders", "shape read right", "on the reconstruction"], renders),
             "Full captions, every color of each shape:\n\n"
             + markdown_table(
                 ["shape", "samples", "shape read right", "color read right", "nothing drawn", "read instead"],

@@ -6,6 +6,7 @@ embedded model.
     python -m benchmarks.quality --tune              # only choose clip and one-step scale on pilots
     python -m benchmarks.quality --n 100 --steps 50 --iterations 50 --matched-n 100
     python -m benchmarks.quality --quick             # 1 prompt each, a few steps
+    python -m benchmarks.quality --saved-only --rescore   # the evaluator again on the saved final images
 
 By default every setting is the app's for that capability (`doodl.embedded.EMBEDDED_PRESETS`: steps,
 iterations, CFG, gradient clip, crops, one-step scale), so the figures describe what a visitor sees.
@@ -18,7 +19,8 @@ candidate is the prompt's own seed), and DOODL started from the best of --start-
 those samples' calls on top of DOODL's. Each guided method's strength (one-step scale, DOODL's
 element-wise gradient clip, which sets its step) is the preset's; `--tune` chooses them per capability by
 each method's own guidance loss on pilot prompts, prints them and stops: the presets hold what it chose. Every
-image is scored by a rule-based evaluator, never by the model that guided it.
+image is scored by a rule-based evaluator, never by the model that guided it; each final image is saved
+beside its outcome, so that a mended evaluator scores them again (`--rescore`) without running anything.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -88,6 +91,7 @@ class Outcome:
     loss: float  # the guidance loss of the final image: did the method do what it was asked?
     calls: int  # UNet calls spent on the image
     curve: tuple[float, ...] = ()  # DOODL only: the guidance loss at every iteration
+    image: Image.Image | None = dataclasses.field(default=None, compare=False, repr=False)  # a PNG beside
 
 
 @dataclass(frozen=True)
@@ -241,7 +245,16 @@ def run_task(
 
 
 def outcome_of(task: Task, image: Image.Image, calls: int, curve: tuple[float, ...]) -> Outcome:
-    return Outcome(task.score(image), image_loss(task, image), calls, curve)
+    return Outcome(task.score(image), image_loss(task, image), calls, curve, image)
+
+
+def rescored(task: Task, outcomes: dict[str, Outcome]) -> dict[str, Outcome]:
+    """The outcomes whose final image was saved, scored again by today's evaluator."""
+    return {
+        method: dataclasses.replace(o, score=task.score(o.image))
+        for method, o in outcomes.items()
+        if o.image is not None
+    }
 
 
 def measured_preset(capability: Capability) -> Preset:
@@ -326,6 +339,9 @@ def run_capability(
         if outcomes is None:
             outcomes = run_task(model, task, settings, scale, needed, args.start_k, raw.partial(i))
             raw.save(i, outcomes)
+        elif args.rescore and (again := rescored(task, raw.partial(i))):
+            raw.save(i, again)
+            outcomes = {m: again.get(m, o) for m, o in outcomes.items()}
         for method in needed:
             scores[method].append(outcomes[method])
         print(capability.name, i, task.prompt, {m: s[-1].score for m, s in scores.items() if s}, flush=True)
@@ -342,7 +358,8 @@ class RawStore:
     """A capability's saved outcomes, prompt by prompt, in OUT/quality-raw/<capability>.json: an hours-long
     benchmark on a shared machine resumes after an interruption, a larger --n extends a smaller one's
     prompts, and capabilities run apart with --only assemble into one report by a last run. A file saved
-    with other settings, presets or model weights is ignored and replaced."""
+    with other settings, presets or model weights is ignored and replaced. Each outcome's final image is
+    saved in OUT/quality-raw/<capability>/<prompt>/<method>.png, for `--rescore`."""
 
     path: Path
     key: dict
@@ -370,14 +387,29 @@ class RawStore:
         """Whatever prompt i's saved outcomes hold, e.g. the three methods before random search is asked."""
         if i >= len(self.prompts):
             return {}
-        return {m: Outcome(**{**o, "curve": tuple(o["curve"])}) for m, o in self.prompts[i].items()}
+        saved = self.prompts[i].items()
+        return {m: Outcome(**{**o, "curve": tuple(o["curve"])}, image=self.image(i, m)) for m, o in saved}
+
+    def image_path(self, i: int, method: str) -> Path:
+        return self.path.with_suffix("") / str(i) / f"{re.sub('[^A-Za-z0-9]+', '-', method)}.png"
+
+    def image(self, i: int, method: str) -> Image.Image | None:
+        path = self.image_path(i, method)
+        return Image.open(path).convert("RGB") if path.is_file() else None
 
     def save(self, i: int, outcomes: dict[str, Outcome]) -> None:
         """Add prompt i's outcomes to those saved: a run of a few --methods keeps the others' outcomes."""
         if i > len(self.prompts):
             raise ValueError(f"prompt {i} saved before prompt {len(self.prompts)}")
         saved = self.prompts[i] if i < len(self.prompts) else {}
-        self.prompts[i : i + 1] = [saved | {m: dataclasses.asdict(o) for m, o in outcomes.items()}]
+        fields = ("score", "loss", "calls", "curve")
+        self.prompts[i : i + 1] = [
+            saved | {m: {f: getattr(o, f) for f in fields} for m, o in outcomes.items()}
+        ]
+        for method, o in outcomes.items():
+            if o.image is not None:
+                self.image_path(i, method).parent.mkdir(parents=True, exist_ok=True)
+                o.image.save(self.image_path(i, method))
         self.path.parent.mkdir(exist_ok=True)
         temporary = self.path.with_suffix(".tmp")  # a kill mid-write leaves the last whole file
         temporary.write_text(json.dumps({"key": self.key, "prompts": self.prompts}, indent=1))
@@ -557,6 +589,9 @@ def main() -> None:
         "--saved-only",
         action="store_true",
         help="run nothing: report each method on the first prompts it has saved outcomes for",
+    )
+    p.add_argument(
+        "--rescore", action="store_true", help="score the saved final images again with today's evaluator"
     )
     p.add_argument("--only", nargs="+", choices=[c.name for c in CAPABILITIES], help="capabilities to run")
     p.add_argument("--device", default="cpu")

@@ -87,7 +87,7 @@ EXAMPLES = {
     "vocabulary": [["a red circle", "maroon", 1528], ["a red star", "scarlet", 3338]],
     "personalization": [
         ["a triangle", [str(EXAMPLE_IMAGES / f"personalization-24-{k}.png") for k in range(3)], 693],
-        ["a circle", [str(EXAMPLE_IMAGES / f"personalization-21-{k}.png") for k in range(3)], 7025],
+        ["a star", [str(EXAMPLE_IMAGES / f"personalization-5-{k}.png") for k in range(3)], 8388],
     ],
     "aesthetic": [["a purple circle", None, 5375], ["a cyan square", None, 5197]],
 }
@@ -108,12 +108,12 @@ EXAMPLE_NOTES = {
         "caption names: a small change of hue, read from the pixels. One-step guidance breaks the image.",
     ],
     "personalization": [
-        "The references: a dark red triangle. Unguided (the best of 4 samples), a pink shape with curved "
-        "sides, read as a star; DOODL straightens them into the references' triangle, though its pink stays "
-        "lighter than their dark red. One-step guidance changes nothing.",
-        "The references: a light blue circle. Unguided (the best of 4 samples), a dark blue shape read as a "
-        "star; DOODL rounds it into a lumpy blob read as a circle, still darker than the references. "
-        "One-step guidance changes nothing.",
+        "The references: a dark red triangle. Unguided (the best of 4 samples), a pink triangle whose sides "
+        "curve in so deeply that it reads as a purple star; DOODL turns it red with straighter sides, the "
+        "references' triangle, though lighter than their dark red. One-step guidance changes nothing.",
+        "The references: a blue star. Unguided (the best of 4 samples), a small pale lavender star; DOODL "
+        "turns it deep blue, as the references. One-step guidance moves it part of the way, to a light "
+        "blue.",
     ],
     "aesthetic": [
         "Unguided, a large pale purple circle; DOODL draws a smaller, darker circle with a clean edge "

@@ -1,12 +1,14 @@
 """Every benchmark's --quick mode runs to the end, writes its report and prints its table."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from PIL import Image
 
 from benchmarks.common import EMBEDDED
 from benchmarks.quality import (
@@ -18,6 +20,8 @@ from benchmarks.quality import (
     STARTED,
     Outcome,
     RawStore,
+    Task,
+    rescored,
     verdict,
 )
 
@@ -108,6 +112,28 @@ def test_quality_reports_saved_outcomes_without_running_anything(runs, tmp_path)
     assert " | ".join(cells) in report.splitlines()
 
 
+def test_quality_rescores_the_saved_images_without_running_anything(runs, tmp_path):
+    """A mended evaluator scores the saved final images again: scores spoiled in the JSON come back."""
+    if MISSING:
+        pytest.skip(f"quality needs the embedded models, not trained yet: {MISSING}")
+    raw = tmp_path / "quality-raw"
+    shutil.copytree(runs["quality"][2] / "quality-raw", raw)
+    truth = {path.name: json.loads(path.read_text()) for path in raw.glob("*.json")}
+    for name, saved in truth.items():
+        spoiled = json.loads(json.dumps(saved))
+        for prompt in spoiled["prompts"]:
+            for outcome in prompt.values():
+                outcome["score"] = -1.0
+        (raw / name).write_text(json.dumps(spoiled))
+    command = [sys.executable, "-m", "benchmarks.quality", "--quick", "--saved-only", "--rescore"]
+    done = subprocess.run(
+        [*command, "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    for name, saved in truth.items():
+        assert json.loads((raw / name).read_text()) == saved, name
+
+
 def test_quality_verdict_calls_a_difference_within_noise_a_tie():
     def outcomes(scores, loss):
         return [Outcome(score, loss, calls=1) for score in scores]
@@ -182,6 +208,27 @@ def test_quality_outcomes_are_saved_per_prompt_and_reused_only_with_the_same_set
         )
     (assets / "weights.bin").write_bytes(b"two")  # retrained weights: nothing is reused
     assert RawStore.open(tmp_path, capability, args).prompts == []
+
+
+def test_quality_final_images_are_saved_beside_their_outcomes_and_scored_again(tmp_path):
+    (tmp_path / "assets").mkdir()
+    overrides = dict.fromkeys(OVERRIDES)
+    args = SimpleNamespace(
+        steps=None, iterations=None, seed=2024, start_k=4, assets=tmp_path / "assets", **overrides
+    )
+    capability = CAPABILITIES[0]
+    dark, light = Image.new("RGB", (8, 8), (10, 10, 10)), Image.new("RGB", (8, 8), (250, 250, 250))
+    store = RawStore.open(tmp_path, capability, args)
+    store.save(0, {"unguided": Outcome(0.0, 0.5, 20, (), dark), "one-step": Outcome(0.0, 0.5, 20, (), light)})
+    store.save(0, {"DOODL": Outcome(0.0, 0.4, 800, (0.5, 0.4))})  # an outcome saved without its image
+    saved = RawStore.open(tmp_path, capability, args).partial(0)
+    assert saved["unguided"].image.getpixel((0, 0)) == (10, 10, 10)
+    assert saved["one-step"].image.getpixel((0, 0)) == (250, 250, 250)
+    assert saved["DOODL"].image is None
+    brightness = Task("a red circle", loss=None, score=lambda image: image.getpixel((0, 0))[0] / 250)
+    again = rescored(brightness, saved)
+    assert {m: o.score for m, o in again.items()} == {"unguided": 0.04, "one-step": 1.0}  # DOODL: no image
+    assert again["unguided"].loss == 0.5 and again["unguided"].calls == 20
 
 
 # --- the real-architecture and GPU paths of benchmarks/memory.py, run at tiny sizes on the CPU ----------

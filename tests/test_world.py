@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image, ImageFilter
+from PIL import Image, ImageDraw, ImageFilter
 
 from doodl.world import beauty, judge, shapes
 
@@ -59,6 +59,45 @@ def test_judge_rejects_wrong_captions():
     image = shapes.render(scene)
     assert not judge.judge(image, f"a {other_color} {obj.shape}").color_ok
     assert not judge.judge(image, f"a {obj.color} {other_shape}").shape_ok
+
+
+def drawn(outline: np.ndarray, color: tuple[int, int, int] = (200, 20, 60)) -> np.ndarray:
+    """An outline (x, y in a 64-pixel frame) filled on a pale background, anti-aliased like a render."""
+    scale = shapes.SUPERSAMPLE
+    canvas = Image.new("RGB", (64 * scale, 64 * scale), (230, 230, 225))
+    ImageDraw.Draw(canvas).polygon([(x * scale, y * scale) for x, y in outline], fill=color)
+    return np.asarray(canvas.resize((64, 64), Image.BOX))
+
+
+def concave_triangle(bulge: float) -> np.ndarray:
+    """The world's triangle with each side bowed inward by `bulge` of its distance to the centre, as the
+    embedded generator draws triangles."""
+    corners = np.array(shapes.shape_polygon("triangle", (32.0, 34.0), 18.0))
+    centre = corners.mean(0)
+    sides = []
+    for a, b in zip(corners, np.roll(corners, -1, 0), strict=True):
+        control = (a + b) / 2 + bulge * 2 * (centre - (a + b) / 2)  # a quadratic curve's control point
+        t = np.linspace(0, 1, 12, endpoint=False)[:, None]
+        sides.append((1 - t) ** 2 * a + 2 * t * (1 - t) * control + t**2 * b)
+    return np.concatenate(sides)
+
+
+def thin_star(inner: float) -> np.ndarray:
+    angles = -np.pi / 2 + np.arange(10) * np.pi / 5
+    radii = np.where(np.arange(10) % 2 == 0, 20.0, 20.0 * inner)
+    return np.stack([32 + radii * np.cos(angles), 33 + radii * np.sin(angles)], 1)
+
+
+@pytest.mark.parametrize("bulge", [0.1, 0.15, 0.2])  # the generator's triangles lie in this range
+def test_judge_reads_a_triangle_with_concave_sides_as_a_triangle(bulge):
+    (blob,) = judge.find_blobs(drawn(concave_triangle(bulge)))
+    assert blob.shape == "triangle", blob.features
+
+
+@pytest.mark.parametrize("inner", [0.3, 0.35, 0.45])
+def test_judge_reads_a_thin_armed_star_as_a_star(inner):
+    (blob,) = judge.find_blobs(drawn(thin_star(inner)))
+    assert blob.shape == "star", blob.features
 
 
 def test_beauty_prefers_a_centred_shape_to_a_clipped_one():

@@ -5,8 +5,8 @@
 3. blobs: each foreground pixel takes the nearest palette color, and connected pixels of one color form
    a blob (so two touching objects of different colors stay apart); thin blended edges are dropped;
 4. each blob: color = its label, shape = nearest reference among circle / square / triangle / star in a
-   small space of shape features (bounding-box fill, convex-hull solidity, top-to-bottom taper), position
-   = centroid;
+   small space of shape features (bounding-box fill, convex-hull solidity, top-to-bottom taper, and the
+   number of points: corners standing out of the outline seen from the centroid), position = centroid;
 5. against a caption: the requested objects are matched to blobs by color, then shapes and the relation
    are checked.
 """
@@ -22,21 +22,33 @@ from doodl.world.shapes import MIN_CONTRAST, PALETTE, SHAPES, Description, parse
 
 FOREGROUND_DISTANCE = MIN_CONTRAST / 2  # half-way between background and the faintest object
 MIN_CORE_PIXELS = 8  # blobs with fewer pixels off their own edge are blending artefacts
-MIN_SOLIDITY = 0.5  # a star's is ~0.63; below this a blob is a ring or a smear
+MIN_SOLIDITY = 0.5  # a star's is ~0.63; below this a blob is a ring or a smear, unless it has a star's points
 
 _SHADES = np.array([shade for shades in PALETTE.values() for shade in shades], np.float32)
 _SHADE_COLORS = [color for color, shades in PALETTE.items() for _ in shades]
 
-# Reference shape features (fill, solidity, taper), several per shape: measured on clean renders, and on the
-# embedded VAE's reconstructions of renders of one object and of two (smaller) objects, whose corners and
-# points come out rounder (`python -m doodl.world.evaluate --references` measures the latter).
+# Reference shape features (fill, solidity, taper, points), several per shape: measured on clean renders, and
+# on the embedded VAE's reconstructions of renders of one object and of two (smaller) objects, whose corners
+# and points come out rounder (`python -m doodl.world.evaluate --references` measures the latter). The points
+# are the shape's own count: fill and solidity alone read a triangle with concave sides (as a generator
+# draws it) as a star, while its three points still say triangle.
+POINTS = {"circle": 0, "square": 4, "triangle": 3, "star": 5}
 SHAPE_REFERENCES = {
-    "circle": [(0.786, 0.959, 1.00), (0.781, 0.957, 0.980), (0.790, 0.945, 0.967)],
-    "square": [(0.990, 0.995, 1.00), (0.926, 0.965, 0.969), (0.888, 0.947, 0.946)],
-    "triangle": [(0.550, 0.918, 0.23), (0.576, 0.909, 0.270), (0.634, 0.899, 0.342)],
-    "star": [(0.448, 0.622, 0.40), (0.537, 0.726, 0.469), (0.639, 0.816, 0.546)],
+    shape: [(*features, POINTS[shape]) for features in references]
+    for shape, references in {
+        "circle": [(0.786, 0.959, 1.00), (0.781, 0.957, 0.980), (0.790, 0.945, 0.967)],
+        "square": [(0.990, 0.995, 1.00), (0.926, 0.965, 0.969), (0.888, 0.947, 0.946)],
+        "triangle": [(0.550, 0.918, 0.23), (0.576, 0.909, 0.270), (0.634, 0.899, 0.342)],
+        "star": [(0.448, 0.622, 0.40), (0.537, 0.726, 0.469), (0.639, 0.816, 0.546)],
+    }.items()
 }
-FEATURE_SCALE = np.array([0.06, 0.05, 0.15])  # typical spread of each feature within one shape
+# Typical spread of each feature within one shape; a point miscounted weighs as much as 2.5 spreads of the
+# others: enough for three points to outweigh a concave triangle's star-like fill and solidity, not so much
+# that a small blurred star (on VAE reconstructions of two-object scenes its points merge into three or four
+# a third of the time) turns square.
+FEATURE_SCALE = np.array([0.06, 0.05, 0.15, 0.4])
+POINT_BINS = 36  # directions of the outline: 10 degrees apart, so a small star's five points stay apart
+POINT_PROMINENCE = 0.15  # of the mean radius: a square's corners rise ~0.3, a circle's pixel steps < 0.1
 
 
 @dataclass(frozen=True)
@@ -45,7 +57,7 @@ class Blob:
     shape: str
     center: tuple[float, float]  # (x, y)
     area: int
-    features: tuple[float, float, float]
+    features: tuple[float, float, float, float]
 
 
 @dataclass(frozen=True)
@@ -134,8 +146,44 @@ def hull_area(points: np.ndarray) -> float:
     return float(abs(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x, 1))) / 2)
 
 
-def shape_features(mask: np.ndarray) -> tuple[float, float, float]:
-    """(fill of the bounding box, solidity, taper = width of the top third / width of the bottom third)."""
+def outline_radii(mask: np.ndarray, centre: tuple[float, float]) -> np.ndarray:
+    """The outline's distance from the centre in POINT_BINS directions (the farthest boundary pixel in each,
+    interpolated around the circle where a small blob leaves a direction empty), lightly smoothed."""
+    boundary = mask & ~eroded(mask)
+    by, bx = np.nonzero(boundary)
+    dx, dy = bx - centre[0], by - centre[1]
+    radius = np.hypot(dx, dy) + 0.5  # to the pixel's outer edge
+    direction = ((np.arctan2(dy, dx) + np.pi) / (2 * np.pi) * POINT_BINS).astype(int) % POINT_BINS
+    radii = np.full(POINT_BINS, np.nan)
+    np.fmax.at(radii, direction, radius)
+    seen = np.flatnonzero(~np.isnan(radii))
+    around = np.concatenate([seen - POINT_BINS, seen, seen + POINT_BINS])
+    radii = np.interp(np.arange(POINT_BINS), around, np.tile(radii[seen], 3))
+    return (np.roll(radii, 1) + 2 * radii + np.roll(radii, -1)) / 4
+
+
+def count_points(radii: np.ndarray) -> int:
+    """Peaks of a circular profile that rise more than POINT_PROMINENCE of its mean above the lower of the
+    two valleys separating them from higher ground (a peak's topographic prominence)."""
+    n = len(radii)
+
+    def valley(i: int, step: int) -> float:
+        lowest = radii[i]
+        for k in range(1, n):
+            value = radii[(i + step * k) % n]
+            if value > radii[i]:
+                break
+            lowest = min(lowest, value)
+        return lowest
+
+    peaks = [i for i in range(n) if radii[i] > radii[i - 1] and radii[i] >= radii[(i + 1) % n]]
+    rise = [radii[i] - max(valley(i, -1), valley(i, 1)) for i in peaks]
+    return sum(r > POINT_PROMINENCE * radii.mean() for r in rise)
+
+
+def shape_features(mask: np.ndarray) -> tuple[float, float, float, float]:
+    """(fill of the bounding box, solidity, taper = width of the top third / width of the bottom third,
+    points)."""
     ys, xs = np.nonzero(mask)
     area = len(xs)
     height, width = ys.max() - ys.min() + 1, xs.max() - xs.min() + 1
@@ -148,10 +196,11 @@ def shape_features(mask: np.ndarray) -> tuple[float, float, float]:
     rows = mask[ys.min() : ys.max() + 1].sum(1)
     third = max(1, height // 3)
     taper = rows[:third].mean() / max(rows[-third:].mean(), 1.0)
-    return float(fill), float(min(solidity, 1.0)), float(min(taper, 1.5))
+    points = count_points(outline_radii(mask, (xs.mean(), ys.mean())))
+    return float(fill), float(min(solidity, 1.0)), float(min(taper, 1.5)), float(points)
 
 
-def classify_shape(features: tuple[float, float, float]) -> str:
+def classify_shape(features: tuple[float, ...]) -> str:
     """The shape with the nearest reference point, in units of each feature's typical spread."""
     distances = {
         shape: min(float(np.linalg.norm((np.asarray(features) - ref) / FEATURE_SCALE)) for ref in refs)
@@ -192,7 +241,9 @@ def find_blobs(image: np.ndarray | Image.Image) -> tuple[Blob, ...]:
             if eroded(mask).sum() < MIN_CORE_PIXELS:
                 continue
             features = shape_features(half_maximum(mask, distance))
-            if features[1] < MIN_SOLIDITY:  # rings and smears, not objects
+            # Rings and smears are not objects; a thin-armed star's solidity falls below 0.5 (a generator's,
+            # down to 0.48), but its five points tell it from them.
+            if features[1] < MIN_SOLIDITY and features[3] != POINTS["star"]:
                 continue
             ys, xs = np.nonzero(mask)
             center = (float(xs.mean()), float(ys.mean()))

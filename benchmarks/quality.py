@@ -248,12 +248,12 @@ def outcome_of(task: Task, image: Image.Image, calls: int, curve: tuple[float, .
     return Outcome(task.score(image), image_loss(task, image), calls, curve, image)
 
 
-def rescored(task: Task, outcomes: dict[str, Outcome]) -> dict[str, Outcome]:
+def rescored(task: Task, outcomes: dict[str, Outcome], images: dict[str, Image.Image]) -> dict[str, Outcome]:
     """The outcomes whose final image was saved, scored again by today's evaluator."""
     return {
-        method: dataclasses.replace(o, score=task.score(o.image))
+        method: dataclasses.replace(o, score=task.score(images[method]))
         for method, o in outcomes.items()
-        if o.image is not None
+        if method in images
     }
 
 
@@ -339,7 +339,7 @@ def run_capability(
         if outcomes is None:
             outcomes = run_task(model, task, settings, scale, needed, args.start_k, raw.partial(i))
             raw.save(i, outcomes)
-        elif args.rescore and (again := rescored(task, raw.partial(i))):
+        elif args.rescore and (again := rescored(task, raw.partial(i), raw.images(i))):
             raw.save(i, again)
             outcomes = {m: again.get(m, o) for m, o in outcomes.items()}
         for method in needed:
@@ -359,7 +359,8 @@ class RawStore:
     benchmark on a shared machine resumes after an interruption, a larger --n extends a smaller one's
     prompts, and capabilities run apart with --only assemble into one report by a last run. A file saved
     with other settings, presets or model weights is ignored and replaced. Each outcome's final image is
-    saved in OUT/quality-raw/<capability>/<prompt>/<method>.png, for `--rescore`."""
+    saved in OUT/quality-raw/<capability>/<prompt>/<method>.png when it is made, and read back only by
+    `--rescore`: a report of hundreds of saved outcomes opens no image."""
 
     path: Path
     key: dict
@@ -387,18 +388,19 @@ class RawStore:
         """Whatever prompt i's saved outcomes hold, e.g. the three methods before random search is asked."""
         if i >= len(self.prompts):
             return {}
-        saved = self.prompts[i].items()
-        return {m: Outcome(**{**o, "curve": tuple(o["curve"])}, image=self.image(i, m)) for m, o in saved}
+        return {m: Outcome(**{**o, "curve": tuple(o["curve"])}) for m, o in self.prompts[i].items()}
 
     def image_path(self, i: int, method: str) -> Path:
         return self.path.with_suffix("") / str(i) / f"{re.sub('[^A-Za-z0-9]+', '-', method)}.png"
 
-    def image(self, i: int, method: str) -> Image.Image | None:
-        path = self.image_path(i, method)
-        return Image.open(path).convert("RGB") if path.is_file() else None
+    def images(self, i: int) -> dict[str, Image.Image]:
+        """Prompt i's saved final images, by method; an outcome saved before images were has none."""
+        paths = {m: self.image_path(i, m) for m in self.partial(i)}
+        return {m: Image.open(path).convert("RGB") for m, path in paths.items() if path.is_file()}
 
     def save(self, i: int, outcomes: dict[str, Outcome]) -> None:
-        """Add prompt i's outcomes to those saved: a run of a few --methods keeps the others' outcomes."""
+        """Add prompt i's outcomes to those saved: a run of a few --methods keeps the others' outcomes. Only
+        a new outcome carries its image (saved ones are read without), so only new images are written."""
         if i > len(self.prompts):
             raise ValueError(f"prompt {i} saved before prompt {len(self.prompts)}")
         saved = self.prompts[i] if i < len(self.prompts) else {}

@@ -1,6 +1,7 @@
 """Every benchmark's --quick mode runs to the end, writes its report and prints its table."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -221,14 +222,22 @@ def test_quality_final_images_are_saved_beside_their_outcomes_and_scored_again(t
     store = RawStore.open(tmp_path, capability, args)
     store.save(0, {"unguided": Outcome(0.0, 0.5, 20, (), dark), "one-step": Outcome(0.0, 0.5, 20, (), light)})
     store.save(0, {"DOODL": Outcome(0.0, 0.4, 800, (0.5, 0.4))})  # an outcome saved without its image
-    saved = RawStore.open(tmp_path, capability, args).partial(0)
-    assert saved["unguided"].image.getpixel((0, 0)) == (10, 10, 10)
-    assert saved["one-step"].image.getpixel((0, 0)) == (250, 250, 250)
-    assert saved["DOODL"].image is None
+    reopened = RawStore.open(tmp_path, capability, args)
+    saved, images = reopened.partial(0), reopened.images(0)
+    assert all(o.image is None for o in saved.values())  # outcomes are read without their images ...
+    assert images["unguided"].getpixel((0, 0)) == (10, 10, 10)  # ... which are read only when asked for
+    assert images["one-step"].getpixel((0, 0)) == (250, 250, 250)
+    assert "DOODL" not in images
     brightness = Task("a red circle", loss=None, score=lambda image: image.getpixel((0, 0))[0] / 250)
-    again = rescored(brightness, saved)
+    again = rescored(brightness, saved, images)
     assert {m: o.score for m, o in again.items()} == {"unguided": 0.04, "one-step": 1.0}  # DOODL: no image
     assert again["unguided"].loss == 0.5 and again["unguided"].calls == 20
+    # Saving rescored outcomes writes their scores and leaves the images as they were.
+    for method in images:
+        os.utime(reopened.image_path(0, method), ns=(0, 0))  # marked: a rewrite would set today's time
+    reopened.save(0, again)
+    assert all(reopened.image_path(0, m).stat().st_mtime_ns == 0 for m in images)
+    assert RawStore.open(tmp_path, capability, args).partial(0)["one-step"].score == 1.0
 
 
 # --- the real-architecture and GPU paths of benchmarks/memory.py, run at tiny sizes on the CPU ----------

@@ -25,6 +25,7 @@ beside its outcome, so that a mended evaluator scores them again (`--rescore`) w
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import hashlib
 import json
@@ -556,7 +557,7 @@ def load_guides(assets: Path, device: str) -> dict:
     return capabilities.load_guides(losses, models, partial(capabilities.load_guide, device=device))
 
 
-def main() -> None:
+def arguments() -> argparse.Namespace:
     p = parser(__doc__)
     p.add_argument("--n", type=int, default=30, help="prompts per capability")
     p.add_argument(
@@ -604,29 +605,11 @@ def main() -> None:
     if args.quick:
         args.n, args.matched_n, args.steps, args.iterations, args.scales, args.clips = 1, 1, 3, 2, [1], [1e-3]
         args.start_k = 2
-    missing = [a for a in ASSETS if not (args.assets / a).exists()]
-    if missing:
-        raise SystemExit(f"quality needs the embedded models; missing under {args.assets}: {missing}")
-    out = start(args)
+    return args
 
-    model = load_pipeline(args.assets / "sd", args.device)
-    guides = load_guides(args.assets, args.device)
-    chosen = [c for c in CAPABILITIES if args.only is None or c.name in args.only]
-    if args.tune:
-        write_tuning(out, args, model, guides, chosen)
-        return
-    runs = {
-        c.name: run_capability(model, guides, c, index, args, RawStore.open(out, c, args))
-        for index, c in enumerate(CAPABILITIES)  # the index seeds prompts and latents, whatever --only says
-        if c in chosen
-    }
-    all_scores = {name: scores for name, (scores, _) in runs.items()}
-    strengths = "; ".join(chosen for _, chosen in runs.values())
 
-    rows = [score_row(c, all_scores[c.name]) for c in chosen]
-    loss_rows = [
-        [name, *(summary(scores[m], "loss") for m in METHODS)] for name, scores in all_scores.items()
-    ]
+def report_notes(args: argparse.Namespace, strengths: str) -> str:
+    """What the report's reader needs to know of how its outcomes were made."""
     notes = (
         "Embedded model. Settings per capability, the app's presets (doodl/embedded.py; clip and one-step "
         f"scale chosen by `--tune`, quality-tune.md): {strengths}. "
@@ -649,6 +632,19 @@ def main() -> None:
             " Written from saved outcomes alone (`--saved-only`): each method on the first prompts it was "
             "run on, n in each cell; paired comparisons over the prompts both methods ran on."
         )
+    return notes
+
+
+def write_quality_report(
+    out: Path, args: argparse.Namespace, chosen: list[Capability], runs: dict[str, tuple[dict, str]]
+) -> None:
+    """quality.md: verdicts, loss curves, guidance losses and the evaluators' scores of every method."""
+    all_scores = {name: scores for name, (scores, _) in runs.items()}
+    strengths = "; ".join(chosen for _, chosen in runs.values())
+    rows = [score_row(c, all_scores[c.name]) for c in chosen]
+    loss_rows = [
+        [name, *(summary(scores[m], "loss") for m in METHODS)] for name, scores in all_scores.items()
+    ]
     verdicts = "\n".join(verdict(name, scores) for name, scores in all_scores.items())
     losses = "Guidance loss of the final images (lower: the method did what its guide asked):\n\n"
     losses += markdown_table(["capability", *METHODS], loss_rows)
@@ -667,9 +663,29 @@ def main() -> None:
         out,
         "quality",
         "Quality: DOODL vs one-step guidance and random search",
-        [notes, verdicts, curves, losses, table],
+        [report_notes(args, strengths), verdicts, curves, losses, table],
         plot(all_scores),
     )
+
+
+def main() -> None:
+    args = arguments()
+    missing = [a for a in ASSETS if not (args.assets / a).exists()]
+    if missing:
+        raise SystemExit(f"quality needs the embedded models; missing under {args.assets}: {missing}")
+    out = start(args)
+    model = load_pipeline(args.assets / "sd", args.device)
+    guides = load_guides(args.assets, args.device)
+    chosen = [c for c in CAPABILITIES if args.only is None or c.name in args.only]
+    if args.tune:
+        write_tuning(out, args, model, guides, chosen)
+        return
+    runs = {
+        c.name: run_capability(model, guides, c, index, args, RawStore.open(out, c, args))
+        for index, c in enumerate(CAPABILITIES)  # the index seeds prompts and latents, whatever --only says
+        if c in chosen
+    }
+    write_quality_report(out, args, chosen, runs)
 
 
 if __name__ == "__main__":

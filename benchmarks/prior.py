@@ -15,7 +15,8 @@ preset (its CFG, steps and chain), unguided:
   there through the whole chain;
 - personalization tasks as the quality benchmark makes them (references, prompt, guide, judge), on prompts
   of their own seed: the best of K unguided samples picked by the judge itself (a ceiling for any pick, the
-  app's best-of-4 start included) and by the guide (the app's pick).
+  app's best-of-4 start included) and by the guide (the app's pick), alone and with CLIP's distance to
+  the prompt added (does asking for the prompt's shape too pick better?).
 """
 
 from __future__ import annotations
@@ -29,8 +30,15 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from benchmarks.common import EMBEDDED, markdown_table, parser, start, write_report
-from benchmarks.quality import CAPABILITIES, image_loss, load_guides, mean_and_error, measured_preset
-from doodl import load_pipeline, sample
+from benchmarks.quality import (
+    CAPABILITIES,
+    image_loss,
+    load_guides,
+    mean_and_error,
+    measured_preset,
+)
+from doodl import capabilities, load_pipeline, sample
+from doodl.embedded import EMBEDDED_PRESETS
 from doodl.optimize import candidate_seeds
 from doodl.world import judge, shapes
 from doodl.world.evaluate import reconstructions
@@ -71,14 +79,19 @@ def sampled_reads(
     return found
 
 
-def best_picks(model, guides, n: int, k: int, seed: int, steps: int | None = None) -> list[list[object]]:
+def best_picks(
+    model, guides, n: int, k: int, seed: int, text_weights: tuple[float, ...] = (), steps: int | None = None
+) -> list[list[object]]:
     """The judge's score of the best of k unguided samples of n personalization tasks, picked by the judge
-    and by the guide, against the seed's own sample."""
+    and by the guide, against the seed's own sample; and picked by the guide plus each of `text_weights`
+    times CLIP's distance to the prompt (e.g. "a star"), a guide that also asks for the prompt's shape."""
     preset = measured_preset(PERSONALIZATION).settings
+    crops = capabilities.Crops(EMBEDDED_PRESETS[PERSONALIZATION.name].cutouts)
     rng = np.random.default_rng(seed)
     picks: dict[str, list[float]] = {
         "the seed's own sample": [],
         "the guide's pick": [],
+        **{f"the guide's pick, plus {w:g} x the prompt's CLIP text loss": [] for w in text_weights},
         "the judge's pick": [],
     }
     for i in range(n):
@@ -90,9 +103,17 @@ def best_picks(model, guides, n: int, k: int, seed: int, steps: int | None = Non
             for s in candidate_seeds(settings.seed, k)
         ]
         scores = [task.score(image) for image in images]
-        guides_pick = int(np.argmin([image_loss(task, image) for image in images]))
+        losses = np.array([image_loss(task, image) for image in images])
+        guides_pick = int(np.argmin(losses))
         picks["the seed's own sample"].append(scores[0])
         picks["the guide's pick"].append(scores[guides_pick])
+        if text_weights:
+            text = capabilities.build_loss("clip-text", guides, capabilities.Target(text=task.prompt), crops)
+            text_losses = np.array([image_loss(dataclasses.replace(task, loss=text), im) for im in images])
+            for w in text_weights:
+                picks[f"the guide's pick, plus {w:g} x the prompt's CLIP text loss"].append(
+                    scores[int(np.argmin(losses + w * text_losses))]
+                )
         picks["the judge's pick"].append(max(scores))
         print(task.prompt, scores, "guide's pick", guides_pick, flush=True)
     return [[name, "{:.3f} ± {:.3f}".format(*mean_and_error(v))] for name, v in picks.items()]
@@ -179,6 +200,13 @@ def main() -> None:
     p.add_argument("--tasks", type=int, default=20, help="personalization tasks for the best-of-k picks")
     p.add_argument("--k", type=int, default=12, help="samples a pick is made from")
     p.add_argument("--seed", type=int, default=7000, help="of the tasks: not the quality benchmark's")
+    p.add_argument(
+        "--text-weights",
+        type=float,
+        nargs="*",
+        default=[0.5, 1, 2],
+        help="picks by the guide plus these times CLIP's distance to the prompt",
+    )
     args = p.parse_args()
     steps = None
     if args.quick:
@@ -191,7 +219,8 @@ def main() -> None:
     shape_only = shape_only_table(
         sampled_reads(model, [f"a {shape}" for shape in shapes.SHAPES], args.shape_only_seeds, steps)
     )
-    picks = best_picks(model, load_guides(EMBEDDED, "cpu"), args.tasks, args.k, args.seed, steps)
+    guides = load_guides(EMBEDDED, "cpu")
+    picks = best_picks(model, guides, args.tasks, args.k, args.seed, tuple(args.text_weights), steps)
     notes = (
         "Unguided samples at the personalization preset (CFG, steps, chain; seeds 0, 1, ...), read by the "
         "judge of the quality benchmark: the color and shape of the most salient blob. Shares are of samples."

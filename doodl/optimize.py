@@ -102,9 +102,9 @@ class DoodlSettings:
     # From given latents (`init`, e.g. a photo's EDICT inversion): keep each latent within a trust region
     # around its start, of radius (1 - fidelity) x the start's norm, projected back after every step, so
     # that the image keeps the photo's content. 0: no limit. From noise it has no effect. Default 0.99, with
-    # photo_strength 0.4: on 10 photos of the embedded world's aesthetic tab the scene stayed on 9 (all
-    # whose reconstruction does) and beauty rose by 0.12 +- 0.07; at 0.97, 5 stayed; through the whole
-    # chain, 4 at any fidelity (python -m benchmarks.photo, benchmarks/results/photo.md).
+    # photo_strength 0.4: on 10 photos of the embedded world per tab the scene stayed on 9 or 10 and beauty
+    # rose by up to 0.14 (benchmarks/results/photo-defaults/); at 0.97, 5 of the aesthetic tab's stayed;
+    # through the whole chain, 4 at any fidelity (python -m benchmarks.photo, benchmarks/results/photo.md).
     fidelity: float = 0.99
     # From given latents: add this weight x the mean squared pixel distance to their unguided image (the
     # photo's EDICT reconstruction) to the loss, so that moving an object costs more than recoloring it.

@@ -60,10 +60,10 @@ PAPER = Preset(DoodlSettings())
 #   30 prompts per tab, it was ahead of DOODL from the seed on text (+0.08), vocabulary (+0.20, beyond 2 SE)
 #   and personalization (+0.10) (benchmarks/results/edict/quality.md); with DDIM's it ties on text, is ahead
 #   on personalization (+0.13 ± 0.06, 24 prompts) and in the mean on vocabulary (quality.md). Not
-#   on aesthetic: there it would lift the mean beauty a little (9.02 against DOODL's 8.70 from the seed, a
-#   tie: +0.32 ± 0.25), but the best of 4 is already beautiful, which leaves DOODL nothing to show a visitor
-#   (no candidate example of 16 shows it, benchmarks/results/examples-aesthetic-start-4.jsonl; at EDICT's,
-#   none of 36).
+#   on aesthetic: there it would lift the mean beauty (9.06 against DOODL's 8.05 from the seed on 10
+#   prompts, a tie: +1.01 ± 0.81, better on 5, worse on 5), but the best of 4 is already beautiful, which
+#   leaves DOODL nothing to show a visitor (no candidate example of 16 shows it,
+#   benchmarks/results/examples-aesthetic-start-4.jsonl; at EDICT's, none of 36).
 _EMBEDDED_BASE = DoodlSettings(steps=20, iterations=20, guidance_scale=4.0, start_samples=4, sampler="ddim")
 EMBEDDED_PRESETS = {
     "text": Preset(replace(_EMBEDDED_BASE, grad_clip=0.01), one_step_scale=0.3),

@@ -37,9 +37,10 @@ def captions(n: int, seed: int = CAPTION_SEED) -> list[str]:
 def preset() -> str:
     text = EMBEDDED_PRESETS["text"]
     s = text.settings
+    chain = "DDIM" if s.sampler == "ddim" else "EDICT"
     return (
-        f"{s.steps} EDICT steps, {s.iterations} iterations, clip {s.grad_clip:g}, CFG {s.guidance_scale:g}, "
-        f"{text.cutouts} views; one-step scale {text.one_step_scale:g}"
+        f"{s.steps} {chain} steps, {s.iterations} iterations, clip {s.grad_clip:g}, "
+        f"CFG {s.guidance_scale:g}, {text.cutouts} views; one-step scale {text.one_step_scale:g}"
     )
 
 

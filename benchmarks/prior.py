@@ -88,10 +88,11 @@ def best_picks(
     preset = measured_preset(PERSONALIZATION).settings
     crops = capabilities.Crops(EMBEDDED_PRESETS[PERSONALIZATION.name].cutouts)
     rng = np.random.default_rng(seed)
+    with_text = {w: f"the guide's pick, plus {w:g} x the prompt's CLIP text loss" for w in text_weights}
     picks: dict[str, list[float]] = {
         "the seed's own sample": [],
         "the guide's pick": [],
-        **{f"the guide's pick, plus {w:g} x the prompt's CLIP text loss": [] for w in text_weights},
+        **{label: [] for label in with_text.values()},
         "the judge's pick": [],
     }
     for i in range(n):
@@ -110,10 +111,8 @@ def best_picks(
         if text_weights:
             text = capabilities.build_loss("clip-text", guides, capabilities.Target(text=task.prompt), crops)
             text_losses = np.array([image_loss(dataclasses.replace(task, loss=text), im) for im in images])
-            for w in text_weights:
-                picks[f"the guide's pick, plus {w:g} x the prompt's CLIP text loss"].append(
-                    scores[int(np.argmin(losses + w * text_losses))]
-                )
+            for w, label in with_text.items():
+                picks[label].append(scores[int(np.argmin(losses + w * text_losses))])
         picks["the judge's pick"].append(max(scores))
         print(task.prompt, scores, "guide's pick", guides_pick, flush=True)
     return [[name, "{:.3f} ± {:.3f}".format(*mean_and_error(v))] for name, v in picks.items()]

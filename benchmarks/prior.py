@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -206,19 +207,22 @@ def main() -> None:
         default=[0.5, 1, 2],
         help="picks by the guide plus these times CLIP's distance to the prompt",
     )
+    p.add_argument(
+        "--assets", type=Path, default=EMBEDDED, help="folder of sd/ and the guides (a candidate generator's)"
+    )
     args = p.parse_args()
     steps = None
     if args.quick:
         args.seeds, args.shape_only_seeds, args.renders, args.tasks, args.k, steps = 1, 2, 8, 1, 2, 3
     out = start(args)
-    model = load_pipeline(EMBEDDED / "sd", "cpu")
+    model = load_pipeline(args.assets / "sd", "cpu")
     renders = render_table(rendered_reads(model, args.renders, seed=7))
     captions = [f"a {color} {shape}" for shape in shapes.SHAPES for color in shapes.COLORS]
     captioned = caption_table(sampled_reads(model, captions, args.seeds, steps))
     shape_only = shape_only_table(
         sampled_reads(model, [f"a {shape}" for shape in shapes.SHAPES], args.shape_only_seeds, steps)
     )
-    guides = load_guides(EMBEDDED, "cpu")
+    guides = load_guides(args.assets, "cpu")
     picks = best_picks(model, guides, args.tasks, args.k, args.seed, tuple(args.text_weights), steps)
     notes = (
         "Unguided samples at the personalization preset (CFG, steps, chain; seeds 0, 1, ...), read by the "

@@ -232,3 +232,36 @@ def test_fit_follows_the_schedule_and_logs_averaged_losses():
         f"toy step {n} loss {np.mean(losses[n - 2 : n]):.4f} twice {2 * np.mean(losses[n - 2 : n]):.4f}"
         for n in (2, 4)
     ]
+
+
+def test_training_captions_leave_out_colors_and_whole_captions_at_their_rates():
+    import torch
+
+    from doodl.tokenizer import clip_tokenizer
+    from doodl.world.train import TrainSettings, caption_tokens, caption_variants, training_captions
+
+    assert caption_variants("a red star") == ["a red star", "a star"]
+    assert caption_variants("a red circle above a blue square") == [
+        "a red circle above a blue square",
+        "a red circle above a square",
+        "a circle above a blue square",
+        "a circle above a square",
+    ]
+    captions = ["a red star", "a green circle left of a yellow square"]
+    tokens = caption_tokens(captions)
+    decode = clip_tokenizer().batch_decode
+
+    def texts(color_dropout: float, cfg_dropout: float) -> set[str]:
+        s = TrainSettings(color_dropout=color_dropout, cfg_dropout=cfg_dropout)
+        ids = training_captions(tokens, torch.tensor([0, 1] * 50), s, torch.Generator().manual_seed(0))
+        return set(decode(ids, skip_special_tokens=True))
+
+    assert texts(0.0, 0.0) == set(captions)
+    assert texts(1.0, 0.0) == {
+        "a star",
+        "a green circle left of a square",
+        "a circle left of a yellow square",
+        "a circle left of a square",
+    }
+    assert texts(0.5, 0.0) > set(captions)
+    assert texts(0.0, 1.0) == {""}

@@ -14,6 +14,12 @@ unet stage saves whatever decoder is in the cache when it ends, so decoder and u
 side. Each stage stops at a
 wall-clock cap as well as a step count; its learning-rate schedule follows whichever runs out first, so
 a capped run still ends on a decayed learning rate.
+
+To continue training the shipped generator on the same latents (the candidate with shape-only captions of
+benchmarks/results/candidate-color-dropout/; about 25 minutes on one core, capped by steps, not minutes):
+    mkdir -p out/world && cp -r assets/embedded/sd/vae out/world/vae
+    python -m doodl.world.train --stage data latents unet --out out/candidate --unet-init assets/embedded/sd \
+        --color-dropout 0.25 --unet-lr 3e-4 --unet-steps 1200 --unet-minutes 60
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import itertools
 import json
 import math
 import time
@@ -63,8 +70,13 @@ class TrainSettings:
     unet_batch: int = 64
     unet_lr: float = 1e-3
     cfg_dropout: float = 0.1  # share of empty captions: the unconditional branch of classifier-free guidance
+    # Share of captions with the color of some of their objects left out ("a star", "a star above a blue
+    # square"): personalization's prompts name the shape and leave the color to the reference, and a generator
+    # that never saw such a caption draws them in two or three colors only (benchmarks/results/prior.md).
+    color_dropout: float = 0.0
     ema_decay: float = 0.998
     unet_minutes: float = 35.0
+    unet_init: str = ""  # a saved Stable Diffusion folder to continue training from
     # CLIP, contrastive on (image, caption or partial caption).
     clip_steps: int = 4000
     clip_batch: int = 128
@@ -339,12 +351,33 @@ def stage_decoder(s: TrainSettings, log: Log) -> None:
 # --- UNet + text encoder -----------------------------------------------------------------------------
 
 
-def caption_tokens(captions: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Token ids of every distinct caption, each image's index into them, and the empty prompt's ids."""
+def caption_variants(caption: str) -> list[str]:
+    """The caption, then every variant of it with the colors of some of its objects left out."""
+    description = shapes.parse_caption(caption)
+    variants = []
+    for keep in itertools.product((True, False), repeat=len(description.objects)):
+        phrases = [
+            shapes.object_phrase(obj) if kept else f"a {obj.shape}"
+            for obj, kept in zip(description.objects, keep, strict=True)
+        ]
+        variants.append(f" {description.relation} ".join(phrases))
+    return variants
+
+
+class CaptionTokens(NamedTuple):
+    tokens: torch.Tensor  # (distinct texts, 77) token ids
+    full: torch.Tensor  # (images,) index of each image's caption
+    partial: list[list[int]]  # per image, the indices of its variants that leave some color out
+    empty: torch.Tensor  # (77,) the empty prompt's ids
+
+
+def caption_tokens(captions: list[str]) -> CaptionTokens:
+    """Token ids of every distinct caption and caption variant, and each image's indices into them."""
     from doodl.tokenizer import clip_tokenizer
 
     tokenizer = clip_tokenizer()
-    distinct = sorted(set(captions))
+    variants = {c: caption_variants(c) for c in set(captions)}
+    distinct = sorted({v for vs in variants.values() for v in vs})
     index = {c: i for i, c in enumerate(distinct)}
 
     def encode(texts: list[str]) -> torch.Tensor:
@@ -352,7 +385,28 @@ def caption_tokens(captions: list[str]) -> tuple[torch.Tensor, torch.Tensor, tor
             texts, padding="max_length", max_length=77, truncation=True, return_tensors="pt"
         ).input_ids
 
-    return encode(distinct), torch.tensor([index[c] for c in captions]), encode([""])[0]
+    partial = {c: [index[v] for v in vs[1:]] for c, vs in variants.items()}
+    return CaptionTokens(
+        encode(distinct),
+        torch.tensor([index[c] for c in captions]),
+        [partial[c] for c in captions],
+        encode([""])[0],
+    )
+
+
+def training_captions(
+    captions: CaptionTokens, idx: torch.Tensor, s: TrainSettings, generator: torch.Generator
+) -> torch.Tensor:
+    """The token ids of a batch: each image's caption, a variant without some color (`color_dropout`),
+    or the empty prompt (`cfg_dropout`)."""
+    choice = captions.full[idx].clone()
+    colorless = torch.rand(len(idx), generator=generator) < s.color_dropout
+    for row in colorless.nonzero().flatten().tolist():
+        variants = captions.partial[idx[row]]
+        choice[row] = variants[int(torch.randint(len(variants), (), generator=generator))]
+    ids = captions.tokens[choice]
+    dropped = torch.rand(len(idx), generator=generator) < s.cfg_dropout
+    return torch.where(dropped[:, None], captions.empty[None], ids)
 
 
 @torch.no_grad()
@@ -384,13 +438,19 @@ def save_generator(folder: Path, vae, text_encoder, unet) -> None:
 
 @seeded_stage
 def stage_unet(s: TrainSettings, log: Log) -> None:
-    from diffusers import AutoencoderKL
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
 
     _, captions = load_data(s)
     vae = AutoencoderKL.from_pretrained(Path(s.cache) / "vae")
     latents = torch.load(Path(s.cache) / "latents.pt") * vae.config.scaling_factor
-    tokens, caption_index, empty = caption_tokens(captions)
+    tokens = caption_tokens(captions)
     unet, text_encoder, scheduler = models.tiny_unet(), models.tiny_text_encoder(), sd_scheduler()
+    if s.unet_init:  # continue from a saved generator (same architecture)
+        unet.load_state_dict(UNet2DConditionModel.from_pretrained(Path(s.unet_init) / "unet").state_dict())
+        text_encoder.load_state_dict(
+            CLIPTextModel.from_pretrained(Path(s.unet_init) / "text_encoder").state_dict()
+        )
     ema_unet, ema_text = models.tiny_unet(), models.tiny_text_encoder()
     ema_unet.load_state_dict(unet.state_dict())
     ema_text.load_state_dict(text_encoder.state_dict())
@@ -402,9 +462,7 @@ def stage_unet(s: TrainSettings, log: Log) -> None:
     def step_loss() -> StepLoss:
         idx = torch.randint(len(latents), (s.unet_batch,), generator=generator)
         x0 = latents[idx]
-        ids = tokens[caption_index[idx]]
-        dropped = torch.rand(s.unet_batch, generator=generator) < s.cfg_dropout
-        ids = torch.where(dropped[:, None], empty[None], ids)
+        ids = training_captions(tokens, idx, s, generator)
         t = torch.randint(scheduler.config.num_train_timesteps, (s.unet_batch,), generator=generator)
         noise = torch.randn(x0.shape, generator=generator)
         a = alphas[t].view(-1, 1, 1, 1)

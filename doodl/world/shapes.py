@@ -11,6 +11,7 @@ can draw every shade but cannot be asked for one; the fine-grained classifier te
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -144,16 +145,17 @@ def render(scene: Scene) -> np.ndarray:
 # --- words -----------------------------------------------------------------------------------------
 
 
-def object_phrase(obj: Object | ObjectSpec) -> str:
-    return f"a {obj.color} {obj.shape}"
+def object_phrase(obj: Object | ObjectSpec, with_color: bool = True) -> str:
+    return f"a {obj.color} {obj.shape}" if with_color else f"a {obj.shape}"
+
+
+def join_phrases(phrases: Sequence[str], relation: str | None) -> str:
+    """'a red circle', or 'a red circle above a blue square'."""
+    return f" {relation} ".join(phrases)
 
 
 def caption(scene: Scene) -> str:
-    """'a red circle', or 'a red circle above a blue square'."""
-    if len(scene.objects) == 1:
-        return object_phrase(scene.objects[0])
-    first, second = scene.objects
-    return f"{object_phrase(first)} {scene.relation} {object_phrase(second)}"
+    return join_phrases([object_phrase(obj) for obj in scene.objects], scene.relation)
 
 
 def describe(scene: Scene) -> Description:

@@ -356,11 +356,9 @@ def caption_variants(caption: str) -> list[str]:
     description = shapes.parse_caption(caption)
     variants = []
     for keep in itertools.product((True, False), repeat=len(description.objects)):
-        phrases = [
-            shapes.object_phrase(obj) if kept else f"a {obj.shape}"
-            for obj, kept in zip(description.objects, keep, strict=True)
-        ]
-        variants.append(f" {description.relation} ".join(phrases))
+        objects = zip(description.objects, keep, strict=True)
+        phrases = [shapes.object_phrase(obj, with_color) for obj, with_color in objects]
+        variants.append(shapes.join_phrases(phrases, description.relation))
     return variants
 
 
@@ -400,10 +398,11 @@ def training_captions(
     """The token ids of a batch: each image's caption, a variant without some color (`color_dropout`),
     or the empty prompt (`cfg_dropout`)."""
     choice = captions.full[idx].clone()
-    colorless = torch.rand(len(idx), generator=generator) < s.color_dropout
-    for row in colorless.nonzero().flatten().tolist():
-        variants = captions.partial[idx[row]]
-        choice[row] = variants[int(torch.randint(len(variants), (), generator=generator))]
+    if s.color_dropout > 0:  # no draw otherwise: without it a run draws what it drew before
+        colorless = torch.rand(len(idx), generator=generator) < s.color_dropout
+        for row in colorless.nonzero().flatten().tolist():
+            variants = captions.partial[idx[row]]
+            choice[row] = variants[int(torch.randint(len(variants), (), generator=generator))]
     ids = captions.tokens[choice]
     dropped = torch.rand(len(idx), generator=generator) < s.cfg_dropout
     return torch.where(dropped[:, None], captions.empty[None], ids)

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import re
 import statistics
@@ -65,6 +64,7 @@ from doodl.embedded import EMBEDDED_PRESETS, Preset
 from doodl.losses import Loss
 from doodl.optimize import SAMPLERS
 from doodl.pipeline import LatentDiffusion, count_unet_calls
+from doodl.showcase import folder_digest
 from doodl.world import judge, shapes
 
 # The arguments a capability's saved outcomes depend on (with its preset and the models' contents). Not
@@ -373,7 +373,7 @@ class RawStore:
         # An override joins the key only when given: outcomes saved at the presets' stay reusable.
         key |= {name: getattr(args, name) for name in OVERRIDES if getattr(args, name) is not None}
         key["preset"] = measured_preset(capability).key()
-        key["models"] = assets_digest(args.assets)  # a retrained model or guide
+        key["models"] = folder_digest(args.assets)[:16]  # a retrained model or guide
         path = out / "quality-raw" / f"{capability.name}.json"
         saved = json.loads(path.read_text()) if path.is_file() else {}
         prompts = saved.get("prompts", []) if saved.get("key") == key else []
@@ -417,17 +417,6 @@ class RawStore:
         temporary = self.path.with_suffix(".tmp")  # a kill mid-write leaves the last whole file
         temporary.write_text(json.dumps({"key": self.key, "prompts": self.prompts}, indent=1))
         temporary.replace(self.path)
-
-
-def assets_digest(folder: Path) -> str:
-    """A hash of every file of the embedded models (the training log aside): saved outcomes of other
-    weights are never reused, and a clone with the same weights reuses them."""
-    digest = hashlib.sha256()
-    for path in sorted(folder.rglob("*")):
-        if path.is_file() and path.suffix != ".txt":
-            digest.update(path.relative_to(folder).as_posix().encode())
-            digest.update(path.read_bytes())
-    return digest.hexdigest()[:16]
 
 
 # --- report ---------------------------------------------------------------------------------------

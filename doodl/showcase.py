@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -202,10 +203,16 @@ def models_digest(serving: Serving) -> str:
     """The embedded models' content, for the store's key; other models are known by their names only."""
     if not serving.embedded():
         return ""
+    return folder_digest(Path(locate(serving.names.sd)).parent)
+
+
+def folder_digest(folder: Path) -> str:
+    """A hash of every file's path and bytes under `folder`, its training logs (.txt) aside: they change no
+    output. Linked folders are followed, so a folder of links to the models hashes as the models do."""
     digest = hashlib.sha256()
-    folder = Path(locate(serving.names.sd)).parent
-    for path in sorted(folder.rglob("*")):
-        if path.is_file() and path.suffix != ".txt":  # the training log changes no output
+    files = [Path(root) / name for root, _, names in os.walk(folder, followlinks=True) for name in names]
+    for path in sorted(files):
+        if path.suffix != ".txt":
             digest.update(path.relative_to(folder).as_posix().encode() + path.read_bytes())
     return digest.hexdigest()
 

@@ -14,7 +14,7 @@ from benchmarks.examples import verdict
 from doodl.embedded import CAPABILITIES, EXAMPLE_NOTES, EXAMPLES, Preset
 from doodl.optimize import DoodlSettings
 from doodl.serving import ModelCache, Serving
-from doodl.showcase import ExampleStore, example_request, final, run
+from doodl.showcase import ExampleStore, example_request, final, folder_digest, run
 from doodl.world import shapes
 
 
@@ -97,3 +97,20 @@ def test_stored_runs_are_keyed_by_what_a_preset_changes():
         replace(preset, one_step_scale=1.0),
     ]
     assert len({preset.key(), *(other.key() for other in others)}) == 5
+
+
+def test_the_models_digest_reads_through_linked_folders_and_skips_training_logs(tmp_path):
+    """The digest keys stored runs and saved benchmark outcomes: a folder of links to other weights (how a
+    candidate generator is measured) must not hash as an empty folder and reuse another model's results."""
+    real, linked, empty = tmp_path / "real", tmp_path / "linked", tmp_path / "empty"
+    (real / "sd").mkdir(parents=True)
+    (real / "sd" / "unet.safetensors").write_bytes(b"weights")
+    linked.mkdir()
+    (linked / "sd").symlink_to(real / "sd")
+    empty.mkdir()
+    before = folder_digest(real)
+    assert folder_digest(linked) == before != folder_digest(empty)
+    (real / "sd" / "training_log.txt").write_text("step 1")
+    assert folder_digest(linked) == before
+    (real / "sd" / "unet.safetensors").write_bytes(b"retrained")
+    assert folder_digest(linked) != before

@@ -224,6 +224,7 @@ def run_task(
 
     def random_search() -> tuple[Image.Image, int]:
         k = matched_k(outcome("DOODL").calls, outcome("unguided").calls)
+        torch.manual_seed(settings.seed)  # as if DOODL had not just run
         best = best_of_samples(model, task.prompt, task.loss, settings, k)
         return best.image, best.calls
 
@@ -239,6 +240,9 @@ def run_task(
     def outcome(name: str) -> Outcome:
         """The saved or already run outcome of a method, else its run's, now."""
         if name not in outcomes:
+            # Each method's views are drawn alike whichever others ran before it or were saved, as the app
+            # draws a run's views from its seed: a resumed benchmark gives what a fresh one gives.
+            torch.manual_seed(settings.seed)
             outcomes[name] = outcome_of(task, *runs[name](), curves.get(name, ()))
         return outcomes[name]
 

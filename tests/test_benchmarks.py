@@ -9,6 +9,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 from PIL import Image
 
 from benchmarks.common import EMBEDDED
@@ -23,8 +24,10 @@ from benchmarks.quality import (
     RawStore,
     Task,
     rescored,
+    run_task,
     verdict,
 )
+from doodl import DoodlSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = (
@@ -388,3 +391,18 @@ def test_compare_pairs_a_levers_prompts_with_the_references(tmp_path, capsys, mo
     monkeypatch.setattr(sys, "argv", ["compare", str(tmp_path / "base"), str(tmp_path / "lever")])
     compare.main()
     assert "| text | 2 | 0.250 | 0.750 | +0.500 ± 0.500 | 1 | 0 |" in capsys.readouterr().out
+
+
+def test_a_resumed_quality_run_gives_what_a_fresh_one_gives(tiny):
+    """Saved methods are not run again, so a method's random views must not depend on which ran before it."""
+
+    def loss(images):  # random weights per pixel, drawn as the guides draw their views
+        return ((images - 0.3) ** 2 * torch.rand(images.shape[-2:])).mean()
+
+    task = Task("a red circle", loss, lambda image: 0.0)
+    settings = DoodlSettings(steps=3, iterations=3, seed=5)
+    methods = ("unguided", "one-step", STARTED)
+    fresh = run_task(tiny, task, settings, 0.3, methods, 2)
+    resumed = run_task(tiny, task, settings, 0.3, methods, 2, {m: fresh[m] for m in methods[:2]})
+    assert resumed[STARTED].curve == fresh[STARTED].curve
+    assert resumed[STARTED].loss == fresh[STARTED].loss

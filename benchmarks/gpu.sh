@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Issue #19 item 4, the prepared GPU run: seconds per DOODL iteration and torch.cuda.max_memory_allocated
 # above the weights, 50 EDICT steps, float16, random weights of the real architectures (no download):
-# SD 1.5 at 512 px (the three gradient modes) and SDXL base at 1024 px (reversible). About 5 minutes on
-# one H200 (estimated, not yet run); each part has its own time limit so that the whole stays under 10.
+# SD 1.5 at 512 px (the three gradient modes) and SDXL base at 1024 px (reversible). On one H200
+# (2026-12-04): 5.5 minutes with the random weights already built, which takes about 2 more; each part has
+# its own time limit so that the whole stays under 10.
 #
 #   benchmarks/gpu.sh --pack          # here, once: pack the pure-Python packages the GPU image lacks
 #   benchmarks/gpu.sh [RESULTS]       # on the GPU machine: results to RESULTS (default benchmarks/results)
@@ -23,7 +24,7 @@ case "${1:-}" in
     site=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
     mkdir -p .whl
     tar czf .whl/gpu-deps.tar.gz --exclude=__pycache__ -C "$site" \
-        diffusers open_clip huggingface_hub ftfy wcwidth
+        diffusers open_clip ftfy wcwidth
     ls -l .whl/gpu-deps.tar.gz
     exit 0
     ;;

@@ -115,8 +115,11 @@ def measure(folder: Path, mode: str, steps: int, device: str, threads: int) -> t
 def in_fresh_process(*args: object, function: Callable = measure) -> object:
     """`function(*args)` (by default `measure`) in a new process, forked from a server that has imported
     the libraries only (so each measurement does not pay for importing torch again)."""
-    context = multiprocessing.get_context("forkserver")  # the server starts with os.environ as it is now
-    context.set_forkserver_preload(["benchmarks.common"])
+    if torch.cuda.is_available():  # a forked child cannot use CUDA once its parent has touched it
+        context = multiprocessing.get_context("spawn")
+    else:
+        context = multiprocessing.get_context("forkserver")  # the server starts with os.environ as it is now
+        context.set_forkserver_preload(["benchmarks.common"])
     with ProcessPoolExecutor(1, mp_context=context) as pool:
         return pool.submit(function, *args).result()
 

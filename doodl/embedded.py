@@ -56,20 +56,18 @@ PAPER = Preset(DoodlSettings())
 #   --tune --pilot 2 --clips 0.01 0.03 --scales 0.3 1 3 10` chose, by each method's own guidance loss on
 #   pilot prompts (benchmarks/results/quality-tune-*.md). A sign step beyond ~0.1 per latent element
 #   overshoots along the gradient, and momentum 0.9 lets the step grow to ten times the clip;
-# - DOODL starts from the best of 4 samples by the guide, for 4 samples' UNet calls: with EDICT's chain, on
-#   30 prompts per tab, it was ahead of DOODL from the seed on text (+0.08), vocabulary (+0.20, beyond 2 SE)
-#   and personalization (+0.10) (benchmarks/results/edict/quality.md); with DDIM's it ties on text, is ahead
-#   on personalization (+0.13 ± 0.06, 24 prompts) and in the mean on vocabulary (quality.md). Not
-#   on aesthetic: there it would lift the mean beauty (9.06 against DOODL's 8.05 from the seed on 10
-#   prompts, a tie: +1.01 ± 0.81, better on 5, worse on 5), but the best of 4 is already beautiful, which
-#   leaves DOODL nothing to show a visitor (no candidate example of 16 shows it,
-#   benchmarks/results/examples-aesthetic-start-4.jsonl; at EDICT's, none of 36).
+# - DOODL starts from the best of 4 samples by the guide, for 4 samples' UNet calls: on 30 prompts per tab
+#   (benchmarks/results/quality.md, 2026-12-04) it is ahead of DOODL from the seed on personalization
+#   (+0.30 ± 0.11) and in the mean on aesthetic (beauty 9.25 against 8.84) and vocabulary; with EDICT's
+#   chain it was ahead on text, vocabulary and personalization (benchmarks/results/edict/quality.md). On
+#   aesthetic the price is what a visitor sees: the best of 4 is already beautiful, and 1 candidate example
+#   of 16 shows DOODL (3 from the seed): benchmarks/results/examples.md.
 _EMBEDDED_BASE = DoodlSettings(steps=20, iterations=20, guidance_scale=4.0, start_samples=4, sampler="ddim")
 EMBEDDED_PRESETS = {
     "text": Preset(replace(_EMBEDDED_BASE, grad_clip=0.01), one_step_scale=0.3),
     "vocabulary": Preset(replace(_EMBEDDED_BASE, grad_clip=0.03), one_step_scale=10.0),
     "personalization": Preset(replace(_EMBEDDED_BASE, grad_clip=0.01), one_step_scale=0.3),
-    "aesthetic": Preset(replace(_EMBEDDED_BASE, grad_clip=0.03, start_samples=1), one_step_scale=1.0),
+    "aesthetic": Preset(replace(_EMBEDDED_BASE, grad_clip=0.03), one_step_scale=1.0),
 }
 
 
@@ -81,45 +79,43 @@ EMBEDDED_PRESETS = {
 # benchmarks/quality.py is the evidence.
 EXAMPLES = {
     "text": [
-        ["a green star above a cyan star", 1115],
-        ["a purple circle right of a blue star", 7671],
+        ["a blue triangle below a cyan square", 6074],
+        ["a purple triangle left of a red triangle", 8920],
     ],
-    "vocabulary": [["a red circle", "maroon", 1528], ["a red star", "scarlet", 3338]],
+    "vocabulary": [["a red circle", "maroon", 1528], ["a red circle", "rose", 2542]],
     "personalization": [
         ["a triangle", [str(EXAMPLE_IMAGES / f"personalization-24-{k}.png") for k in range(3)], 693],
-        ["a star", [str(EXAMPLE_IMAGES / f"personalization-5-{k}.png") for k in range(3)], 8388],
+        ["a square", [str(EXAMPLE_IMAGES / f"personalization-26-{k}.png") for k in range(3)], 6054],
     ],
-    "aesthetic": [["a purple circle", None, 5375], ["a cyan square", None, 5197]],
+    "aesthetic": [["a yellow circle", None, 9188]],
 }
 
 # What each example's stored run shows, as the judge of benchmarks/examples.py reads it; shown under the
 # examples.
 EXAMPLE_NOTES = {
     "text": [
-        "Unguided (the best of 4 samples), the two stars stand side by side; DOODL puts the green star "
-        "above the cyan one, as the caption says. One-step guidance changes nothing.",
-        "Unguided (the best of 4 samples), a purple shape above a blue square; DOODL draws the blue star, "
-        "the purple rounded shape at its right. One-step guidance changes nothing.",
+        "Unguided (the best of 4 samples), two cyan squares, one above the other; DOODL turns the lower one "
+        "into a blue triangle, below the cyan square as the caption says. One-step guidance changes nothing.",
+        "Unguided (the best of 4 samples), the red triangle stands left of the purple one; DOODL swaps them, "
+        "the purple triangle at the left, as the caption says. One-step guidance changes nothing.",
     ],
     "vocabulary": [
         "Unguided (the best of 4 samples), the circle is crimson; DOODL darkens it to maroon. One-step "
         "guidance breaks the image.",
-        "Unguided (the best of 4 samples), the star is crimson; DOODL shifts it to scarlet, a shade no "
-        "caption names: a small change of hue, read from the pixels. One-step guidance breaks the image.",
+        "Unguided (the best of 4 samples), a crimson circle on a pale ground; DOODL turns it rose, a pale "
+        "pink no caption names, on a dark ground. One-step guidance breaks the image.",
     ],
     "personalization": [
-        "The references: a dark red triangle. Unguided (the best of 4 samples), a pink triangle whose sides "
-        "curve in so deeply that it reads as a purple star; DOODL turns it red with straighter sides, the "
-        "references' triangle, though lighter than their dark red. One-step guidance changes nothing.",
-        "The references: a blue star. Unguided (the best of 4 samples), a small pale lavender star; DOODL "
-        "turns it deep blue, as the references. One-step guidance moves it part of the way, to a light "
-        "blue.",
+        "The references: a dark red triangle. Unguided (the best of 4 samples), a pink triangle; DOODL turns "
+        "it red, the references' color, though lighter than their dark red. One-step guidance draws a blue "
+        "triangle instead.",
+        "The references: a cyan square. Unguided (the best of 4 samples), a dark blue square; DOODL turns it "
+        "teal-cyan, the references' color, and keeps the square. One-step guidance changes nothing.",
     ],
     "aesthetic": [
-        "Unguided, a large pale purple circle; DOODL draws a smaller, darker circle with a clean edge "
-        "(beauty 7.4 to 9.0 by the benchmark's rule). One-step guidance changes little.",
-        "Unguided, a large cyan square crowds the frame; DOODL draws a smaller square in the middle of a "
-        "dark ground (beauty 8.3 to 9.4 by the benchmark's rule). One-step guidance changes little.",
+        "Unguided (the best of 4 samples: here the seed's own), a large yellow circle pressed against the "
+        "left edge; DOODL brings it in, centred (beauty 8.4 to 10.0 by the benchmark's rule). One-step "
+        "guidance pushes it into the corner (5.0).",
     ],
 }
 

@@ -35,9 +35,10 @@ from benchmarks.common import (
 )
 from doodl import MODES, edict_denoise, edict_schedule, latent_grad, one_step_guidance, optimize
 from doodl.capabilities import Crops, build_loss, load_guides
+from doodl.edict import ddim_step
 from doodl.embedded import EMBEDDED_PRESETS, EXAMPLES, SD
 from doodl.losses import Loss
-from doodl.optimize import SAMPLERS, conditioning, initial_latents
+from doodl.optimize import SAMPLERS, conditioning, final_loss, initial_latents
 from doodl.pipeline import count_unet_calls, load_pipeline
 from doodl.serving import ModelCache, Serving
 from doodl.showcase import example_request
@@ -123,6 +124,7 @@ def plot(results: dict[str, dict[int, dict[str, float]]]) -> Figure:
 # --- a whole default run of each tab ----------------------------------------------------------------
 
 DEFAULT_RUN_TARGET = 45.0  # seconds for all iterations plus the side-by-side, on 2 idle cores
+DDIM_MODES = ("autograd", "checkpoint")
 
 
 def tab_losses() -> dict[str, tuple[str, Callable[[torch.Generator], Loss]]]:
@@ -149,15 +151,18 @@ def timed(run: Callable[[], object]) -> float:
 
 
 def iteration_parts(model, prompt: str, loss: Loss, settings) -> dict[str, float]:
-    """Seconds of one default iteration's parts: the chain forward, the decode of both latents with its
-    backward, the guide on every view with its backward, and the backward through the chain (the
-    settings' own: EDICT's reversible one, or DDIM's from its stored step inputs)."""
-    eps, schedule, chain = conditioning(model, prompt, settings), settings.schedule(model), settings.chain()
+    """Seconds of one default iteration's parts: the chain forward, the decode of the judged latents (both
+    of EDICT's pair, DDIM's one sample) with its backward, the guide on every view with its backward, and
+    the backward through the chain (the settings' own: EDICT's reversible one, or DDIM's from what it
+    stored)."""
+    eps, schedule = conditioning(model, prompt, settings), settings.schedule(model)
+    chain = settings.chain(model)
     x, y = initial_latents(model, settings)
     forward = timed(lambda: chain.denoise(eps, x, y, schedule))
     with torch.no_grad():
         x0, y0 = chain.denoise(eps, x, y, schedule)
-    latents = torch.cat([x0, y0]).requires_grad_(True)
+    one = settings.first_image_only or chain.few_steps
+    latents = (x0 if one else torch.cat([x0, y0])).requires_grad_(True)
 
     def decode() -> None:
         images = model.decode(latents)
@@ -166,10 +171,7 @@ def iteration_parts(model, prompt: str, loss: Loss, settings) -> dict[str, float
     pixels = model.decode(latents).detach().requires_grad_(True)
     decoding = timed(decode)
     guide = timed(lambda: torch.autograd.grad(loss(pixels), pixels))
-
-    def final(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return loss(model.decode(torch.cat([a, b])))
-
+    final = final_loss(model, loss, one, separately=settings.decodes_separately(model))
     whole = timed(lambda: latent_grad(eps, x, y, schedule, final, chain.mode, chain.step))
     return {
         "chain forward": forward,
@@ -180,11 +182,25 @@ def iteration_parts(model, prompt: str, loss: Loss, settings) -> dict[str, float
     }
 
 
-def default_runs(quick: bool, overrides: dict) -> tuple[str, str, dict[str, float]]:
-    """Tables: seconds of each tab's whole default run (DOODL and the side-by-side one-step image), and
-    where one default iteration's time goes; `overrides` replace the presets' settings (a lever's)."""
+def ddim_gradient_modes(model, prompt: str, loss: Loss, settings, repeats: int) -> dict[str, float]:
+    """Median seconds of one iteration's gradient through a DDIM chain with its graph stored (autograd)
+    and with its step inputs stored (checkpoint), interleaved so that load falls on both alike."""
+    eps, schedule = conditioning(model, prompt, settings), settings.schedule(model)
+    x, y = initial_latents(model, settings)
+    final = final_loss(model, loss, True, separately=False)
+    runs = {
+        mode: functools.partial(latent_grad, eps, x, y, schedule, final, mode, ddim_step)
+        for mode in DDIM_MODES
+    }
+    return interleaved_medians(runs, repeats)
+
+
+def default_runs(quick: bool, overrides: dict) -> tuple[list[str], dict[str, float]]:
+    """Tables: where one default iteration's time goes, the seconds of each tab's whole default run (DOODL
+    and the side-by-side one-step image), and, on a DDIM chain, an iteration in either gradient mode;
+    `overrides` replace the presets' settings (a lever's)."""
     model = load_pipeline(SD)
-    runs, parts = [], []
+    runs, parts, modes = [], [], []
     for tab, (prompt, make_loss) in tab_losses().items():
         preset = EMBEDDED_PRESETS[tab]
         settings = dataclasses.replace(preset.settings, **overrides)
@@ -215,6 +231,10 @@ def default_runs(quick: bool, overrides: dict) -> tuple[str, str, dict[str, floa
         print(runs[-1], flush=True)
         seconds = iteration_parts(model, prompt, make_loss(generator), settings)
         parts.append([tab, *(f"{v:.2f}" for v in seconds.values())])
+        if settings.chain(model).few_steps:
+            medians = ddim_gradient_modes(model, prompt, make_loss(generator), settings, 1 if quick else 5)
+            saved = 1 - medians["autograd"] / medians["checkpoint"]
+            modes.append([tab, *(f"{medians[m]:.2f}" for m in DDIM_MODES), f"{saved:.0%}"])
     runs_table = markdown_table(
         [
             "tab",
@@ -240,7 +260,8 @@ def default_runs(quick: bool, overrides: dict) -> tuple[str, str, dict[str, floa
         ],
         parts,
     )
-    return runs_table, parts_table, {row[0]: float(row[6]) for row in runs}
+    modes_table = markdown_table(["tab", *(f"{m} (s)" for m in DDIM_MODES), "saved"], modes) if modes else ""
+    return [parts_table, runs_table, modes_table], {row[0]: float(row[6]) for row in runs}
 
 
 def main() -> None:
@@ -254,13 +275,14 @@ def main() -> None:
     p.add_argument("--only-default-runs", action="store_true", help="only time each tab's default run")
     p.add_argument("--sampler", choices=SAMPLERS, help="default runs: the chain (default: the presets')")
     p.add_argument("--iterations", type=int, help="default runs: DOODL iterations (default: the presets')")
+    p.add_argument("--mode", choices=MODES, help="default runs: the gradient mode (default: the presets')")
     args = p.parse_args()
     if args.quick:
         args.steps, args.repeats, args.tiny_size, args.no_embedded = [2, 4], 1, 8, True
     out = start(args)
     if not args.only_default_runs:
         ratio_report(args, out)
-    given = {"sampler": args.sampler, "iterations": args.iterations}
+    given = {"sampler": args.sampler, "iterations": args.iterations, "mode": args.mode}
     default_runs_report(args.quick, out, {k: v for k, v in given.items() if v is not None})
 
 
@@ -302,7 +324,7 @@ def ratio_report(args, out) -> None:
 
 
 def default_runs_report(quick: bool, out, overrides: dict) -> None:
-    runs_table, parts_table, totals = default_runs(quick, overrides)
+    (parts_table, runs_table, modes_table), totals = default_runs(quick, overrides)
     notes = (
         "A visitor's wait on the embedded model: each tab's first example at the tab's settings "
         "(`doodl.embedded.EMBEDDED_PRESETS`): the start's samples, all DOODL iterations, and the one-step "
@@ -319,7 +341,15 @@ def default_runs_report(quick: bool, out, overrides: dict) -> None:
     ax.axhline(DEFAULT_RUN_TARGET, color="grey", linestyle="--", label=f"target {DEFAULT_RUN_TARGET:g} s")
     ax.set(ylabel="seconds", title="A whole default run per tab")
     ax.legend(fontsize=7)
-    write_report(out, "default-runs", "Seconds of a default run", [notes, parts_table, runs_table], figure)
+    modes = [
+        "A DDIM chain has no exact inverse: its gradient stores either the whole graph (autograd, what "
+        "`DoodlSettings` takes on small latents) or each step's input, recomputing each step's forward in "
+        "the backward (checkpoint). One iteration's gradient in each, at the tab's settings, medians of "
+        "interleaved rounds:",
+        modes_table,
+    ]
+    sections = [notes, parts_table, runs_table, *(modes if modes_table else [])]
+    write_report(out, "default-runs", "Seconds of a default run", sections, figure)
 
 
 if __name__ == "__main__":

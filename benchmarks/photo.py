@@ -53,7 +53,6 @@ from doodl.world import judge, shapes
 # the smallest object's diameter (18 px, `shapes.random_scene`); the EDICT reconstruction itself moved
 # the judge's centres by at most 1 px on the first photos tried.
 POSITION_TOLERANCE = 3.0
-DEFAULT_FIDELITIES = (0.0, embedded.EMBEDDED_PRESETS["aesthetic"].settings.fidelity)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,10 +185,11 @@ def measure(args: argparse.Namespace) -> None:
         scenes = shapes.random_scenes(args.seed, args.n, two_object_fraction=0.5)
         cfg = embedded.EMBEDDED_PRESETS[tab].settings.guidance_scale
         cfg = cfg if args.guidance_scale is None else args.guidance_scale
+        fidelities = args.fidelities or (0.0, embedded.EMBEDDED_PRESETS[tab].settings.fidelity)
         for index, scene in enumerate(scenes):
             c = case(tab, index, scene)
             for fidelity, weight, strength in itertools.product(
-                args.fidelities, args.photo_weights, args.strengths
+                fidelities, args.photo_weights, args.strengths
             ):
                 settings = photo_settings(tab, fidelity, weight, cfg, strength, args.quick)
                 if (tab, index, fidelity, weight, cfg, strength, settings.iterations) in done:
@@ -310,7 +310,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--n", type=int, default=6, help="photos per tab")
     p.add_argument("--seed", type=int, default=11, help="of the photos' scenes")
     p.add_argument("--tabs", nargs="+", default=list(TABS), choices=TABS)
-    p.add_argument("--fidelities", nargs="+", type=float, default=list(DEFAULT_FIDELITIES))
+    p.add_argument("--fidelities", nargs="+", type=float, help="default: 0 and the tab's preset")
     p.add_argument(
         "--photo-weights",
         nargs="+",

@@ -30,8 +30,9 @@ def gradient(model, task, settings) -> torch.Tensor:
     loss = final_loss(
         model, task.loss, settings.first_image_only, separately=settings.decodes_separately(model)
     )
-    chain = settings.chain()
-    result = latent_grad(eps, *initial_latents(model, settings), settings.schedule(model), loss, chain.mode)
+    chain = settings.chain(model)
+    x, y = initial_latents(model, settings)
+    result = latent_grad(eps, x, y, settings.schedule(model), loss, chain.mode, chain.step)
     return ((result.grad[0] + result.grad[1]) / 2).flatten().abs().double()
 
 

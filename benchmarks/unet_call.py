@@ -10,8 +10,9 @@ unconditional and conditional halves (2 latents) at one timestep, with the promp
 forward without gradients (the chain forward makes one per half-step) and the forward with the
 vector-Jacobian product to the latents (the reversible backward makes one per half-step; the weights are
 frozen, so no weight gradients). FLOPs are torch's own count (`torch.utils.flop_counter`). From them, the
-UNet seconds of a default iteration (`doodl.embedded.EMBEDDED_PRESETS`: 2 calls per step forward, 2 with
-their VJP backward), which is what an iteration of 1.2 s must fit in beside decoding and the guide.
+UNet seconds of a default iteration (`doodl.embedded.EMBEDDED_PRESETS`: a DDIM chain whose graph is stored,
+one forward with its VJP a step; EDICT's reversible pass would make 2 forwards a step, then 2 with their
+VJPs), which is what an iteration of 1.2 s must fit in beside decoding and the guide.
 
 Compiled: `torch.compile` of the UNet, timesteps passed as tensors (a Python int would be a new graph at
 every step); the first forward's and VJP's seconds are the compile, paid once per process unless
@@ -124,12 +125,15 @@ def main() -> None:
     model, eps, latents = noise_predictor(folder)
     gflop = flops(eps, latents) / 1e9
     scaling_rows = batch_scaling(eps, latents, args.calls)  # eager: before the UNet may be compiled in place
-    steps = PRESET.steps
+    steps, ddim = PRESET.steps, PRESET.few_step_chain()
+    # DDIM (the presets' chain, its graph stored on these latents): a step is one forward with its VJP.
+    # EDICT's reversible pass: two forwards a step, then two again with their VJPs.
+    vjp_calls = steps * (1 if ddim else 2)
     rows, results = [], {}
     for compiled in (False,) if args.no_compile else (False, True):
         label = "compiled" if compiled else "eager"
         ms = results[label] = measure(model, eps, latents, args.calls, compiled)
-        unet_s = 2 * steps * (ms["forward"] + ms["forward+VJP"]) / 1000
+        unet_s = vjp_calls * ms["forward+VJP"] / 1000 + (0 if ddim else steps * 2 * ms["forward"] / 1000)
         rows.append(
             [
                 name,
@@ -146,8 +150,10 @@ def main() -> None:
     notes = (
         f"One call: latents {tuple(latents.shape[1:])}, cond and uncond in one batch, CFG "
         f"{PRESET.guidance_scale:g}; ms are means "
-        f"over {args.calls} timesteps. UNet s per iteration = {2 * steps} x (forward + forward with VJP), "
-        f"the UNet work of one reversible iteration at the presets' {steps} steps; an iteration of "
+        f"over {args.calls} timesteps. UNet s per iteration = "
+        + (f"{steps} x (forward with VJP)" if ddim else f"{2 * steps} x (forward + forward with VJP)")
+        + f", the UNet work of one iteration at the presets' {steps} {'DDIM' if ddim else 'EDICT'} steps; "
+        f"an iteration of "
         f"{ITERATION_TARGET} s also holds decoding and the guide. Inductor's cache: "
         f"{os.environ.get('TORCHINDUCTOR_CACHE_DIR', 'the default one (maybe warm)')}."
     )

@@ -44,7 +44,8 @@ SAMPLERS = ("auto", "edict", "ddim")
 # and UNet in float32 (python -m benchmarks.memory --arch sd15): decoding one latent with its backward
 # grows memory more than a UNet VJP from 32x32 latents on (1.47 GB vs 0.79 GB; 5.82 vs 3.02 GB at 64x64;
 # checkpointed: 0.58 GB at 32x32), while at the embedded model's 8x8 the decoder is small and
-# checkpointing would only add a forward.
+# checkpointing would only add a forward. From the same side up, a DDIM chain's gradient stores each step's
+# input rather than its whole graph (`DoodlSettings._ddim_mode`).
 DECODER_CHECKPOINT_MIN_LATENT_SIDE = 32
 
 
@@ -78,7 +79,9 @@ class DoodlSettings:
     leapfrog: bool = True  # alternate the update order of the pair (official EDICT)
     renormalize: bool = True  # keep the latent's norm, on the Gaussian shell (paper)
     tied: bool = True  # average x_T and y_T into one latent after each step (paper)
-    mode: str = "reversible"  # how the gradient is computed: reversible, checkpoint or autograd
+    # How the gradient is computed: reversible, checkpoint or autograd (a DDIM chain, which has no exact
+    # inverse, takes "reversible" as one of the other two: `_ddim_mode`).
+    mode: str = "reversible"
     seed: int = 0
     height: int | None = None  # default: the model's resolution
     width: int | None = None
@@ -93,18 +96,19 @@ class DoodlSettings:
     # same random views), or "auto": apart from DECODER_CHECKPOINT_MIN_LATENT_SIDE up, where holding both
     # graphs costs most (SD 1.5 at 256 px: 2.86 GB for both, 1.47 GB for one); below, one batch is faster.
     separate_decoding: str = "auto"
-    # The chain: "edict"; "ddim", plain DDIM, one UNet call a step (EDICT's make two), each step's input
-    # stored for the gradient (checkpoint or autograd mode): memory grows by one latent a step, which is
-    # small beside a UNet call's for few steps or small latents (the embedded presets); or "auto": DDIM
+    # The chain: "edict"; "ddim", plain DDIM, one UNet call a step (EDICT's make two), what the gradient
+    # needs stored on the way forward (`_ddim_mode`): memory grows with the steps, which is small beside a
+    # UNet call's for few steps or small latents (the embedded presets); or "auto": DDIM
     # below doodl.edict.FEW_STEPS steps from noise, where EDICT's coupled chain is no longer the model's own
     # sample (few-step models such as SD-Turbo), else EDICT.
     sampler: str = "auto"
     # From given latents (`init`, e.g. a photo's EDICT inversion): keep each latent within a trust region
     # around its start, of radius (1 - fidelity) x the start's norm, projected back after every step, so
     # that the image keeps the photo's content. 0: no limit. From noise it has no effect. Default 0.99, with
-    # photo_strength 0.4: on 10 photos of the embedded world per tab the scene stayed on 9 or 10 and beauty
-    # rose by up to 0.14 (benchmarks/results/photo-defaults/); at 0.97, 5 of the aesthetic tab's stayed;
-    # through the whole chain, 4 at any fidelity (python -m benchmarks.photo, benchmarks/results/photo.md).
+    # photo_strength 0.4: on 10 photos of the embedded world the scene stayed on 10 (text) and 9 (aesthetic),
+    # beauty rose by 0.06 and 0.12; 8 on vocabulary and personalization, whose embedded presets take 0.995
+    # (benchmarks/results/photo-defaults/); at 0.97, 5 of the aesthetic tab's stayed; through the whole
+    # chain, 4 at any fidelity (python -m benchmarks.photo, benchmarks/results/photo.md).
     fidelity: float = 0.99
     # From given latents: add this weight x the mean squared pixel distance to their unguided image (the
     # photo's EDICT reconstruction) to the loss, so that moving an object costs more than recoloring it.
@@ -182,13 +186,21 @@ class DoodlSettings:
             return self.sampler == "ddim"
         return self.steps < FEW_STEPS
 
-    def chain(self, from_photo: bool = False) -> Chain:
+    def chain(self, model: LatentDiffusion, from_photo: bool = False) -> Chain:
         """The chain these settings sample with, and the gradient mode it takes."""
         if not self.few_step_chain(from_photo):
             return Chain(edict_step, edict_denoise, self.mode, few_steps=False)
-        # DDIM cannot be run backwards exactly: its few step inputs are stored instead of rebuilt.
-        mode = "checkpoint" if self.mode == "reversible" else self.mode
-        return Chain(ddim_step, ddim_denoise, mode, few_steps=True)
+        return Chain(ddim_step, ddim_denoise, self._ddim_mode(model), few_steps=True)
+
+    def _ddim_mode(self, model: LatentDiffusion) -> str:
+        """DDIM cannot be run backwards exactly, so "reversible" stores instead of rebuilding: each step's
+        input (checkpoint) on large latents, where a UNet call's activations are dear; the whole graph
+        (autograd) on small ones, where they are not and it saves recomputing every step's forward, a
+        quarter of an iteration on the embedded model (python -m benchmarks.cost --only-default-runs
+        --mode checkpoint). Both give the same gradient, bit for bit on the CPU."""
+        if self.mode != "reversible":
+            return self.mode
+        return "checkpoint" if self._large_latents("auto", model) else "autograd"
 
     def denoise(
         self,
@@ -200,7 +212,7 @@ class DoodlSettings:
     ) -> Pair:
         """The whole chain, from (x_T, y_T) to (x_0, y_0), with this setting's sampler; from a photo's
         latents, its last `photo_strength` (`schedule`)."""
-        return self.chain(from_photo).denoise(eps, x, y, self.schedule(model, from_photo))
+        return self.chain(model, from_photo).denoise(eps, x, y, self.schedule(model, from_photo))
 
     def checkpoints_decoder(self, model: LatentDiffusion) -> bool:
         """Whether the VAE decoder runs with gradient checkpointing for this model and image size."""
@@ -335,7 +347,7 @@ def doodl(
     generator = torch.Generator().manual_seed(settings.seed + 1)
 
     decoded: list[torch.Tensor] = []  # x_0's image, kept from the loss's own decoding, not decoded again
-    chain = settings.chain(from_photo=init is not None)
+    chain = settings.chain(model, from_photo=init is not None)
     if init is not None and settings.photo_weight > 0:
         anchor = distance_to(reconstruction(model, eps, x, y, settings))
         loss = weighted_sum([(1.0, loss), (settings.photo_weight, anchor)])

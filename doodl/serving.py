@@ -205,7 +205,7 @@ SETTINGS: tuple[Setting, ...] = (
         "Sampling chain",
         str,
         lambda p: p.settings.sampler,
-        "edict: the paper's, exactly invertible; ddim: one UNet call a step, inputs stored for the gradient; "
+        "edict: the paper's, exactly invertible; ddim: one UNet call a step, stored for the gradient; "
         f"auto: ddim below {FEW_STEPS} steps. A photo's is EDICT's",
         row=2,
         choices=SAMPLERS,

@@ -2,6 +2,9 @@
 the UNet batch, exact inversion and gradient parity at 1, 2 and 4 steps, and the CLI taking such a model;
 and the chain a run samples with (EDICT or plain DDIM), a run setting."""
 
+from dataclasses import replace
+from types import SimpleNamespace
+
 import pytest
 import torch
 from diffusers import DDIMScheduler
@@ -292,3 +295,14 @@ def test_the_chain_is_a_run_setting():
     assert preset_values(EMBEDDED_PRESETS["text"])["sampler"] == "ddim"  # the embedded presets' chain
     with pytest.raises(ValueError, match="sampler"):
         run_options(sampler="euler")
+
+
+def test_a_ddim_chain_stores_its_graph_on_small_latents_and_step_inputs_on_large(turbo):
+    """Same gradient either way (test above); the graph saves recomputing each step's forward, step inputs
+    save a large UNet's activations."""
+    settings = DoodlSettings(steps=2)
+    assert turbo.latent_shape()[-1] < 32 and settings.chain(turbo).mode == "autograd"
+    large = SimpleNamespace(latent_shape=lambda height, width: (1, 4, 64, 64))  # SD at 512 px
+    assert settings.chain(large).mode == "checkpoint"
+    assert replace(settings, mode="checkpoint").chain(turbo).mode == "checkpoint"
+    assert settings.chain(turbo, from_photo=True).mode == "reversible"  # a photo's chain is EDICT's

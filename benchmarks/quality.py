@@ -84,6 +84,7 @@ class Task:
     prompt: str
     loss: Loss
     score: Callable[[Image.Image], float]  # the evaluator: a fraction right, 1/0 success, or a rating
+    target: str = ""  # what the guide is asked beyond the prompt, for reports: vocabulary's class
 
 
 @dataclass(frozen=True)
@@ -130,6 +131,7 @@ def vocabulary_task(guides: dict, rng: np.random.Generator) -> Task:
         f"a red {rng.choice(shapes.SHAPES)}",
         guided(guides, "vocabulary", capabilities.Target(target_class=label)),
         lambda image: float(measured_shade(image, "red") == shade),
+        label,
     )
 
 
@@ -376,7 +378,7 @@ class RawStore:
         key = {name: getattr(args, name) for name in RAW_KEYS}
         # An override joins the key only when given: outcomes saved at the presets' stay reusable.
         key |= {name: getattr(args, name) for name in OVERRIDES if getattr(args, name) is not None}
-        key["preset"] = measured_preset(capability).key()
+        key["preset"] = measured_preset(capability).key(from_noise=True)  # every prompt starts from noise
         key["models"] = folder_digest(args.assets)[:16]  # a retrained model or guide
         path = out / "quality-raw" / f"{capability.name}.json"
         saved = json.loads(path.read_text()) if path.is_file() else {}

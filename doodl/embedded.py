@@ -31,10 +31,10 @@ class Preset:
     cutouts: int = CUTOUTS
     one_step_scale: float = 1.0
 
-    def key(self) -> str:
+    def key(self, from_noise: bool = False) -> str:
         """The preset by what it changes from the defaults, for the keys of stored runs: a setting added
-        later, at its default, leaves them valid."""
-        return repr((self.settings.changed(), self.cutouts, self.one_step_scale))
+        later, at its default, leaves them valid. `from_noise`: for runs that never start from a photo."""
+        return repr((self.settings.changed(from_noise), self.cutouts, self.one_step_scale))
 
 
 # The paper's settings (50 steps, 50 iterations, CFG 7.5, clip 1e-3) for any real model.

@@ -59,6 +59,10 @@ class Chain:
     few_steps: bool  # plain DDIM: the pair carries one sample, x_0 = y_0
 
 
+# What only a run from given latents (a photo's) reads: a run from noise is the same whatever they are.
+PHOTO_SETTINGS = ("fidelity", "photo_weight", "photo_strength")
+
+
 @dataclass(frozen=True)
 class DoodlSettings:
     """Defaults are the paper's (Sec. 4) and the official code's `gen()`."""
@@ -159,10 +163,15 @@ class DoodlSettings:
                     f"setting {name}={getattr(self, name)!r} is not one of {', '.join(DECODER_CHECKPOINTING)}"
                 )
 
-    def changed(self) -> dict[str, Any]:
+    def changed(self, from_noise: bool = False) -> dict[str, Any]:
         """The settings that differ from the defaults: what keys of stored runs hold, so that a new setting
-        at its default leaves them valid."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) != f.default}
+        at its default leaves them valid. `from_noise`: without those only a run from a photo reads."""
+        skip = PHOTO_SETTINGS if from_noise else ()
+        return {
+            f.name: getattr(self, f.name)
+            for f in fields(self)
+            if getattr(self, f.name) != f.default and f.name not in skip
+        }
 
     def samples_to_start(self, from_photo: bool) -> int:
         """How many samples a run picks its start from: a photo's inversion is its own start."""

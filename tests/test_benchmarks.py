@@ -43,8 +43,9 @@ SCRIPTS = (
     "steps",
     "samplers",
     "prior",
+    "vocabulary_failures",
 )
-NEEDS_EMBEDDED = ("quality", "examples", "steps", "samplers", "prior")
+NEEDS_EMBEDDED = ("quality", "examples", "steps", "samplers", "prior", "vocabulary_failures")
 MISSING = [a for a in ASSETS if not (EMBEDDED / a).exists()]
 
 

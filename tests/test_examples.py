@@ -97,6 +97,9 @@ def test_stored_runs_are_keyed_by_what_a_preset_changes():
         replace(preset, one_step_scale=1.0),
     ]
     assert len({preset.key(), *(other.key() for other in others)}) == 5
+    # A photo's settings key runs that may start from a photo (the app's examples), not those from noise.
+    held = Preset(replace(preset.settings, fidelity=0.5, photo_strength=1.0), preset.cutouts, 0.3)
+    assert held.key() != preset.key() and held.key(from_noise=True) == preset.key(from_noise=True)
 
 
 def test_the_models_digest_reads_through_linked_folders_and_skips_training_logs(tmp_path):

@@ -43,7 +43,7 @@ PAPER = Preset(DoodlSettings())
 # The embedded model, sized to run on two CPU cores in well under a minute (benchmarks/cost.py):
 # - 20 steps: 10 lose a tenth of the one-object shapes (doodl.world.evaluate --steps 10 / 20);
 # - plain DDIM, 20 iterations: EDICT needs about 30 steps on this model to sample as well as DDIM (at 20 its
-#   unguided images score 0.43 on 30 text prompts against DDIM's 0.64, beauty 7.3 against 7.9:
+#   unguided images score 0.53 on 30 text prompts against DDIM's 0.67, beauty 7.5 against 8.1:
 #   benchmarks/results/samplers.md), and a DDIM iteration (one UNet call a step, its graph stored for the
 #   gradient: a few MB at 8x8) costs about a third of EDICT's (benchmarks/results/unet_call.md). At the
 #   UNet calls of 10 EDICT iterations, the app's method scored (former judge) 0.67 on text (EDICT 0.58),

@@ -73,7 +73,7 @@ class DoodlSettings:
     momentum: float = 0.9  # SGD momentum; Nesterov did not help (paper)
     grad_clip: float = 1e-3  # element-wise gradient clip (official: clip_grad_val)
     # Scale each gradient to an RMS element of grad_clip before the rate and the clip, so that the step no
-    # longer depends on the loss's scale, which varies by prompt: on the embedded guides 0 to 100 % of the
+    # longer depends on the loss's scale, which varies by prompt: on the embedded guides 0 to 82 % of the
     # elements exceed the clip (benchmarks/results/steps.md). Off: the paper's raw gradient; on, the
     # embedded model's evaluators scored the same (benchmarks/results/quality-normalized/).
     normalized: bool = False

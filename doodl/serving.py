@@ -178,7 +178,7 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting("learning_rate", "Learning rate", float, lambda p: p.settings.learning_rate, "paper: 1", row=1),
     # Elements above the clip step by the clip, the rest by rate x gradient; on the embedded guides, from 0 to
-    # 100 % of them are above it, by prompt (benchmarks/results/steps.md).
+    # 82 % of them are above it, by prompt (benchmarks/results/steps.md).
     Setting(
         "grad_clip",
         "Gradient clip",

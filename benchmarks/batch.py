@@ -84,7 +84,7 @@ def main() -> None:
                 else f"the text tab's preset ({preset()}). "
             )
             + "Best-of-N draws as many unguided samples as DOODL's UNet calls pay for and keeps the one CLIP "
-            "prefers. "
+            "prefers; a backward pass through a call counts as one more call. "
             "loss: the guide's (CLIP's spherical distance to the caption, on the pair's own views); "
             "world-judge: the fraction of the caption's colors, shapes and relation the pixels show, "
             "read by the world's rule-based judge (held out: it never guided anything).",

@@ -11,16 +11,17 @@ embedded model.
 By default every setting is the app's for that capability (`doodl.embedded.EMBEDDED_PRESETS`: steps,
 iterations, CFG, gradient clip, crops, one-step scale), so the figures describe what a visitor sees.
 
-Per prompt, from the same initial latents: the unguided EDICT sample, one-step guidance, and DOODL (the
-image of lowest guidance loss over its iterations). On the first --matched-n prompts also two uses of
-random search (`doodl.optimize.best_of_samples`), each candidate picked by the same guidance loss: best of
-K unguided samples, with K chosen so that they make as many UNet calls as DOODL (`matched_k`; the first
-candidate is the prompt's own seed), and DOODL started from the best of --start-k samples, which costs
-those samples' calls on top of DOODL's. Each guided method's strength (one-step scale, DOODL's
-element-wise gradient clip, which sets its step) is the preset's; `--tune` chooses them per capability by
-each method's own guidance loss on pilot prompts, prints them and stops: the presets hold what it chose. Every
-image is scored by a rule-based evaluator, never by the model that guided it; each final image is saved
-beside its outcome, so that a mended evaluator scores them again (`--rescore`) without running anything.
+Per prompt, from the same initial latents: the unguided EDICT sample, one-step guidance, and DOODL (the image
+of lowest guidance loss over its iterations). On the first --matched-n prompts also two uses of random search
+(`doodl.optimize.best_of_samples`), each candidate picked by the same guidance loss: best of K unguided
+samples, with K chosen so that they make as many UNet calls as DOODL (`matched_k`; a backward pass through a
+call counts as one more call; the first candidate is the prompt's own seed), and DOODL started from the best
+of --start-k samples, which costs those samples' calls on top of DOODL's. Each guided method's strength
+(one-step scale, DOODL's element-wise gradient clip, which sets its step) is the preset's; `--tune` chooses
+them per capability by each method's own guidance loss on pilot prompts, prints them and stops: the presets
+hold what it chose. Every image is scored by a rule-based evaluator, never by the model that guided it; each
+final image is saved beside its outcome, so that a mended evaluator scores them again (`--rescore`) without
+running anything.
 """
 
 from __future__ import annotations
@@ -180,7 +181,7 @@ CAPABILITIES = (
 def counted(model: LatentDiffusion, run: Callable[[], Image.Image]) -> tuple[Image.Image, int]:
     with count_unet_calls(model.unet) as calls:
         image = run()
-    return image, calls.calls
+    return image, calls.passes  # a backward through a call counts as one more call
 
 
 def image_loss(task: Task, image: Image.Image) -> float:
@@ -558,8 +559,9 @@ def arguments() -> argparse.Namespace:
     p.add_argument(
         "--matched-n", type=int, default=10, help="prompts that also get the two random-search runs"
     )
-    # 4 samples cost 4 x 40 = 160 UNet calls at the presets' 20 steps, a fifth of DOODL's 800: cheap next to
-    # it (issue #17), and enough to leave the worst starts behind.
+    # 4 samples cost 4 x 20 = 80 UNet calls at the presets' 20 DDIM steps, a tenth of DOODL's 800 (20
+    # iterations of 20 calls and their backward passes): cheap next to it (issue #17), and enough to leave
+    # the worst starts behind.
     p.add_argument("--start-k", type=int, default=4, help="samples DOODL's start is picked from")
     p.add_argument("--steps", type=int, help="EDICT steps (default: each capability's preset)")
     p.add_argument("--iterations", type=int, help="DOODL iterations (default: each capability's preset)")

@@ -123,7 +123,7 @@ def finished(out: Path, method: str, job: Job) -> dict[str, Any] | None:
 class Made:
     image: Image.Image
     loss: float  # the guide's, on the final image, with the pair's own views: comparable across methods
-    calls: int  # UNet calls spent
+    calls: int  # UNet calls spent, a backward through a call counted as one more (`UnetCalls.passes`)
     extra: dict[str, Any]
 
 
@@ -173,7 +173,7 @@ class Runner:
                 }
             else:
                 image, extra = self.best_of_n(job, target, settings, n)
-        return Made(image, self.judged(job, target, image), calls.calls, extra)
+        return Made(image, self.judged(job, target, image), calls.passes, extra)
 
     def best_of_n(
         self, job: Job, target: Target, settings: DoodlSettings, n: int
@@ -193,7 +193,7 @@ class Runner:
             x, y = initial_latents(self.model, settings)
             with count_unet_calls(self.model.unet) as calls, torch.no_grad():
                 settings.denoise(eps, x, y, self.model)
-            self.per_sample = calls.calls
+            self.per_sample = calls.passes
         return self.per_sample
 
 

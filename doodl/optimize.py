@@ -529,4 +529,4 @@ def best_of_samples(
             with torch.no_grad():
                 losses.append(float(loss(to_tensor(images[-1], images[-1].size))))
     chosen = min(range(k), key=losses.__getitem__)
-    return BestOf(images[chosen], chosen, seeds, tuple(losses), calls.calls)
+    return BestOf(images[chosen], chosen, seeds, tuple(losses), calls.passes)

@@ -437,6 +437,13 @@ class UnetCalls:
     grad_calls: int = 0  # calls made with autograd on, i.e. that a backward pass goes through
     latents: int = 0  # latents evaluated, summed over batches: a cond + uncond batch counts two
 
+    @property
+    def passes(self) -> int:
+        """Forward calls and the backward passes through them, one each: the UNet work matched compute
+        compares, whether a gradient recomputes its forwards or stores them. A backward costs about two
+        forwards, so a guided run is still undercounted."""
+        return self.calls + self.grad_calls
+
 
 @contextmanager
 def count_unet_calls(unet: torch.nn.Module) -> Iterator[UnetCalls]:

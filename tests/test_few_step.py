@@ -23,7 +23,7 @@ from doodl import (
 from doodl.__main__ import main
 from doodl.edict import FEW_STEPS, ddim_denoise, ddim_step
 from doodl.embedded import EMBEDDED_PRESETS
-from doodl.pipeline import PromptEmbeds, load_pipeline
+from doodl.pipeline import PromptEmbeds, count_unet_calls, load_pipeline
 from doodl.serving import preset_values, run_options
 from doodl.tiny import save_tiny_turbo_pipeline
 
@@ -306,3 +306,16 @@ def test_a_ddim_chain_stores_its_graph_on_small_latents_and_step_inputs_on_large
     assert settings.chain(large).mode == "checkpoint"
     assert replace(settings, mode="checkpoint").chain(turbo).mode == "checkpoint"
     assert settings.chain(turbo, from_photo=True).mode == "reversible"  # a photo's chain is EDICT's
+
+
+def test_matched_compute_counts_the_backward_through_each_call(turbo):
+    """Storing a DDIM chain's graph makes half the forward calls of recomputing it, not half the UNet work:
+    random search at matched compute gets the samples of forward calls plus backward passes."""
+    eps = turbo.noise_predictor(turbo.encode_prompt(PROMPT), 1.0)
+    x, y = initial_latents(turbo, DoodlSettings(seed=2))
+    schedule, counted = edict_schedule(turbo.scheduler, 4), {}
+    for mode in ("autograd", "checkpoint"):
+        with count_unet_calls(turbo.unet) as counted[mode]:
+            latent_grad(eps, x, y, schedule, decode_pair_loss(turbo), mode, ddim_step)
+    assert (counted["autograd"].calls, counted["autograd"].passes) == (4, 8)
+    assert (counted["checkpoint"].calls, counted["checkpoint"].passes) == (8, 12)

@@ -89,7 +89,7 @@ def test_quality_methods_sample_the_whole_chain_from_the_seeds_noise(runs):
     for path in saved:
         for prompt in json.loads(path.read_text())["prompts"]:
             calls = {method: outcome["calls"] for method, outcome in prompt.items()}
-            assert calls["one-step"] == calls["unguided"]
+            assert calls["one-step"] == 2 * calls["unguided"]  # each call, and the backward through it
             assert calls[STARTED] == 2 * calls["unguided"] + calls["DOODL"]  # --quick starts from 2 samples
 
 

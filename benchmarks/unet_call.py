@@ -128,12 +128,12 @@ def main() -> None:
     steps, ddim = PRESET.steps, PRESET.few_step_chain()
     # DDIM (the presets' chain, its graph stored on these latents): a step is one forward with its VJP.
     # EDICT's reversible pass: two forwards a step, then two again with their VJPs.
-    vjp_calls = steps * (1 if ddim else 2)
+    forwards, vjps = (0, steps) if ddim else (2 * steps, 2 * steps)
     rows, results = [], {}
     for compiled in (False,) if args.no_compile else (False, True):
         label = "compiled" if compiled else "eager"
         ms = results[label] = measure(model, eps, latents, args.calls, compiled)
-        unet_s = vjp_calls * ms["forward+VJP"] / 1000 + (0 if ddim else steps * 2 * ms["forward"] / 1000)
+        unet_s = (forwards * ms["forward"] + vjps * ms["forward+VJP"]) / 1000
         rows.append(
             [
                 name,

@@ -48,6 +48,7 @@ from doodl.showcase import (
     example_request,
     run,
 )
+from doodl.world.models import CLASSIFIER_OTHER
 from doodl.world.shapes import PALETTE, SHADE_NAMES
 
 try:  # On a Hugging Face ZeroGPU Space, `spaces.GPU` lends a GPU to each run; elsewhere nothing is needed.
@@ -460,13 +461,17 @@ def text_guidance_tab(tab: Tab) -> None:
 
 
 def shade_swatches() -> str:
-    """The embedded classifier's four shades of red, as colored squares with their names (HTML)."""
+    """The embedded classifier's four shades of red, as colored squares with their names, and its fifth
+    class (HTML)."""
     cells = [
         f'<span style="display:inline-block;margin-right:1em"><span style="display:inline-block;'
         f'width:1.2em;height:1.2em;vertical-align:middle;background:rgb{rgb}"></span> {name}</span>'
         for name, rgb in zip(SHADE_NAMES["red"], PALETTE["red"])
     ]
-    return "<div>The embedded classifier's shades of red: " + "".join(cells) + "</div>"
+    return (
+        "<div>The embedded classifier's shades of red: " + "".join(cells) + f"and <i>{CLASSIFIER_OTHER}</i> "
+        "(any other color)</div>"
+    )
 
 
 def vocabulary_tab(tab: Tab) -> None:

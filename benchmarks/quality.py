@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import re
 import statistics
@@ -380,7 +381,7 @@ class RawStore:
         # An override joins the key only when given: outcomes saved at the presets' stay reusable.
         key |= {name: getattr(args, name) for name in OVERRIDES if getattr(args, name) is not None}
         key["preset"] = measured_preset(capability).key(from_noise=True)  # every prompt starts from noise
-        key["models"] = folder_digest(args.assets)[:16]  # a retrained model or guide
+        key["models"] = capability_models_digest(args.assets, capability.name)  # a retrained model or guide
         path = out / "quality-raw" / f"{capability.name}.json"
         saved = json.loads(path.read_text()) if path.is_file() else {}
         prompts = saved.get("prompts", []) if saved.get("key") == key else []
@@ -540,17 +541,31 @@ def write_tuning(out: Path, args, model, guides, chosen: list[Capability]) -> No
     (out / f"{name}.md").write_text("\n".join(lines) + "\n")
 
 
+def guide_paths(assets: Path) -> dict[str, Path]:
+    """The embedded guides' files or folders, by role."""
+    return {
+        "clip": assets / "clip",
+        "classifier": assets / "classifier",
+        "aesthetic_clip": assets / "clip",
+        "aesthetic_head": assets / "aesthetic" / "aesthetic_head.safetensors",
+    }
+
+
 def load_guides(assets: Path, device: str) -> dict:
     """Every capability's guides, by role, loaded as the app and the command line load them."""
-    clip = str(assets / "clip")
-    models = {
-        "clip": clip,
-        "classifier": str(assets / "classifier"),
-        "aesthetic_clip": clip,
-        "aesthetic_head": str(assets / "aesthetic" / "aesthetic_head.safetensors"),
-    }
+    models = {role: str(path) for role, path in guide_paths(assets).items()}
     losses = [capability.losses[0] for capability in capabilities.CAPABILITIES.values()]
     return capabilities.load_guides(losses, models, partial(capabilities.load_guide, device=device))
+
+
+def capability_models_digest(assets: Path, capability: str) -> str:
+    """The generator's and the capability's own guides' content: retraining one guide leaves the saved
+    outcomes of capabilities that do not use it valid."""
+    roles = capabilities.loss_kind(capabilities.CAPABILITIES[capability].losses[0]).guides
+    paths = dict.fromkeys([assets / "sd", *(guide_paths(assets)[role] for role in roles)])
+    return hashlib.sha256(
+        "".join(folder_digest(path if path.is_dir() else path.parent) for path in paths).encode()
+    ).hexdigest()[:16]
 
 
 def arguments() -> argparse.Namespace:

@@ -66,7 +66,7 @@ PAPER = Preset(DoodlSettings())
 # - from a photo, vocabulary and personalization (whose guides ask for another look of an object) keep its
 #   latents within half the trust region of the others (fidelity 0.995, DoodlSettings' 0.99): on 10 photos
 #   each the scene stayed on 9 of 10 (8 at 0.99; the vocabulary photo lost is lost by its EDICT
-#   reconstruction already), the guide's loss fell by 0.61 and 0.04 (0.73 and 0.05 at 0.99)
+#   reconstruction already), the guide's loss fell by 0.57 and 0.04 (0.68 and 0.05 at 0.99)
 #   (benchmarks/results/photo-defaults/).
 _EMBEDDED_BASE = DoodlSettings(steps=20, iterations=20, guidance_scale=4.0, start_samples=4, sampler="ddim")
 EMBEDDED_PRESETS = {
@@ -88,7 +88,7 @@ EXAMPLES = {
         ["a blue triangle below a cyan square", 6074],
         ["a purple triangle left of a red triangle", 8920],
     ],
-    "vocabulary": [["a red circle", "maroon", 1528], ["a red circle", "rose", 2542]],
+    "vocabulary": [["a red star", "scarlet", 3338], ["a red square", "maroon", 4814]],
     "personalization": [
         ["a triangle", [str(EXAMPLE_IMAGES / f"personalization-24-{k}.png") for k in range(3)], 693],
         ["a square", [str(EXAMPLE_IMAGES / f"personalization-26-{k}.png") for k in range(3)], 6054],
@@ -106,10 +106,10 @@ EXAMPLE_NOTES = {
         "the purple triangle at the left, as the caption says. One-step guidance changes nothing.",
     ],
     "vocabulary": [
-        "Unguided (the best of 4 samples), the circle is crimson; DOODL darkens it to maroon. One-step "
-        "guidance breaks the image.",
-        "Unguided (the best of 4 samples), a crimson circle on a pale ground; DOODL turns it rose, a pale "
-        "pink no caption names, on a dark ground. One-step guidance breaks the image.",
+        "Unguided (the best of 4 samples), a crimson star; DOODL turns it scarlet, an orange red no caption "
+        "names. One-step guidance leaves it crimson.",
+        "Unguided (the best of 4 samples), a crimson square; DOODL darkens it to maroon. One-step guidance "
+        "breaks the image.",
     ],
     "personalization": [
         "The references: a dark red triangle. Unguided (the best of 4 samples), a pink triangle; DOODL turns "

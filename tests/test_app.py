@@ -38,7 +38,7 @@ from doodl.tiny import (
     save_tiny_pipeline,
 )
 
-LABELS = ("maroon", "crimson", "scarlet", "rose")  # the embedded classifier's, so tests read the same
+LABELS = ("maroon", "crimson", "scarlet", "rose", "not red")  # the embedded classifier's labels
 # Enough to go through every code path (an SGD update, the comparison) in seconds.
 FAST = {"steps": 2, "iterations": 2, "cutouts": 2, "seed": 0, "compare": False}
 

@@ -180,8 +180,9 @@ def test_quality_verdict_compares_doodl_from_the_best_start_with_every_other_met
 
 def test_quality_outcomes_are_saved_per_prompt_and_reused_only_with_the_same_settings(tmp_path):
     assets = tmp_path / "assets"
-    assets.mkdir()
-    (assets / "weights.bin").write_bytes(b"one")
+    for part in ("sd", "clip", "classifier", "aesthetic"):
+        (assets / part).mkdir(parents=True)
+        (assets / part / "weights.bin").write_bytes(b"one")
     overrides = dict.fromkeys(OVERRIDES)
     args = SimpleNamespace(steps=None, iterations=None, seed=2024, start_k=4, assets=assets, **overrides)
     capability = CAPABILITIES[2]
@@ -211,7 +212,13 @@ def test_quality_outcomes_are_saved_per_prompt_and_reused_only_with_the_same_set
         assert (
             RawStore.open(tmp_path, capability, SimpleNamespace(**{**vars(args), **override})).prompts == []
         )
-    (assets / "weights.bin").write_bytes(b"two")  # retrained weights: nothing is reused
+    assert capability.name == "personalization"  # guided by CLIP alone
+    (assets / "classifier" / "weights.bin").write_bytes(b"two")  # a guide it does not use, retrained
+    assert RawStore.open(tmp_path, capability, args).partial(0) == first | searched
+    (assets / "clip" / "weights.bin").write_bytes(b"two")  # its guide retrained: nothing is reused
+    assert RawStore.open(tmp_path, capability, args).prompts == []
+    RawStore.open(tmp_path, capability, args).save(0, first)
+    (assets / "sd" / "weights.bin").write_bytes(b"two")  # the generator retrained: nothing is reused
     assert RawStore.open(tmp_path, capability, args).prompts == []
 
 

@@ -16,9 +16,9 @@ from doodl.world.train import TrainSettings, classifier_data
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
-def red_objects(n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Renders of single objects in the classifier's color, in [0, 1], with their shade indices; drawn
-    from a seed the classifier's training never used."""
+def classifier_renders(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Renders of single objects, in [0, 1], with their classes (a shade of red, or not red); drawn from a
+    seed the classifier's training never used."""
     images, labels = classifier_data(TrainSettings(seed=11, classifier_images=n))
     return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255, torch.from_numpy(labels)
 
@@ -28,7 +28,7 @@ def test_embedded_guides_load_through_the_loaders_and_resist_invisible_changes()
     head = load_aesthetic_head(embedded.AESTHETIC_HEAD)
     classifier = load_classifier(embedded.CLASSIFIER)
     assert clip.image_size == 64 and head.in_features == clip.model.visual.output_dim
-    pixels, labels = red_objects(48)
+    pixels, labels = classifier_renders(48)
     # An attack inside the 8/255 ball flips a classifier trained on clean renders nearly always (2 % of
     # held-out renders survive it); the shipped, adversarially trained one keeps its answers.
     clean, attacked = robust.accuracy(classifier.logits, pixels, labels, torch.Generator().manual_seed(0))

@@ -89,7 +89,7 @@ class TrainSettings:
     clip_compositions: int = 32  # freely composed scenes per batch, captioned with where and how big
     clip_probe_weight: float = 0.5
     clip_init: str = ""  # a saved CLIP folder to continue training from
-    # Shade classifier on single red objects.
+    # Shade classifier on single objects: the shades of red, and "not red".
     classifier_steps: int = 600
     classifier_batch: int = 64
     classifier_lr: float = 2e-3
@@ -700,17 +700,22 @@ def stage_robust_clip(s: TrainSettings, log: Log) -> None:
 
 
 def classifier_data(s: TrainSettings) -> tuple[np.ndarray, np.ndarray]:
-    """Single objects of the classifier's color in every shade, on the world's backgrounds."""
+    """Single objects on the world's backgrounds, as many of each class: the classifier's color in each of
+    its shades, and any other color in any shade (the last class)."""
     rng = np.random.default_rng(s.seed + 4)
+    others = [c for c in shapes.COLORS if c != models.CLASSIFIER_COLOR]
     scenes, labels = [], []
     while len(scenes) < s.classifier_images:
         scene = shapes.random_scene(rng, 1)
-        shade = int(rng.integers(4))
-        obj = dataclasses.replace(scene.objects[0], color=models.CLASSIFIER_COLOR, shade=shade)
-        color = shapes.PALETTE[obj.color][shade]
-        if shapes.contrast(color, scene.background) >= shapes.MIN_CONTRAST:
+        label = int(rng.integers(len(models.CLASSIFIER_LABELS)))
+        if label < len(models.CLASSIFIER_LABELS) - 1:
+            color, shade = models.CLASSIFIER_COLOR, label
+        else:
+            color, shade = str(rng.choice(others)), int(rng.integers(4))
+        obj = dataclasses.replace(scene.objects[0], color=color, shade=shade)
+        if shapes.contrast(shapes.PALETTE[color][shade], scene.background) >= shapes.MIN_CONTRAST:
             scenes.append(dataclasses.replace(scene, objects=(obj,)))
-            labels.append(shade)
+            labels.append(label)
     return shapes.render_dataset(scenes), np.array(labels)
 
 

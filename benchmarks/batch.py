@@ -4,6 +4,7 @@ from the pixels and knows nothing of the guide).
 
     python -m benchmarks.batch                   # 12 captions, 2 processes through accelerate
     python -m benchmarks.batch --n 4 --quick     # a smoke run (2 steps, 1 iteration)
+    python -m benchmarks.batch --n 12 --processes 1 --iterations 30 --out benchmarks/results/batch-30
 
 It runs `python -m doodl batch` (sharded by `accelerate launch` when --processes > 1) at the text tab's
 preset, then `--summarize --score world-judge`, and writes benchmarks/results/batch.md and .png.
@@ -34,19 +35,22 @@ def captions(n: int, seed: int = CAPTION_SEED) -> list[str]:
     return [shapes.caption(shapes.random_scene(rng, 2)) for _ in range(n)]
 
 
-def preset() -> str:
+def preset(iterations: int | None = None) -> str:
     text = EMBEDDED_PRESETS["text"]
     s = text.settings
     chain = "DDIM" if s.sampler == "ddim" else "EDICT"
     return (
-        f"{s.steps} {chain} steps, {s.iterations} iterations, clip {s.grad_clip:g}, "
+        f"{s.steps} {chain} steps, {iterations or s.iterations} iterations, clip {s.grad_clip:g}, "
         f"CFG {s.guidance_scale:g}, {text.cutouts} views; one-step scale {text.one_step_scale:g}"
     )
 
 
-def batch_command(prompts: Path, out: Path, processes: int, quick: bool) -> list[str]:
+def batch_command(
+    prompts: Path, out: Path, processes: int, quick: bool, iterations: int | None = None
+) -> list[str]:
     run = ["-m", "doodl.batch", str(prompts), "--out", str(out), "--loss", "clip-text"]
     run += ["--steps", "2", "--iterations", "1", "--cutouts", "2"] if quick else []
+    run += ["--iterations", str(iterations)] if iterations and not quick else []
     if processes == 1:
         return [sys.executable, *run]
     accelerate = str(Path(sys.executable).parent / "accelerate")
@@ -58,14 +62,16 @@ def main() -> None:
     p = parser(__doc__)
     p.add_argument("--n", type=int, default=12, help="captions")
     p.add_argument("--processes", type=int, default=2, help="processes, one thread each")
+    p.add_argument("--iterations", type=int, help="DOODL iterations (default: the text preset's)")
     args = p.parse_args()
     results = start(args)
-    raw = results / "batch-raw" if args.quick else ROOT / "out" / "batch-world"
+    world = "batch-world" + (f"-{args.iterations}" if args.iterations else "")
+    raw = results / "batch-raw" if args.quick else ROOT / "out" / world
     raw.mkdir(parents=True, exist_ok=True)
     prompts = raw / "prompts.txt"
     prompts.write_text("\n".join(captions(args.n)) + "\n")
     environment = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(ROOT)}
-    command = batch_command(prompts, raw, args.processes, args.quick)
+    command = batch_command(prompts, raw, args.processes, args.quick, args.iterations)
     print(" ".join(command), flush=True)
     subprocess.run(command, check=True, env=environment, cwd=ROOT)
     table, _, note = summarize(raw, ["world-judge"]).read_text().strip().partition("\n\n")
@@ -75,13 +81,14 @@ def main() -> None:
             "# Batch: unguided, one-step, DOODL and best-of-N at matched compute (embedded world)",
             machine() + f" {processes}, {args.threads} thread each.",
             f"`python -m benchmarks.batch --n {args.n} --processes {args.processes}"
+            + (f" --iterations {args.iterations}" if args.iterations else "")
             + (" --quick" if args.quick else "")
             + "`: "
             f"{args.n} held-out two-object captions (seed {CAPTION_SEED}), seed 0, "
             + (
                 "2 steps, 1 iteration, 2 views (smoke run). "
                 if args.quick
-                else f"the text tab's preset ({preset()}). "
+                else f"the text tab's preset ({preset(args.iterations)}). "
             )
             + "Best-of-N draws as many unguided samples as DOODL's UNet calls pay for and keeps the one CLIP "
             "prefers; a backward pass through a call counts as one more call. "

@@ -33,6 +33,11 @@ def test_embedded_guides_load_through_the_loaders_and_resist_invisible_changes()
     # held-out renders survive it); the shipped, adversarially trained one keeps its answers.
     clean, attacked = robust.accuracy(classifier.logits, pixels, labels, torch.Generator().manual_seed(0))
     assert clean >= 0.95 and attacked >= 0.85
+    # An object of another color is "not red", not the nearest shade: DOODL cannot reach a shade by
+    # turning the object yellow.
+    other = labels == classifier.class_index("not red")
+    with torch.no_grad():
+        assert other.sum() >= 5 and (classifier.logits(pixels[other]).argmax(1) == labels[other]).all()
 
 
 def test_app_and_command_line_use_the_same_settings_per_capability(tiny_folder):

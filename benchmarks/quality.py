@@ -72,6 +72,7 @@ from doodl.world import judge, shapes
 # The arguments a capability's saved outcomes depend on (with its preset and the models' contents). Not
 # --n or --matched-n: prompt i's outcomes are the same whatever they are, so a run extends a smaller one.
 RAW_KEYS = ("steps", "iterations", "seed", "start_k")
+SEED = 2024  # the tasks' generator: capability k's prompts are drawn from SEED + k
 # Of the presets', to measure a lever.
 OVERRIDES = ("clip", "guidance_scale", "normalized", "learning_rate", "sampler")
 
@@ -596,7 +597,7 @@ def arguments() -> argparse.Namespace:
         "--clips", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2, 3e-2, 0.1], help="DOODL gradient clips"
     )
     p.add_argument("--pilot", type=int, default=3, help="prompts that choose the strengths")
-    p.add_argument("--seed", type=int, default=2024)
+    p.add_argument("--seed", type=int, default=SEED)
     p.add_argument(
         "--methods", nargs="+", choices=METHODS, default=METHODS, help="methods to run (default: all)"
     )

@@ -19,7 +19,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from benchmarks.common import EMBEDDED, markdown_table, parser, start, write_report
-from benchmarks.quality import CAPABILITIES, load_guides, mean_and_error, measured_preset
+from benchmarks.quality import CAPABILITIES, SEED, load_guides, mean_and_error, measured_preset
 from doodl import load_pipeline, sample
 
 CHAINS = (
@@ -53,7 +53,7 @@ def scores(model, guides, index: int, chains, n: int, seed: int) -> dict[tuple[s
 def main() -> None:
     p = parser(__doc__)
     p.add_argument("--n", type=int, default=30, help="prompts per capability")
-    p.add_argument("--seed", type=int, default=2024, help="the quality benchmark's")
+    p.add_argument("--seed", type=int, default=SEED, help="the quality benchmark's")
     args = p.parse_args()
     chains = CHAINS if not args.quick else (("edict", 3), ("ddim", 3))
     if args.quick:

@@ -17,7 +17,7 @@ import torch
 from matplotlib.figure import Figure
 
 from benchmarks.common import EMBEDDED, markdown_table, parser, start, write_report
-from benchmarks.quality import CAPABILITIES, OVERRIDES, load_guides, settings_for
+from benchmarks.quality import CAPABILITIES, OVERRIDES, SEED, load_guides, settings_for
 from doodl import latent_grad, load_pipeline
 from doodl.optimize import conditioning, final_loss, initial_latents
 
@@ -43,7 +43,7 @@ def main() -> None:
     # What quality.settings_for reads: the presets' own settings.
     for name in ("steps", "iterations", *OVERRIDES):
         setattr(args, name, None)
-    args.seed = 2024
+    args.seed = SEED
     if args.quick:
         args.n, args.steps = 1, 3
     out = start(args)

@@ -26,7 +26,6 @@ from benchmarks.evaluators import nearest_shade, segments
 from benchmarks.quality import CAPABILITIES, STARTED, RawStore, load_guides
 
 LOW_LOSS = 0.1  # cross-entropy: the classifier gives the target class more than 90 %
-SEED = 2024  # the quality benchmark's
 
 
 def read(path: Path) -> str:
@@ -42,8 +41,10 @@ def read(path: Path) -> str:
 def failures(raw: Path, n: int) -> list[list[str]]:
     """A row per prompt of the first n where the app's method scored 0."""
     index = [c.name for c in CAPABILITIES].index("vocabulary")
-    guides, rng = load_guides(EMBEDDED, "cpu"), np.random.default_rng(SEED + index)
-    prompts = json.loads((raw / "vocabulary.json").read_text())["prompts"]
+    saved = json.loads((raw / "vocabulary.json").read_text())
+    prompts = saved["prompts"]
+    # The tasks are drawn again as the run drew them, from the seed it was made with.
+    guides, rng = load_guides(EMBEDDED, "cpu"), np.random.default_rng(saved["key"]["seed"] + index)
     store = RawStore(raw / "vocabulary.json", {}, prompts)
     rows = []
     for i, outcomes in enumerate(prompts[:n]):

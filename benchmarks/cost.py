@@ -94,7 +94,7 @@ def unet_calls(pb: Problem, steps: int) -> list[list[object]]:
     """Rows: UNet calls (all, with autograd on, latents evaluated) of a sample and of each mode."""
     rows = []
     for name, run in runs(pb, steps).items():
-        with count_unet_calls(pb.model.unet) as n:
+        with count_unet_calls(pb.model.denoiser) as n:
             run()
         rows.append([steps, name, n.calls, n.grad_calls, n.latents, official_calls(name, steps)])
     return rows

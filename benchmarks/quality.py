@@ -181,7 +181,7 @@ CAPABILITIES = (
 
 
 def counted(model: LatentDiffusion, run: Callable[[], Image.Image]) -> tuple[Image.Image, int]:
-    with count_unet_calls(model.unet) as calls:
+    with count_unet_calls(model.denoiser) as calls:
         image = run()
     return image, calls.passes  # a backward through a call counts as one more call
 

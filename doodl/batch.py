@@ -156,7 +156,7 @@ class Runner:
         settings = replace(self.settings, seed=job.seed)
         if method == "best-of-n":  # before counting: sizing it is no part of its cost
             n = self.best_of or matched_k(doodl_calls or 0, self.sample_calls(job, settings))
-        with count_unet_calls(self.model.unet) as calls:
+        with count_unet_calls(self.model.denoiser) as calls:
             if method == "unguided":
                 image, extra = sample(self.model, job.prompt, settings), {}
             elif method == "one-step":
@@ -191,7 +191,7 @@ class Runner:
         if self.per_sample is None:
             eps = conditioning(self.model, job.prompt, settings)
             x, y = initial_latents(self.model, settings)
-            with count_unet_calls(self.model.unet) as calls, torch.no_grad():
+            with count_unet_calls(self.model.denoiser) as calls, torch.no_grad():
                 settings.denoise(eps, x, y, self.model)
             self.per_sample = calls.passes
         return self.per_sample

@@ -1,31 +1,38 @@
-"""EDICT: exactly invertible DDIM sampling with two coupled latents (Wallace et al., CVPR 2023).
+"""EDICT: exactly invertible sampling with two coupled latents (Wallace et al., CVPR 2023).
 
 Each step is two additive coupling half-steps and a mixing layer (Eq. 5); `edict_unstep` is its exact
-mirror (Eq. 6). Every function here is a pure function of a noise predictor `eps(latents, t)`, so the
-same code samples, inverts real images and rebuilds inputs during the reversible backward pass.
+mirror (Eq. 6). Every function here is a pure function of a predictor `eps(latents, t)`, so the same code
+samples, inverts real images and rebuilds inputs during the reversible backward pass.
+
+A half-step is affine in the latent it updates, `x' = a x + b f(y, t)`, and the coupling needs nothing
+else: DDIM's coefficients on a noise prediction (`edict_schedule`) and a flow's Euler step on a velocity,
+a = 1 and b = sigma_next - sigma (`flow_schedule`), run through the same functions.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-from diffusers import DDIMScheduler
+from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 
-# eps(latents, t) -> predicted noise, in the latents' dtype. The sampler is written against this callable
-# alone, so that it never depends on how a model is loaded (doodl.pipeline builds one).
-NoisePredictor = Callable[[torch.Tensor, int], torch.Tensor]
+# A model's timestep: an integer of a DDIM schedule, or a flow's noise level times its training timesteps.
+Timestep = int | float
+# eps(latents, t) -> the model's prediction (noise, or a flow's velocity), in the latents' dtype. The
+# sampler is written against this callable alone, so that it never depends on how a model is loaded
+# (doodl.pipeline and doodl.flow build one).
+NoisePredictor = Callable[[torch.Tensor, Timestep], torch.Tensor]
 Pair = tuple[torch.Tensor, torch.Tensor]
 
 
 @dataclass(frozen=True)
 class EdictSchedule:
-    """Timesteps and the DDIM coefficients a_t, b_t of every step, computed once."""
+    """Timesteps and the coefficients a_t, b_t of every step's half-steps `a x + b f(y, t)`, computed once."""
 
-    timesteps: tuple[int, ...]  # descending: the order of denoising
-    a: tuple[float, ...]  # sqrt(abar_prev / abar_t)
-    b: tuple[float, ...]  # sqrt(1 - abar_prev) - sqrt(abar_prev (1 - abar_t) / abar_t)
+    timesteps: tuple[Timestep, ...]  # descending: the order of denoising
+    a: tuple[float, ...]  # DDIM: sqrt(abar_prev / abar_t); flow: 1
+    b: tuple[float, ...]  # DDIM: sqrt(1 - abar_prev) - sqrt(abar_prev (1 - abar_t) / abar_t); flow: ds
     p: float  # mixing weight
     leapfrog: bool  # alternate which latent of the pair is updated first
 
@@ -49,10 +56,7 @@ def edict_schedule(
     scheduler: DDIMScheduler, steps: int = 50, p: float = 0.93, leapfrog: bool = True
 ) -> EdictSchedule:
     """The EDICT schedule for `steps` denoising steps of a DDIM noise schedule."""
-    if not isinstance(steps, int) or steps <= 0:
-        raise ValueError(f"steps must be a positive integer, got {steps!r}")
-    if not 0 < p <= 1:
-        raise ValueError(f"the mixing weight p must be in (0, 1], got {p}")
+    check_steps(steps, p)
     if steps > scheduler.config.num_train_timesteps:
         raise ValueError(f"steps must be at most {scheduler.config.num_train_timesteps}, got {steps}")
     timesteps = sampling_timesteps(scheduler, steps)
@@ -69,6 +73,40 @@ def edict_schedule(
         a.append(float((abar_prev / abar_t).sqrt()))
         b.append(float((1 - abar_prev).sqrt() - (abar_prev * (1 - abar_t) / abar_t).sqrt()))
     return EdictSchedule(timesteps=timesteps, a=tuple(a), b=tuple(b), p=p, leapfrog=leapfrog)
+
+
+def flow_schedule(
+    scheduler: FlowMatchEulerDiscreteScheduler,
+    steps: int,
+    p: float = 0.93,
+    leapfrog: bool = True,
+    sigmas: Sequence[float] | None = None,
+    mu: float | None = None,
+) -> EdictSchedule:
+    """The coupled schedule of `steps` Euler steps of a flow-matching scheduler: x' = x + (s' - s) v(x, t).
+
+    The noise levels are the scheduler's own for the arguments its pipeline passes: `sigmas` before the
+    shift (FLUX: evenly spaced from 1 to 1/steps; SD3: the scheduler's default), `mu` the resolution-
+    dependent shift of a scheduler that asks for one (`use_dynamic_shifting`, FLUX.1-dev).
+    """
+    check_steps(steps, p)
+    flow = FlowMatchEulerDiscreteScheduler.from_config(scheduler.config)  # set_timesteps mutates it
+    flow.set_timesteps(steps, sigmas=None if sigmas is None else list(sigmas), mu=mu)
+    levels = flow.sigmas.tolist()  # steps + 1 noise levels, the last 0
+    return EdictSchedule(
+        timesteps=tuple(flow.timesteps.tolist()),
+        a=(1.0,) * steps,
+        b=tuple(after - before for before, after in zip(levels, levels[1:])),
+        p=p,
+        leapfrog=leapfrog,
+    )
+
+
+def check_steps(steps: int, p: float) -> None:
+    if not isinstance(steps, int) or steps <= 0:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    if not 0 < p <= 1:
+        raise ValueError(f"the mixing weight p must be in (0, 1], got {p}")
 
 
 def sampling_timesteps(scheduler: DDIMScheduler, steps: int) -> tuple[int, ...]:
@@ -151,14 +189,15 @@ FEW_STEPS = 10
 
 
 def ddim_step(eps: NoisePredictor, x: torch.Tensor, y: torch.Tensor, s: EdictSchedule, i: int) -> Pair:
-    """Step i of plain DDIM (eta 0) on x, with EDICT's coefficients: x' = a x + b eps(x). The pair's
-    second latent is x' too, so that a chain of pairs carries one sample."""
+    """Step i of the model's plain chain on x, with EDICT's coefficients: x' = a x + b eps(x), DDIM (eta 0)
+    on a noise predictor, Euler on a flow's velocity. The pair's second latent is x' too, so that a chain
+    of pairs carries one sample."""
     x = s.a[i] * x + s.b[i] * eps(x, s.timesteps[i])
     return x, x
 
 
 def ddim_denoise(eps: NoisePredictor, x: torch.Tensor, y: torch.Tensor, s: EdictSchedule) -> Pair:
-    """The whole plain DDIM chain from x_T (y_T is not used): (x_0, x_0)."""
+    """The whole plain chain (DDIM, or a flow's Euler) from x_T (y_T is not used): (x_0, x_0)."""
     for i in range(len(s)):
         x, y = ddim_step(eps, x, y, s, i)
     return x, x

@@ -20,7 +20,6 @@ from doodl.edict import (
     ddim_step,
     edict_denoise,
     edict_invert,
-    edict_schedule,
     edict_step,
 )
 from doodl.gradient import (
@@ -183,7 +182,8 @@ class DoodlSettings:
 
     def schedule(self, model: LatentDiffusion, from_photo: bool = False) -> EdictSchedule:
         """The chain's steps; from a photo, the last `photo_strength` of them (at least one)."""
-        schedule = edict_schedule(model.scheduler, self.steps, self.p, self.leapfrog)
+        shape = model.latent_shape(self.height, self.width)
+        schedule = model.schedule(self.steps, self.p, self.leapfrog, shape)
         return schedule.last(max(1, round(self.photo_strength * self.steps))) if from_photo else schedule
 
     def few_step_chain(self, from_photo: bool = False) -> bool:
@@ -523,7 +523,7 @@ def best_of_samples(
         raise ValueError(f"best of K needs K >= 1 and K seeds, got K={k} and {len(seeds)} seeds")
     images, losses = [], []
     eps = conditioning(model, prompt, settings)  # the same for every seed: the prompt is encoded once
-    with count_unet_calls(model.unet) as calls:
+    with count_unet_calls(model.denoiser) as calls:
         for seed in seeds:
             images.append(unguided_image(model, eps, replace(settings, seed=seed)))
             with torch.no_grad():

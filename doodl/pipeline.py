@@ -1,16 +1,20 @@
-"""Loading a Stable Diffusion model (SD 1.x, 2.x, SDXL) and the three calls DOODL makes of it.
+"""Loading a generator and the calls DOODL makes of it.
 
-This is the only module that imports diffusers and transformers for the generator. It turns a hub id
-or a local folder into a `LatentDiffusion`: a noise predictor with classifier-free guidance, and the
-VAE's encoder and decoder. The sampler only ever sees the noise predictor, a plain callable.
+`load_pipeline` turns a hub id or a local folder into a `LatentDiffusion`: a predictor of the model's output
+at a latent (with classifier-free guidance where the model takes it), the coefficients of its sampling
+chain, and the VAE's encoder and decoder. Two families: Stable Diffusion's UNet (1.x, 2.x, XL: DDIM
+coefficients, here) and the flow-matching transformers (SD3 / SD3.5, FLUX.1: Euler coefficients,
+`doodl.flow`). The sampler only ever sees the predictor, a plain callable, and the coefficients.
 """
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -27,7 +31,12 @@ from PIL import Image
 from torch.utils.checkpoint import checkpoint
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from doodl.edict import NoisePredictor  # the type `noise_predictor` returns; benchmarks import it from here
+from doodl.edict import (  # NoisePredictor: the type `noise_predictor` returns; benchmarks import it here
+    EdictSchedule,
+    NoisePredictor,
+    Timestep,
+    edict_schedule,
+)
 
 # On the CPU, oneDNN's per-call set-up outweighs the arithmetic of a UNet on tiny latents (the embedded
 # model's 8x8: 40 -> 29 ms a call, 72 -> 52 ms with its VJP, on one core); ATen's own kernels do better there.
@@ -35,15 +44,16 @@ ONEDNN_MIN_LATENT_SIDE = 16
 
 
 class ModelLoadError(RuntimeError):
-    """A Stable Diffusion model could not be loaded; the message says why and what to do."""
+    """A generator could not be loaded; the message says why and what to do."""
 
 
 @dataclass(frozen=True)
 class PromptEmbeds:
-    """A prompt as the UNet reads it, rows stacked as [unconditional, conditional]."""
+    """A prompt as the model reads it, rows stacked as [unconditional, conditional] (a guidance-distilled
+    model such as FLUX.1 reads the conditional row alone)."""
 
-    hidden: torch.Tensor  # (rows, tokens, width): the cross-attention context
-    pooled: torch.Tensor | None = None  # (rows, width): SDXL's added text embedding, else None
+    hidden: torch.Tensor  # (rows, tokens, width): the cross-attention (or joint attention) context
+    pooled: torch.Tensor | None = None  # (rows, width): the pooled text of SDXL, SD3 and FLUX, else None
 
     def __len__(self) -> int:
         return self.hidden.shape[0]
@@ -53,13 +63,178 @@ class PromptEmbeds:
         return PromptEmbeds(self.hidden[i : i + 1], pooled)
 
 
+class LatentDiffusion(ABC):
+    """What DOODL needs of a latent generator, whatever its family: the model's output at a latent as a
+    plain callable (`noise_predictor`), the coefficients of its chain (`schedule`), the VAE both ways, and
+    the image sizes it takes.
+
+    A family says which diffusers pipelines it takes (`pipelines`): `StableDiffusion` (here) and the flow
+    transformers of `doodl.flow`. `from_pipeline` and `load_pipeline` pick the family of a pipeline.
+    """
+
+    pipelines: ClassVar[tuple[type[DiffusionPipeline], ...]] = ()
+    vae: AutoencoderKL
+
+    @classmethod
+    def from_pipeline(
+        cls, pipe: DiffusionPipeline, device: str | torch.device | None = None
+    ) -> LatentDiffusion:
+        """A DOODL model of an already loaded diffusers pipeline, of the family that takes its class: its
+        modules are shared, not copied, and frozen in place (eval, no parameter gradients), moved to
+        `device` if given."""
+        return family_of(type(pipe)).of_pipeline(pipe, device)
+
+    @classmethod
+    @abstractmethod
+    def of_pipeline(cls, pipe: Any, device: str | torch.device | None = None) -> LatentDiffusion:
+        """This family's model of `pipe` (see `from_pipeline`)."""
+
+    @classmethod
+    def load_options(cls, pipeline_class: type[DiffusionPipeline]) -> dict[str, Any]:
+        """What `from_pretrained` is told besides the folder and dtype (parts left out, for instance)."""
+        return {}
+
+    @property
+    @abstractmethod
+    def denoiser(self) -> torch.nn.Module:
+        """The network the chain calls (UNet or transformer): what `count_unet_calls` counts."""
+
+    @property
+    def device(self) -> torch.device:
+        return self.denoiser.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.denoiser.dtype
+
+    @property
+    def vae_scale(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    @abstractmethod
+    def resolution(self) -> int:
+        """The image side the model was trained for."""
+
+    @property
+    @abstractmethod
+    def latent_channels(self) -> int:
+        """Channels of the latent the chain runs on (and a seed draws)."""
+
+    @property
+    def side_step(self) -> tuple[int, str]:
+        """(n, why): an image side must be a multiple of n px."""
+        return self.vae_scale, "the VAE's downsampling factor"
+
+    @property
+    def size_range(self) -> tuple[int, int]:
+        """The image sides (px) this model is run at: a quarter to twice its trained side.
+
+        Beyond twice, Stable Diffusion repeats its subject (two heads, tiled scenes); below a quarter its
+        deepest UNet level is one or two cells wide and images fall apart.
+        """
+        return max(self.side_step[0], self.resolution // 4), 2 * self.resolution
+
+    def latent_shape(self, height: int | None = None, width: int | None = None) -> tuple[int, int, int, int]:
+        """The (1, C, h, w) latent of an image of height x width px (default: the model's resolution).
+
+        Each side must be a multiple of `side_step` and within `size_range`."""
+        height, width = height or self.resolution, width or self.resolution
+        low, high = self.size_range
+        step, why = self.side_step
+        for name, side in (("height", height), ("width", width)):
+            if side % step:
+                raise ValueError(f"setting {name}={side} must be a multiple of {step}, {why}")
+            if not low <= side <= high:
+                raise ValueError(
+                    f"setting {name}={side} is out of this model's range, {low} to {high} px "
+                    f"(a quarter to twice the {self.resolution} px it was trained at)"
+                )
+        return (1, self.latent_channels, height // self.vae_scale, width // self.vae_scale)
+
+    @abstractmethod
+    def encode_prompt(self, prompt: str, negative_prompt: str = "") -> PromptEmbeds:
+        """A prompt's embeddings, as `noise_predictor` takes them."""
+
+    @abstractmethod
+    def noise_predictor(self, prompt_embeds: PromptEmbeds, guidance_scale: float) -> NoisePredictor:
+        """f(latents, t): the model's guided output at a latent (noise, or a flow's velocity), in ONE
+        batched call of the denoiser per evaluation."""
+
+    @abstractmethod
+    def schedule(
+        self, steps: int, p: float, leapfrog: bool, shape: tuple[int, ...] | None = None
+    ) -> EdictSchedule:
+        """The chain of `steps` steps for latents of `shape` (default: the model's resolution): timesteps and
+        the coefficients (a, b) of each step `x' = a x + b f(x, t)`, with EDICT's mixing weight."""
+
+    @abstractmethod
+    def clean_coefficients(self, t: Timestep) -> tuple[float, float]:
+        """(alpha, sigma) of the clean-image estimate at timestep t: x0 = (z - sigma f(z, t)) / alpha, and
+        sigma is also the weight of a loss gradient folded into f (one-step guidance)."""
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents to images in [0, 1], differentiable."""
+        config = self.vae.config
+        latents = latents.to(self.vae.dtype)
+        if getattr(config, "latents_mean", None) is not None:  # VAEs with per-channel latent statistics
+            mean, std = (
+                torch.tensor(v).view(1, -1, 1, 1).to(latents)
+                for v in (config.latents_mean, config.latents_std)
+            )
+            scaled = latents * std / config.scaling_factor + mean
+        else:  # SD3's and FLUX's VAEs shift their latents too
+            scaled = latents / config.scaling_factor + (getattr(config, "shift_factor", None) or 0)
+        # At least float32, so that half-precision models give guidance models full-precision pixels.
+        images = self.vae.decode(scaled).sample.to(torch.promote_types(self.dtype, torch.float32))
+        return (images / 2 + 0.5).clamp(0, 1)
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1] to latents: the posterior mean, so a real image has one inversion."""
+        config = self.vae.config
+        mean = self.vae.encode((images * 2 - 1).to(self.device, self.vae.dtype)).latent_dist.mean
+        if getattr(config, "latents_mean", None) is not None:
+            shift, std = (
+                torch.tensor(v).view(1, -1, 1, 1).to(mean) for v in (config.latents_mean, config.latents_std)
+            )
+            return (mean - shift) * config.scaling_factor / std
+        return (mean - (getattr(config, "shift_factor", None) or 0)) * config.scaling_factor
+
+
+def families() -> list[type[LatentDiffusion]]:
+    """Every family of generators: the subclasses of LatentDiffusion that take some pipeline class."""
+    found, todo = [], list(LatentDiffusion.__subclasses__())
+    while todo:
+        family = todo.pop(0)
+        todo += family.__subclasses__()
+        if family.pipelines:
+            found.append(family)
+    return found
+
+
+def family_of(pipeline_class: type) -> type[LatentDiffusion]:
+    """The family that takes pipelines of this class. Any other object is taken as Stable Diffusion's parts
+    (a UNet, a VAE, CLIP encoders), which its own checks then name if one is missing."""
+    for family in families():
+        if issubclass(pipeline_class, family.pipelines):
+            return family
+    return StableDiffusion
+
+
 @dataclass(frozen=True)
-class LatentDiffusion:
-    """The parts of a Stable-Diffusion-style pipeline that DOODL needs, frozen for inference.
+class StableDiffusion(LatentDiffusion):
+    """Stable Diffusion's UNet family (1.x, 2.x, XL and their few-step distillations), sampled with DDIM
+    coefficients of the model's own noise schedule, whatever scheduler it ships.
 
     SDXL adds a second text encoder (with a projection: its pooled output conditions the UNet beside the
     image size) and reads the penultimate hidden layer of both encoders, concatenated.
     """
+
+    pipelines: ClassVar[tuple[type[DiffusionPipeline], ...]] = (
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
+    )
 
     unet: UNet2DConditionModel
     vae: AutoencoderKL
@@ -72,11 +247,11 @@ class LatentDiffusion:
     force_zeros_for_empty_prompt: bool = False
 
     @classmethod
-    def from_pipeline(
+    def of_pipeline(
         cls,
         pipe: StableDiffusionPipeline | StableDiffusionXLPipeline,
         device: str | torch.device | None = None,
-    ) -> LatentDiffusion:
+    ) -> StableDiffusion:
         """A DOODL model of an already loaded diffusers SD or SDXL pipeline (LoRA weights loaded, any
         scheduler): its modules are shared, not copied, and frozen in place (eval, no parameter gradients),
         moved to `device` if given. Sampling uses DDIM coefficients of the pipeline's own noise schedule.
@@ -112,13 +287,15 @@ class LatentDiffusion:
             force_zeros_for_empty_prompt=xl and bool(pipe.config.get("force_zeros_for_empty_prompt", True)),
         )
 
-    @property
-    def device(self) -> torch.device:
-        return self.unet.device
+    @classmethod
+    def load_options(cls, pipeline_class: type[DiffusionPipeline]) -> dict[str, Any]:
+        if issubclass(pipeline_class, StableDiffusionXLPipeline):
+            return {"add_watermarker": False}
+        return {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
 
     @property
-    def dtype(self) -> torch.dtype:
-        return self.unet.dtype
+    def denoiser(self) -> UNet2DConditionModel:
+        return self.unet
 
     @property
     def xl(self) -> bool:
@@ -126,41 +303,22 @@ class LatentDiffusion:
         return self.text_encoder_2 is not None
 
     @property
-    def vae_scale(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
-
-    @property
     def resolution(self) -> int:
-        """The image side the UNet was trained for."""
         return self.unet.config.sample_size * self.vae_scale
 
     @property
-    def size_range(self) -> tuple[int, int]:
-        """The image sides (px) this model is run at: a quarter to twice its trained side.
+    def latent_channels(self) -> int:
+        return self.unet.config.in_channels
 
-        Beyond twice, Stable Diffusion repeats its subject (two heads, tiled scenes); below a quarter its
-        deepest UNet level is one or two cells wide and images fall apart.
-        """
-        return max(self.vae_scale, self.resolution // 4), 2 * self.resolution
+    def schedule(
+        self, steps: int, p: float, leapfrog: bool, shape: tuple[int, ...] | None = None
+    ) -> EdictSchedule:
+        """DDIM's coefficients of the model's noise schedule (the same at every image size)."""
+        return edict_schedule(self.scheduler, steps, p, leapfrog)
 
-    def latent_shape(self, height: int | None = None, width: int | None = None) -> tuple[int, int, int, int]:
-        """The (1, C, h, w) latent of an image of height x width px (default: the model's resolution).
-
-        Each side must be a multiple of the VAE's downsampling factor and within `size_range`."""
-        height, width = height or self.resolution, width or self.resolution
-        low, high = self.size_range
-        for name, side in (("height", height), ("width", width)):
-            if side % self.vae_scale:
-                raise ValueError(
-                    f"setting {name}={side} must be a multiple of {self.vae_scale}, the VAE's downsampling "
-                    "factor"
-                )
-            if not low <= side <= high:
-                raise ValueError(
-                    f"setting {name}={side} is out of this model's range, {low} to {high} px "
-                    f"(a quarter to twice the {self.resolution} px it was trained at)"
-                )
-        return (1, self.unet.config.in_channels, height // self.vae_scale, width // self.vae_scale)
+    def clean_coefficients(self, t: Timestep) -> tuple[float, float]:
+        abar = self.scheduler.alphas_cumprod.double()[int(t)]
+        return float(abar.sqrt()), float((1 - abar).sqrt())
 
     @torch.no_grad()
     def encode_prompt(self, prompt: str, negative_prompt: str = "") -> PromptEmbeds:
@@ -238,34 +396,6 @@ class LatentDiffusion:
 
         return eps
 
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents to images in [0, 1], differentiable."""
-        config = self.vae.config
-        latents = latents.to(self.vae.dtype)
-        if getattr(config, "latents_mean", None) is not None:  # VAEs with per-channel latent statistics
-            mean, std = (
-                torch.tensor(v).view(1, -1, 1, 1).to(latents)
-                for v in (config.latents_mean, config.latents_std)
-            )
-            scaled = latents * std / config.scaling_factor + mean
-        else:
-            scaled = latents / config.scaling_factor
-        # At least float32, so that half-precision models give guidance models full-precision pixels.
-        images = self.vae.decode(scaled).sample.to(torch.promote_types(self.dtype, torch.float32))
-        return (images / 2 + 0.5).clamp(0, 1)
-
-    @torch.no_grad()
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """Images in [0, 1] to latents: the posterior mean, so a real image has one inversion."""
-        config = self.vae.config
-        mean = self.vae.encode((images * 2 - 1).to(self.device, self.vae.dtype)).latent_dist.mean
-        if getattr(config, "latents_mean", None) is not None:
-            shift, std = (
-                torch.tensor(v).view(1, -1, 1, 1).to(mean) for v in (config.latents_mean, config.latents_std)
-            )
-            return (mean - shift) * config.scaling_factor / std
-        return mean * config.scaling_factor
-
 
 def guidance_halves(prompt_embeds: PromptEmbeds, guidance_scale: float) -> tuple[PromptEmbeds, ...]:
     """The text embeddings the UNet must see: (uncond, cond), or only the one a scale of 0 or 1 keeps."""
@@ -339,27 +469,25 @@ def load_pipeline(
     dtype: torch.dtype = torch.float32,
     vae: str | Path | None = None,
 ) -> LatentDiffusion:
-    """Load a Stable-Diffusion-style diffusers model from a local folder or a hub id.
+    """Load a generator from a local diffusers folder or a hub id; its model_index.json says which.
 
-    SD 1.x (epsilon prediction), SD 2.x (v prediction) and SDXL (its model_index.json says which) all
-    work, and their few-step distillations (SD-Turbo, SDXL-Turbo). Whatever scheduler the model ships
-    with, sampling uses DDIM coefficients built from its noise schedule. `vae` replaces the model's VAE
-    by another (a folder or hub id of an AutoencoderKL), e.g. an SDXL VAE fixed to run in float16.
+    Stable Diffusion 1.x (epsilon prediction), 2.x (v prediction) and XL, and their few-step distillations
+    (SD-Turbo, SDXL-Turbo): sampled with DDIM coefficients of their noise schedule, whatever scheduler they
+    ship. SD3 / SD3.5 and FLUX.1 (dev, schnell): sampled with their flow scheduler's Euler steps
+    (`doodl.flow`). `vae` replaces the model's VAE by another (a folder or hub id of an AutoencoderKL),
+    e.g. an SDXL VAE fixed to run in float16.
     """
     source = pipeline_source(model)
     pipeline_class = pipeline_class_of(source)
-    parts = {} if vae is None else {"vae": load_vae(vae, dtype)}
-    if pipeline_class is StableDiffusionPipeline:
-        parts |= {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
-    else:
-        parts |= {"add_watermarker": False}
+    family = family_of(pipeline_class)
+    parts = family.load_options(pipeline_class) | ({} if vae is None else {"vae": load_vae(vae, dtype)})
     try:
         pipe = pipeline_class.from_pretrained(source, dtype=dtype, **parts)
     except (OSError, ValueError) as error:
         raise ModelLoadError(
-            f"could not load the Stable Diffusion model '{source}'.{DOWNLOAD_HINT}\n({error_line(error)})"
+            f"could not load the model '{source}'.{DOWNLOAD_HINT}\n({error_line(error)})"
         ) from error
-    return LatentDiffusion.from_pipeline(pipe, device)
+    return family.of_pipeline(pipe, device)
 
 
 DOWNLOAD_HINT = (
@@ -380,28 +508,30 @@ def pipeline_source(model: str | Path) -> str:
     if not (path / "model_index.json").is_file():
         raise ModelLoadError(
             f"'{model}' is not a diffusers pipeline folder: it has no model_index.json. "
-            "Point to a folder saved with save_pretrained (one holding unet/, vae/, text_encoder/, "
-            "tokenizer/, scheduler/)."
+            "Point to a folder saved with save_pretrained (one holding model_index.json, vae/, the text "
+            "encoders and unet/ or transformer/)."
         )
     return str(path)
 
 
-def pipeline_class_of(source: str) -> type[StableDiffusionPipeline] | type[StableDiffusionXLPipeline]:
-    """Which diffusers pipeline loads `source`, from its model_index.json: SDXL's or SD's."""
+def pipeline_class_of(source: str) -> type[DiffusionPipeline]:
+    """Which diffusers pipeline loads `source`, from the class its model_index.json names: the pipeline of
+    a family whose name is the longest start of it ("StableDiffusionXLImg2ImgPipeline": SDXL's; a FLUX
+    img2img folder holds the parts of a FluxPipeline)."""
     try:
         name = DiffusionPipeline.load_config(source).get("_class_name", "")
     except (OSError, ValueError) as error:
         raise ModelLoadError(
-            f"could not load the Stable Diffusion model '{source}'.{DOWNLOAD_HINT}\n({error_line(error)})"
+            f"could not load the model '{source}'.{DOWNLOAD_HINT}\n({error_line(error)})"
         ) from error
-    if name.startswith("StableDiffusionXL"):
-        return StableDiffusionXLPipeline
-    if name.startswith("StableDiffusion") and not name.startswith("StableDiffusion3"):
-        return StableDiffusionPipeline
-    raise ModelLoadError(
-        f"'{source}' holds a {name or 'pipeline of unknown class'}, not a Stable Diffusion (1.x, 2.x or XL) "
-        "pipeline: DOODL needs a UNet with a VAE and CLIP text encoders."
-    )
+    known = [pipeline for family in families() for pipeline in family.pipelines]
+    matching = [p for p in known if name.startswith(p.__name__.removesuffix("Pipeline"))]
+    if not matching:
+        raise ModelLoadError(
+            f"'{source}' holds a {name or 'pipeline of unknown class'}, not a pipeline DOODL runs: Stable "
+            "Diffusion (1.x, 2.x, XL), SD3 / SD3.5 or FLUX.1."
+        )
+    return max(matching, key=lambda p: len(p.__name__))
 
 
 def load_vae(vae: str | Path, dtype: torch.dtype) -> AutoencoderKL:

@@ -1,4 +1,5 @@
-"""Tiny random pipelines of Stable Diffusion's architectures (SD, SDXL), for tests and benchmarks offline.
+"""Tiny random pipelines of the generators' architectures (SD, SDXL, SD3, FLUX), for tests and benchmarks
+offline.
 
 They are saved with `save_pretrained` and loaded back through `load_pipeline`, the very path a real
 model takes: same classes, same files, only smaller.
@@ -18,14 +19,19 @@ from diffusers import (
     DDIMScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
     SchedulerMixin,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
-from doodl.tokenizer import clip_tokenizer
+from doodl.tokenizer import clip_tokenizer, t5_tokenizer
 
 
 @contextmanager
@@ -101,14 +107,13 @@ def sd_vae(
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
-        latent_channels=4,
         block_out_channels=channels,
         down_block_types=("DownEncoderBlock2D",) * len(channels),
         up_block_types=("UpDecoderBlock2D",) * len(channels),
         layers_per_block=layers_per_block,
         norm_num_groups=norm_num_groups,
         sample_size=sample_size,
-        **config,
+        **{"latent_channels": 4, **config},
     )
 
 
@@ -389,5 +394,146 @@ def save_sdxl_pipeline(
     )
     if dtype is not None:
         pipe.to(dtype)
+    pipe.save_pretrained(folder)
+    return Path(folder)
+
+
+# --- flow-matching transformers (SD3 / SD3.5, FLUX.1) ----------------------------------------------
+
+# The widths of the tiny flow models' text encoders: two CLIPs (SD3; FLUX uses the first) and T5, whose
+# width is the transformer's joint attention width. SD3 pads the CLIPs' hidden states, side by side, to it.
+FLOW_CLIP_WIDTHS = (8, 16)
+FLOW_T5_WIDTH = 32
+FLOW_T5_MAX_LENGTH = 16  # tokens a prompt is padded to (SD3: 256; FLUX.1-dev: 512)
+
+
+def flow_vae(sample_size: int, shift_factor: float, scaling_factor: float) -> AutoencoderKL:
+    """A random VAE of SD3's and FLUX's architecture: 16 latent channels, no quant convs, a shift factor."""
+    return sd_vae(
+        sample_size,
+        latent_channels=16,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        shift_factor=shift_factor,
+        scaling_factor=scaling_factor,
+    )
+
+
+def flow_text_encoders(projection: bool) -> tuple[list[CLIPTextModel], T5EncoderModel]:
+    """Random CLIP text encoders (with a projection for SD3, the pooled output for FLUX) and a T5 encoder."""
+    encoder_class = CLIPTextModelWithProjection if projection else CLIPTextModel
+    clips = [
+        encoder_class(
+            CLIPTextConfig(
+                vocab_size=49408,
+                hidden_size=width,
+                intermediate_size=2 * width,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                max_position_embeddings=77,
+                projection_dim=width,
+            )
+        )
+        for width in FLOW_CLIP_WIDTHS
+    ]
+    vocab = len(t5_tokenizer())
+    t5 = T5EncoderModel(
+        T5Config(
+            vocab_size=vocab,
+            d_model=FLOW_T5_WIDTH,
+            d_kv=8,
+            d_ff=64,
+            num_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            feed_forward_proj="gated-gelu",  # T5 v1.1, the encoder SD3 and FLUX use
+            is_encoder_decoder=False,
+        )
+    )
+    return clips, t5
+
+
+def flow_scheduler(shift: float = 3.0, dynamic: bool = False) -> FlowMatchEulerDiscreteScheduler:
+    """The flow-matching Euler scheduler: SD3's (shift 3.0), FLUX.1-dev's (`dynamic`: the shift grows with
+    the image's token count, base 0.5 to max 1.15), FLUX.1-schnell's (shift 1.0, none)."""
+    if dynamic:
+        return FlowMatchEulerDiscreteScheduler(
+            shift=shift,
+            use_dynamic_shifting=True,
+            base_shift=0.5,
+            max_shift=1.15,
+            base_image_seq_len=256,
+            max_image_seq_len=4096,
+        )
+    return FlowMatchEulerDiscreteScheduler(shift=shift)
+
+
+def save_tiny_sd3_pipeline(folder: str | Path, sample_size: int = 8, seed: int = 0) -> Path:
+    """Save a random SD3.5-architecture pipeline (MMDiT with dual attention and QK norm; two CLIPs and T5)
+    whose latents are 16 x sample_size x sample_size."""
+    with seeded_torch(seed):
+        transformer = SD3Transformer2DModel(
+            sample_size=sample_size,
+            patch_size=2,
+            in_channels=16,
+            out_channels=16,
+            num_layers=2,
+            attention_head_dim=8,
+            num_attention_heads=2,
+            joint_attention_dim=FLOW_T5_WIDTH,
+            caption_projection_dim=16,
+            pooled_projection_dim=sum(FLOW_CLIP_WIDTHS),
+            pos_embed_max_size=2 * sample_size,
+            dual_attention_layers=(0,),
+            qk_norm="rms_norm",
+        )
+        vae = flow_vae(sample_size * 8, shift_factor=0.0609, scaling_factor=1.5305)  # SD3's VAE config
+        (clip, clip_2), t5 = flow_text_encoders(projection=True)
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer,
+        vae=vae,
+        text_encoder=clip,
+        tokenizer=clip_tokenizer(),
+        text_encoder_2=clip_2,
+        tokenizer_2=clip_tokenizer(),
+        text_encoder_3=t5,
+        tokenizer_3=t5_tokenizer(max_length=FLOW_T5_MAX_LENGTH),
+        scheduler=flow_scheduler(shift=3.0),
+    )
+    pipe.save_pretrained(folder)
+    return Path(folder)
+
+
+def save_tiny_flux_pipeline(
+    folder: str | Path, sample_size: int = 8, guidance_embeds: bool = True, seed: int = 0
+) -> Path:
+    """Save a random FLUX.1-architecture pipeline (double- and single-stream blocks, rotary positions over
+    2x2-packed latents; CLIP's pooled output and T5) whose latents are 16 x sample_size x sample_size.
+
+    `guidance_embeds`: FLUX.1-dev's guidance embedding and resolution-dependent shift; without, schnell's."""
+    with seeded_torch(seed):
+        transformer = FluxTransformer2DModel(
+            patch_size=1,
+            in_channels=64,
+            num_layers=1,
+            num_single_layers=1,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=FLOW_T5_WIDTH,
+            pooled_projection_dim=FLOW_CLIP_WIDTHS[0],
+            guidance_embeds=guidance_embeds,
+            axes_dims_rope=(4, 6, 6),
+        )
+        vae = flow_vae(sample_size * 8, shift_factor=0.1159, scaling_factor=0.3611)  # FLUX's VAE config
+        (clip, _), t5 = flow_text_encoders(projection=False)
+    pipe = FluxPipeline(
+        transformer=transformer,
+        vae=vae,
+        text_encoder=clip,
+        tokenizer=clip_tokenizer(),
+        text_encoder_2=t5,
+        tokenizer_2=t5_tokenizer(max_length=FLOW_T5_MAX_LENGTH),
+        scheduler=flow_scheduler(shift=3.0, dynamic=True) if guidance_embeds else flow_scheduler(shift=1.0),
+    )
     pipe.save_pretrained(folder)
     return Path(folder)

@@ -236,8 +236,8 @@ def test_a_float16_sdxl_vae_is_upcast_unless_replaced(xl_folder, fixed_vae, tmp_
 def test_an_sdxl_refiner_or_another_pipeline_is_refused_clearly(xl_folder, tmp_path):
     index = json.loads((xl_folder / "model_index.json").read_text())
     for name, message in (
-        ("StableDiffusion3Pipeline", "not a Stable Diffusion"),
-        ("FluxPipeline", "not a Stable Diffusion"),
+        ("PixArtAlphaPipeline", "not a pipeline DOODL runs"),
+        ("KandinskyV22Pipeline", "not a pipeline DOODL runs"),
     ):
         folder = tmp_path / name
         folder.mkdir()

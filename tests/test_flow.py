@@ -1,0 +1,299 @@
+"""Flow-matching transformers through the whole chain: tiny SD3.5- and FLUX.1-architecture pipelines (MMDiT,
+double/single-stream blocks; two CLIPs and T5, CLIP and T5) saved offline and loaded through `load_pipeline`,
+as a real one."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from diffusers import FluxPipeline, StableDiffusion3Pipeline
+from PIL import Image
+
+from doodl import (
+    DoodlSettings,
+    Flux,
+    LatentDiffusion,
+    ModelLoadError,
+    StableDiffusion3,
+    edict_denoise,
+    edict_invert,
+    initial_latents,
+    invert_image,
+    latent_grad,
+    load_pipeline,
+    one_step_guidance,
+    optimize,
+    sample,
+)
+from doodl.edict import ddim_denoise
+from doodl.tiny import save_tiny_flux_pipeline, save_tiny_sd3_pipeline
+
+PROMPT = "a red circle above a blue square"
+KINDS = ("sd3", "flux-dev", "flux-schnell")
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny-flow")
+    return {
+        "sd3": save_tiny_sd3_pipeline(root / "sd3"),
+        "flux-dev": save_tiny_flux_pipeline(root / "flux-dev"),
+        "flux-schnell": save_tiny_flux_pipeline(root / "flux-schnell", guidance_embeds=False),
+    }
+
+
+@pytest.fixture(scope="module")
+def models(folders):
+    return {kind: load_pipeline(folder) for kind, folder in folders.items()}
+
+
+@pytest.fixture(scope="module")
+def models64(folders):
+    return {kind: load_pipeline(folder, dtype=torch.float64) for kind, folder in folders.items()}
+
+
+def diffusers_pipeline(folder):
+    """diffusers' own pipeline over the same folder: the reference."""
+    index = json.loads((folder / "model_index.json").read_text())
+    return {"FluxPipeline": FluxPipeline, "StableDiffusion3Pipeline": StableDiffusion3Pipeline}[
+        index["_class_name"]
+    ].from_pretrained(folder)
+
+
+def gray_loss(model):
+    return lambda x0, y0: ((model.decode(torch.cat([x0, y0])) - 0.3) ** 2).mean()
+
+
+def flat(pair):
+    return torch.cat([g.flatten() for g in pair])
+
+
+# --- loading ---------------------------------------------------------------------------------------
+
+
+def test_each_folder_loads_as_its_family(models):
+    assert type(models["sd3"]) is StableDiffusion3
+    assert type(models["flux-dev"]) is Flux and models["flux-dev"].guidance_distilled
+    assert type(models["flux-schnell"]) is Flux and not models["flux-schnell"].guidance_distilled
+    for model in models.values():
+        assert model.resolution == 64  # the real ones' 1024 px: SD3's transformer, FLUX's VAE config
+        assert model.latent_shape() == (1, 16, 8, 8)
+        assert model.denoiser is model.transformer
+        with pytest.raises(ValueError, match="multiple of 16"):  # 8 px of VAE x the 2x2 patches
+            model.latent_shape(height=72)
+
+
+def test_prompt_embeddings_are_those_of_diffusers_pipelines(models, folders):
+    sd3 = models["sd3"].encode_prompt(PROMPT, negative_prompt="blurry")
+    cond, uncond, pooled, uncond_pooled = diffusers_pipeline(folders["sd3"]).encode_prompt(
+        PROMPT, None, None, negative_prompt="blurry", device="cpu", max_sequence_length=16
+    )
+    torch.testing.assert_close(sd3.hidden, torch.cat([uncond, cond]), rtol=0, atol=1e-6)
+    torch.testing.assert_close(sd3.pooled, torch.cat([uncond_pooled, pooled]), rtol=0, atol=1e-6)
+    assert sd3.hidden.shape[1] == 77 + 16  # the CLIPs' tokens, then T5's
+    flux = models["flux-dev"].encode_prompt(PROMPT)
+    hidden, pooled, _ = diffusers_pipeline(folders["flux-dev"]).encode_prompt(
+        PROMPT, None, device="cpu", max_sequence_length=16
+    )
+    assert len(flux) == 1  # guidance-distilled: the conditional row alone
+    torch.testing.assert_close(flux.hidden, hidden, rtol=0, atol=1e-6)
+    torch.testing.assert_close(flux.pooled, pooled, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="negative prompt"):
+        models["flux-dev"].encode_prompt(PROMPT, negative_prompt="blurry")
+
+
+@pytest.mark.parametrize(
+    "kind, steps, guidance_scale",
+    [("sd3", 6, 5.0), ("sd3", 6, 1.0), ("flux-dev", 6, 3.5), ("flux-schnell", 4, 0.0)],
+)
+def test_the_plain_chain_samples_what_diffusers_samples(models, folders, kind, steps, guidance_scale):
+    """The Euler chain of the model's own scheduler, spaced and shifted as its pipeline does, with CFG (SD3),
+    without (scale 1), with FLUX.1-dev's guidance embedding and schnell's four unshifted steps."""
+    model = models[kind]
+    noise = torch.randn(model.latent_shape(), generator=torch.Generator().manual_seed(1))
+    eps = model.noise_predictor(model.encode_prompt(PROMPT), guidance_scale)
+    ours, _ = ddim_denoise(eps, noise.double(), noise.double(), model.schedule(steps, 0.93, True))
+    pipe = diffusers_pipeline(folders[kind])
+    asked = dict(num_inference_steps=steps, guidance_scale=guidance_scale, output_type="latent")
+    asked |= dict(height=64, width=64, max_sequence_length=model.max_sequence_length)
+    if isinstance(model, Flux):
+        packed = FluxPipeline._pack_latents(noise, *noise.shape)
+        theirs = FluxPipeline._unpack_latents(pipe(PROMPT, latents=packed, **asked).images, 64, 64, 8)
+    else:
+        theirs = pipe(PROMPT, latents=noise, **asked).images
+    assert theirs.abs().max() > 1  # a sample, not zeros
+    torch.testing.assert_close(ours.float(), theirs, rtol=1e-4, atol=1e-4)
+
+
+def test_flux_dev_shifts_its_steps_by_the_image_size_and_schnell_does_not(models):
+    dev, schnell = models["flux-dev"], models["flux-schnell"]
+    small, large = (dev.schedule(8, 0.93, True, dev.latent_shape(side, side)) for side in (64, 128))
+    assert large.timesteps[1] > small.timesteps[1]  # more tokens, more of the chain spent on high noise
+    assert schnell.schedule(4, 0.93, True).timesteps == (1000.0, 750.0, 500.0, 250.0)
+    for schedule in (small, large):
+        assert set(schedule.a) == {1.0} and sum(schedule.b) == pytest.approx(-1.0)  # from noise (1) to 0
+
+
+# --- exactness of the coupled chain ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_coupled_round_trip_is_exact(models64, kind):
+    model = models64[kind]
+    eps = model.noise_predictor(model.encode_prompt(PROMPT), 3.5)
+    x, y = initial_latents(model, DoodlSettings(seed=3))
+    schedule = model.schedule(12, 0.93, True)
+    with torch.no_grad():
+        x0, y0 = edict_denoise(eps, x, y, schedule)
+        xT, yT = edict_invert(eps, x0, y0, schedule)
+    assert (x0 - x).abs().max() > 0.1  # the chain moved
+    assert max((xT - x).abs().max(), (yT - y).abs().max()) <= 1e-10
+
+
+@pytest.mark.parametrize("kind", ["sd3", "flux-dev"])
+@pytest.mark.parametrize("mode", ["reversible", "checkpoint"])
+def test_gradient_equals_autograd(models, kind, mode):
+    model = models[kind]
+    eps = model.noise_predictor(model.encode_prompt(PROMPT), 3.5)
+    x, y = initial_latents(model, DoodlSettings(seed=1))
+    schedule = model.schedule(10, 0.93, True)
+    reference = latent_grad(eps, x, y, schedule, gray_loss(model), "autograd")
+    result = latent_grad(eps, x, y, schedule, gray_loss(model), mode)
+    g, g_ref = flat(result.grad), flat(reference.grad)
+    assert g_ref.norm() > 0
+    assert torch.nn.functional.cosine_similarity(g, g_ref, dim=0) >= 0.9999
+    assert (g - g_ref).norm() / g_ref.norm() <= 1e-4
+
+
+# SD3.5's QK RMSNorm computes its variance in float32 even in a float64 model (diffusers' RMSNorm): the
+# step must be large enough for its round-off (at 1e-4 one element is 0.9 % off, at 1e-2 all within 1e-5).
+@pytest.mark.parametrize("kind, h", [("sd3", 1e-2), ("flux-dev", 1e-4)])
+def test_reversible_gradient_equals_finite_differences(models64, kind, h):
+    model = models64[kind]
+    eps = model.noise_predictor(model.encode_prompt(PROMPT), 3.5)
+    z, _ = initial_latents(model, DoodlSettings(seed=2))
+    schedule = model.schedule(8, 0.93, True)
+    loss_of_final = gray_loss(model)
+    gx, gy = latent_grad(eps, z, z.clone(), schedule, loss_of_final, "reversible").grad
+    grad_z = (gx + gy).flatten()  # x_T = y_T = z
+
+    def loss_at(v):
+        with torch.no_grad():
+            return loss_of_final(*edict_denoise(eps, v, v.clone(), schedule)).item()
+
+    for index in (0, 77, 500, 1023):
+        bump = torch.zeros(z.numel(), dtype=z.dtype)
+        bump[index] = h
+        bump = bump.view_as(z)
+        numeric = (loss_at(z + bump) - loss_at(z - bump)) / (2 * h)
+        assert numeric == pytest.approx(grad_z[index].item(), rel=1e-4, abs=1e-9), index
+
+
+MEMORY_SCRIPT = textwrap.dedent(
+    """
+    import json, resource, sys, torch
+    from doodl import load_pipeline, initial_latents, DoodlSettings, latent_grad
+    torch.set_num_threads(1)
+    folder, steps = sys.argv[1], int(sys.argv[2])
+    model = load_pipeline(folder)
+    eps = model.noise_predictor(model.encode_prompt("a red circle"), 3.5)
+    x, y = initial_latents(model, DoodlSettings())
+    loss = lambda a, b: model.decode(torch.cat([a, b])).mean()
+    latent_grad(eps, x, y, model.schedule(steps, 0.93, True), loss, "reversible")
+    print(json.dumps(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
+    """
+)
+
+
+@pytest.mark.parametrize("kind", ["sd3", "flux-dev"])
+def test_reversible_memory_is_flat_in_steps(tmp_path, kind):
+    # Large latents (32x32: 256 tokens), so that a call's activations show beside the interpreter's memory.
+    save = save_tiny_sd3_pipeline if kind == "sd3" else save_tiny_flux_pipeline
+    folder = save(tmp_path / kind, sample_size=32)
+
+    def peak_mb(steps):
+        args = [sys.executable, "-c", MEMORY_SCRIPT, str(folder), str(steps)]
+        out = subprocess.run(args, capture_output=True, text=True, check=True)
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    peaks = {steps: peak_mb(steps) for steps in (5, 40)}
+    assert peaks[40] <= 1.05 * peaks[5], peaks
+
+
+# --- DOODL, the baseline and photos on a flow model ---------------------------------------------------
+
+
+def to_unit(image: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].float() / 255
+
+
+@pytest.mark.parametrize("kind", ["sd3", "flux-dev"])
+def test_doodl_and_the_one_step_baseline_lower_a_loss(models, kind):
+    model = models[kind]
+    settings = DoodlSettings(steps=12, iterations=4, grad_clip=0.05, guidance_scale=3.5, seed=4)
+    loss = lambda images: ((images - 0.8) ** 2).mean()  # noqa: E731
+    result = optimize(model, PROMPT, loss, settings)
+    unguided = loss(to_unit(sample(model, PROMPT, settings))).item()
+    assert result.losses[0] == pytest.approx(unguided, abs=1e-2)  # iteration 0: the unguided sample
+    assert min(result.losses[1:]) < result.losses[0]
+    assert np.array_equal(  # at scale 0, the one-step baseline is the unguided sample
+        np.asarray(one_step_guidance(model, PROMPT, loss, 0.0, settings)),
+        np.asarray(sample(model, PROMPT, settings)),
+    )
+    assert loss(to_unit(one_step_guidance(model, PROMPT, loss, 50.0, settings))).item() < unguided
+
+
+def test_the_one_step_estimate_is_the_flows_own(models):
+    model = models["flux-dev"]
+    assert model.clean_coefficients(750.0) == (1.0, 0.75)  # x0 = z - 0.75 v
+
+
+@pytest.mark.parametrize("kind", ["sd3", "flux-dev"])
+def test_a_photo_inverted_through_the_coupled_chain_is_regenerated(models, kind):
+    model = models[kind]
+    settings = DoodlSettings(steps=10, guidance_scale=3.5, photo_strength=1.0)
+    photo = Image.new("RGB", (100, 80), (200, 40, 40))
+    x, y = invert_image(model, photo, PROMPT, settings)
+    eps = model.noise_predictor(model.encode_prompt(PROMPT), settings.guidance_scale)
+    with torch.no_grad():
+        x0, _ = edict_denoise(eps, x, y, settings.schedule(model, from_photo=True))
+        color = torch.tensor([200, 40, 40]).view(1, 3, 1, 1) / 255
+        encoded = model.encode(color.expand(1, 3, 64, 64))
+    assert (x - encoded.double()).abs().max() > 0.1  # inverted to somewhere else than the photo's latent
+    assert (x0 - encoded.double()).abs().max() < 1e-4
+    steps = optimize(model, PROMPT, lambda im: ((im - 0.3) ** 2).mean(), settings, init=(x, y))
+    assert len(steps.losses) == settings.iterations
+
+
+def test_text_encoders_are_released_and_encoded_prompts_stay(folders):
+    model = load_pipeline(folders["flux-dev"])
+    before = model.encode_prompt(PROMPT)
+    model.release_text_encoders()
+    assert model.pipe.text_encoder is None and model.pipe.text_encoder_2 is None
+    assert model.encode_prompt(PROMPT) is before  # encoded once, kept
+    settings = DoodlSettings(steps=4, guidance_scale=3.5)
+    assert sample(model, PROMPT, settings).size == (64, 64)
+    with pytest.raises(ValueError, match="released"):
+        model.encode_prompt("another prompt")
+
+
+def test_an_already_loaded_flow_pipeline_becomes_a_doodl_model(folders, models):
+    pipe = diffusers_pipeline(folders["sd3"])
+    model = LatentDiffusion.from_pipeline(pipe)
+    assert type(model) is StableDiffusion3 and model.transformer is pipe.transformer and model.vae is pipe.vae
+    assert not any(p.requires_grad for p in pipe.transformer.parameters()) and not pipe.transformer.training
+    settings = DoodlSettings(steps=6, guidance_scale=3.5)
+    assert np.array_equal(
+        np.asarray(sample(model, PROMPT, settings)), np.asarray(sample(models["sd3"], PROMPT, settings))
+    )
+
+
+def test_a_conditioned_flux_variant_is_refused_clearly(folders):
+    pipe = diffusers_pipeline(folders["flux-dev"])
+    pipe.transformer.register_to_config(in_channels=384)  # FLUX.1 Fill's: image and mask beside the latent
+    with pytest.raises(ModelLoadError, match="Fill, Control"):
+        LatentDiffusion.from_pipeline(pipe)

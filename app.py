@@ -571,7 +571,7 @@ TABS = {
 EMBEDDED_WORLD = (
     "The embedded model draws a small world: flat circles, squares, triangles and stars in six colors "
     "(red, yellow, green, cyan, blue, purple, four shades each) on light or dark backgrounds, at 64 x 64 "
-    "pixels. It runs on a CPU with no download; pass `--model` and the guide flags for Stable Diffusion "
+    "pixels. It runs on a CPU with no download; pass `--model` and the guide flags for a real generator "
     "and real guides."
 )
 
@@ -583,15 +583,15 @@ def build_app(serving: Serving = LOCAL) -> gr.Blocks:
     with gr.Blocks(title="DOODL", analytics_enabled=False) as demo:
         gr.Markdown(
             "# DOODL: Direct Optimization Of Diffusion Latents\n"
-            "The initial noise of Stable Diffusion is optimized through the whole sampling chain (EDICT, "
-            "exactly invertible, or plain DDIM) against a loss on the final image."
-            + (f"\n\n{EMBEDDED_WORLD}" if serving.embedded() else "")
+            "The initial noise of a text-to-image model (Stable Diffusion, SDXL, SD3, FLUX) is optimized "
+            "through the whole sampling chain (EDICT, exactly invertible, or the model's plain chain) "
+            "against a loss on the final image." + (f"\n\n{EMBEDDED_WORLD}" if serving.embedded() else "")
         )
         with gr.Row():
             model = gr.Textbox(
                 serving.names.sd,
-                label="Stable Diffusion model",
-                info="A diffusers folder or hub id",
+                label="Generator",
+                info="A diffusers folder or hub id: SD 1.x / 2.x / XL, SD3 / SD3.5, FLUX.1",
                 scale=3,
                 interactive=serving.allow_model_choice,
             )

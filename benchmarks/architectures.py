@@ -1,21 +1,31 @@
 """Random-weight models of the real architectures, saved to folders and loaded as users load theirs.
 
-No download: the configurations of Stable Diffusion 1.5 / 2.1 / XL base 1.0 (from their model cards'
-config.json files) and of open_clip's ViT-L-14 are written out here, the weights are random. Memory and
-time depend on the architecture and the sizes, not on the weights' values.
+No download: the configurations of Stable Diffusion 1.5 / 2.1 / XL base 1.0, SD3.5 Medium and FLUX.1 dev /
+schnell (from their config.json files) and of open_clip's ViT-L-14 are written out here, the weights are
+random. Memory and time depend on the architecture and the sizes, not on the weights' values.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+from diffusers import (
+    AutoencoderKL,
+    FluxPipeline,
+    FluxTransformer2DModel,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
 from doodl import tiny
-from doodl.tiny import save_sd_pipeline, save_sdxl_pipeline, sd_scheduler, sdxl_scheduler
+from doodl.tiny import flow_scheduler, save_sd_pipeline, save_sdxl_pipeline, sd_scheduler, sdxl_scheduler
+from doodl.tokenizer import clip_tokenizer, t5_tokenizer
 
 # runwayml/stable-diffusion-v1-5 and stabilityai/stable-diffusion-2-1: what differs between the two.
 SD_ARCHITECTURES = {
@@ -63,13 +73,51 @@ SDXL_VAE_SCALING = 0.13025  # SDXL's VAE: SD's architecture, its own scaling fac
 GUIDE_ARCHITECTURE = "ViT-L-14"  # the DOODL paper's text guide and LAION's aesthetic predictor's tower
 
 
-ARCHITECTURES = (*SD_ARCHITECTURES, "sdxl")
+# stabilityai/stable-diffusion-3.5-medium: transformer/config.json (MMDiT-X: dual attention in the first 13
+# blocks, QK RMSNorm), about 2.5 billion parameters.
+SD35_MEDIUM_TRANSFORMER = {
+    "sample_size": 128,
+    "patch_size": 2,
+    "in_channels": 16,
+    "out_channels": 16,
+    "num_layers": 24,
+    "attention_head_dim": 64,
+    "num_attention_heads": 24,
+    "joint_attention_dim": 4096,
+    "caption_projection_dim": 1536,
+    "pooled_projection_dim": 2048,
+    "pos_embed_max_size": 384,
+    "dual_attention_layers": tuple(range(13)),
+    "qk_norm": "rms_norm",
+}
+# black-forest-labs/FLUX.1-dev: transformer/config.json, about 12 billion parameters (schnell: no guidance
+# embedding).
+FLUX_TRANSFORMER = {
+    "patch_size": 1,
+    "in_channels": 64,
+    "num_layers": 19,
+    "num_single_layers": 38,
+    "attention_head_dim": 128,
+    "num_attention_heads": 24,
+    "joint_attention_dim": 4096,
+    "pooled_projection_dim": 768,
+    "axes_dims_rope": (16, 56, 56),
+}
+# Both models' VAE (vae/config.json): SD's architecture with 16 latent channels, no quant convs.
+FLOW_VAE = {"SD3": {"shift_factor": 0.0609, "scaling_factor": 1.5305}, "FLUX": {"shift_factor": 0.1159,
+            "scaling_factor": 0.3611}}  # fmt: skip
+
+ARCHITECTURES = (*SD_ARCHITECTURES, "sdxl", "sd3-medium", "flux", "flux-schnell")
 
 
 def save_random_sd(folder: str | Path, arch: str = "sd15", dtype: torch.dtype = torch.float16) -> Path:
     """Save a random pipeline of a real SD architecture (weights stored in `dtype`, to halve the disk)."""
     if arch == "sdxl":
         return save_random_sdxl(folder, dtype)
+    if arch == "sd3-medium":
+        return save_random_sd3_medium(folder, dtype)
+    if arch.startswith("flux"):
+        return save_random_flux(folder, dtype, guidance_embeds=arch == "flux")
     if arch not in SD_ARCHITECTURES:
         raise ValueError(f"unknown architecture '{arch}': expected one of {', '.join(ARCHITECTURES)}")
     spec = SD_ARCHITECTURES[arch]
@@ -127,3 +175,94 @@ def save_random_clip(folder: str | Path, arch: str = GUIDE_ARCHITECTURE) -> Path
     (folder / "open_clip_config.json").write_text(json.dumps(config))
     save_file(model.state_dict(), folder / "open_clip_model.safetensors")
     return folder
+
+
+def flow_vae(family: str, dtype: torch.dtype) -> AutoencoderKL:
+    """SD3's or FLUX's VAE at its real size (1024 px)."""
+    return sd_vae(
+        1024, latent_channels=16, use_quant_conv=False, use_post_quant_conv=False, **FLOW_VAE[family]
+    ).to(dtype)
+
+
+def text_tower(encoder_class: type, width: int, dtype: torch.dtype) -> torch.nn.Module:
+    """A one-layer CLIP text tower of a real width: the prompt's embeddings have their real shapes, and
+    are all the transformer sees of it (the towers are freed once the prompt is encoded)."""
+    config = CLIPTextConfig(
+        vocab_size=49408,
+        hidden_size=width,
+        intermediate_size=4 * width,
+        num_hidden_layers=1,
+        num_attention_heads=width // 64,
+        max_position_embeddings=77,
+        projection_dim=width,
+    )
+    return encoder_class(config).to(dtype)
+
+
+def save_random_sd3_medium(folder: str | Path, dtype: torch.dtype = torch.float16) -> Path:
+    """Save a random SD3.5 Medium pipeline: its transformer and VAE at their real size; its CLIP-L and
+    CLIP-G of their real widths but one layer each, and no T5 (SD3 runs without it, reading zeros of the
+    same 256 tokens x 4096 in its place: the transformer's work is the same). T5-XXL's 4.7 billion
+    parameters would not fit beside the transformer in this machine's memory in float32."""
+    torch.manual_seed(0)
+    transformer = SD3Transformer2DModel(**SD35_MEDIUM_TRANSFORMER).to(dtype)
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer,
+        vae=flow_vae("SD3", dtype),
+        text_encoder=text_tower(CLIPTextModelWithProjection, 768, dtype),
+        tokenizer=clip_tokenizer(),
+        text_encoder_2=text_tower(CLIPTextModelWithProjection, 1280, dtype),
+        tokenizer_2=clip_tokenizer(),
+        text_encoder_3=None,
+        tokenizer_3=None,
+        scheduler=flow_scheduler(shift=3.0),
+    )
+    pipe.save_pretrained(folder)
+    return Path(folder)
+
+
+@contextmanager
+def built_in(dtype: torch.dtype) -> Iterator[None]:
+    """Modules built in the block get parameters of `dtype`, on the GPU when there is one (where random
+    initialisation of billions of parameters takes seconds rather than minutes)."""
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+            yield
+    finally:
+        torch.set_default_dtype(before)
+
+
+def save_random_flux(
+    folder: str | Path, dtype: torch.dtype = torch.bfloat16, guidance_embeds: bool = True
+) -> Path:
+    """Save a random FLUX.1-dev (or schnell) pipeline: its transformer and VAE at their real size; CLIP-L of
+    its real width but one layer, and a one-layer T5 of T5-XXL's width (4096): the transformer sees
+    prompt embeddings of their real shapes (512 tokens x 4096, 768 pooled)."""
+    torch.manual_seed(0)
+    with built_in(dtype):  # 12 billion parameters: never all in float32 (48 GB)
+        transformer = FluxTransformer2DModel(**FLUX_TRANSFORMER, guidance_embeds=guidance_embeds)
+    t5 = T5EncoderModel(
+        T5Config(
+            vocab_size=len(t5_tokenizer()),
+            d_model=4096,
+            d_kv=64,
+            d_ff=10240,
+            num_layers=1,
+            num_heads=64,
+            feed_forward_proj="gated-gelu",
+            is_encoder_decoder=False,
+        )
+    ).to(dtype)
+    pipe = FluxPipeline(
+        transformer=transformer,
+        vae=flow_vae("FLUX", dtype),
+        text_encoder=text_tower(CLIPTextModel, 768, dtype),
+        tokenizer=clip_tokenizer(),
+        text_encoder_2=t5,
+        tokenizer_2=t5_tokenizer(max_length=512),
+        scheduler=flow_scheduler(shift=3.0, dynamic=True) if guidance_embeds else flow_scheduler(shift=1.0),
+    )
+    pipe.save_pretrained(folder)
+    return Path(folder)

@@ -7,7 +7,9 @@
     python -m benchmarks.memory --arch sd15 --device cuda   # seconds and memory per iteration (GPU)
     python -m benchmarks.memory --arch sdxl --sizes 512 --models /tmp/sdxl   # SDXL's pieces (CPU)
     python -m benchmarks.memory --arch sdxl --device cuda --size 1024 --modes reversible
-    benchmarks/gpu.sh                            # the prepared GPU run: SD 1.5 and SDXL, 50 steps, fp16
+    python -m benchmarks.memory --arch sd3-medium --sizes 256 512   # SD3.5 Medium's pieces (CPU)
+    python -m benchmarks.memory --arch flux --device cuda --size 1024 --steps 28 --modes reversible
+    benchmarks/gpu.sh                            # the prepared GPU run: SD 1.5, SDXL, FLUX.1 dev / schnell
 
 The default (--arch tiny) measures a tiny SD-architecture model across steps and modes. --arch sd15 / sd21
 builds random-weight models of the real architectures (and a ViT-L-14 guide) into a folder, loads them
@@ -16,6 +18,8 @@ with its backward, the guide on 16 views with its backward) and whole reversible
 instead times whole iterations in the three modes at 512 px, 50 steps, float16 with float64 coupling.
 --arch sdxl measures SDXL base's pieces (UNet VJP, checkpointed decode, guide) and whole reversible
 iterations at each --sizes, and extrapolates the whole iteration to 1024 px in float16 on a GPU.
+--arch sd3-medium measures SD3.5 Medium's: one transformer call + VJP and whole reversible iterations, each
+with and without the transformer's own gradient checkpointing (`DoodlSettings.denoiser_checkpointing`).
 
 Every measurement runs in a fresh process, so no allocation of an earlier one can hide or inflate it.
 "growth" is the peak during `latent_grad` minus the memory held just before it: the gradient's own
@@ -36,13 +40,20 @@ import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from matplotlib.figure import Figure
 
-from benchmarks.architectures import ARCHITECTURES, GUIDE_ARCHITECTURE, save_random_clip, save_random_sd
+from benchmarks.architectures import (
+    ARCHITECTURES,
+    GUIDE_ARCHITECTURE,
+    SD_ARCHITECTURES,
+    save_random_clip,
+    save_random_sd,
+)
 from benchmarks.common import (
     GUIDANCE,
     PROMPT,
@@ -58,15 +69,16 @@ from doodl import (
     DoodlSettings,
     LatentDiffusion,
     edict_denoise,
-    edict_schedule,
     initial_latents,
     latent_grad,
+    tiny,
 )
 from doodl.guides import Clip, load_clip
 from doodl.losses import CUTOUTS, VIEWS_PER_CHUNK, clip_text_loss, symmetry_loss
 from doodl.optimize import DECODER_CHECKPOINT_MIN_LATENT_SIDE, Loss, conditioning, final_loss
-from doodl.pipeline import decoder_checkpointing, load_pipeline
+from doodl.pipeline import decoder_checkpointing, gradient_checkpointing, load_pipeline
 
+FLOW_ARCHITECTURES = ("sd3-medium", "flux", "flux-schnell")
 FLAT = 0.05  # the most the reversible mode's growth may rise from the fewest to the most steps
 MB = 2**20
 GB = 2**30
@@ -104,7 +116,7 @@ def measure(folder: Path, mode: str, steps: int, device: str, threads: int) -> t
     """(memory just before the gradient call, peak during it), in bytes."""
     torch.set_num_threads(threads)
     pb = problem(folder, device)
-    schedule = edict_schedule(pb.model.scheduler, steps)
+    schedule = pb.model.schedule(steps, 0.93, True)
     gc.collect()
     before = current(device)
     reset_peak(device)
@@ -136,6 +148,7 @@ class Case:
     size: int  # image side, px
     steps: int = 1
     checkpoint_decoder: bool = False
+    checkpoint_denoiser: bool = False  # the UNet's or transformer's own gradient checkpointing in each VJP
     views_per_chunk: int | None = VIEWS_PER_CHUNK
     guide: bool = False  # whole iterations: the ViT-L-14 text loss on 16 views instead of symmetry
 
@@ -195,6 +208,28 @@ def xl_cases(sizes: list[int], steps: list[int]) -> list[Case]:
     return [*cases, Case(views, "guide", max(sizes)), *more]
 
 
+def flow_cases(sizes: list[int], steps: list[int]) -> list[Case]:
+    """A flow transformer: at each size one call + VJP and a whole reversible iteration at the fewest steps,
+    each without and with the transformer's gradient checkpointing, and the checkpointed decode; then the
+    iterations at more steps, the slowest, last."""
+    cases, more = [], []
+    call, lean = "one transformer call (cond+uncond) + VJP", "whole reversible iteration, symmetry loss"
+    fewest, *rest = sorted(steps)
+    for size in sorted(sizes):
+        decoder = size // 8 >= DECODER_CHECKPOINT_MIN_LATENT_SIDE
+        for inside in (False, True):
+            note = ", transformer checkpointed" if inside else ""
+            cases += [
+                Case(call + note, "unet-vjp", size, checkpoint_denoiser=inside),
+                Case(lean + note, "iteration", size, fewest, decoder, checkpoint_denoiser=inside),
+            ]
+            more += [
+                Case(lean + note, "iteration", size, n, decoder, checkpoint_denoiser=inside) for n in rest
+            ]
+        cases.append(Case("decode + backward, one latent, decoder checkpointed", "decode", size, 1, True))
+    return [*cases, *more]
+
+
 def arch_folders(arch: str, keep: Path | None) -> tuple[Path, Path]:
     """The random SD pipeline and guide folders, built once (or reused from `keep`)."""
     root = keep or Path(tempfile.mkdtemp(prefix=f"doodl-{arch}-"))
@@ -233,7 +268,7 @@ def piece(case: Case, model: LatentDiffusion, clip: Clip | None) -> Callable[[],
     if case.piece == "guide":
         images = torch.rand(1, 3, case.size, case.size, device=model.device, requires_grad=True)
         return lambda: _grad_of(lambda: image_loss(images), (images,))
-    schedule = edict_schedule(model.scheduler, case.steps)
+    schedule = model.schedule(case.steps, 0.93, True, x.shape)
     if case.piece == "iteration-joint":
         loss_of_final = lambda a, b: image_loss(model.decode(torch.cat([a, b])))  # noqa: E731
     else:
@@ -248,21 +283,26 @@ def measure_case(sd: Path, clip_folder: Path, case: Case, device: str, threads: 
     uses_guide = case.piece == "guide" or case.guide
     clip = load_clip(str(clip_folder), device=device) if uses_guide else None
     run = piece(case, model, clip)
-    if model.xl:
-        free_text_encoders(model)
+    free_text_encoders(model)
     gc.collect()
     before = current(device)
     reset_peak(device)
-    with decoder_checkpointing(model.vae, case.checkpoint_decoder):
+    with decoder_checkpointing(model.vae, case.checkpoint_decoder), denoiser_checkpointed(model, case):
         run()
     return before, peak(device)
 
 
+def denoiser_checkpointed(model: LatentDiffusion, case: Case) -> AbstractContextManager[None]:
+    return gradient_checkpointing(model.denoiser, True) if case.checkpoint_denoiser else nullcontext()
+
+
 def free_text_encoders(model: LatentDiffusion) -> None:
-    """Drop the text encoders' weights (to the meta device) once the prompt is encoded: nothing after that
-    calls them, and SDXL's two hold 3.3 GB in float32 that would otherwise sit beside the UNet."""
-    for encoder in (model.text_encoder, model.text_encoder_2):
-        if encoder is not None:
+    """Drop the text encoders' weights once the prompt is encoded: nothing after that calls them, and
+    SDXL's two hold 3.3 GB in float32 that would otherwise sit beside the UNet (moved to the meta device);
+    SD3's and FLUX's are released by the model itself."""
+    model.release_text_encoders()
+    if getattr(model, "xl", False):
+        for encoder in (model.text_encoder, model.text_encoder_2):
             encoder.to("meta")
 
 
@@ -294,10 +334,13 @@ def arch_report(args: argparse.Namespace, out: Path) -> None:
     """Measure every case in a fresh process; the report is rewritten after each, so a run cut short
     still leaves the rows it measured."""
     sd, clip = arch_folders(args.arch, args.models)
-    xl = args.arch == "sdxl"
-    cases = (
-        xl_cases(args.sizes, args.steps) if xl else arch_cases(args.sizes, args.steps, not args.no_whole_512)
-    )
+    xl, flow = args.arch == "sdxl", args.arch in FLOW_ARCHITECTURES
+    if xl:
+        cases = xl_cases(args.sizes, args.steps)
+    elif flow:
+        cases = flow_cases(args.sizes, args.steps)
+    else:
+        cases = arch_cases(args.sizes, args.steps, not args.no_whole_512)
     rows, growth = [], []
     for case in cases:
         before, top = in_fresh_process(sd, clip, case, args.device, args.threads, function=measure_case)
@@ -307,12 +350,24 @@ def arch_report(args: argparse.Namespace, out: Path) -> None:
                      f"{growth[-1]:.2f}"])  # fmt: skip
         print(rows[-1], flush=True)
         done = cases[: len(rows)]
-        said = xl_verdicts(done, growth) + [xl_extrapolation(done, growth, sd, clip)] if xl else []
+        said = []
+        if xl:
+            said = xl_verdicts(done, growth) + [xl_extrapolation(done, growth, sd, clip)]
+        elif flow:
+            said = [
+                *xl_verdicts([c for c in done if not c.checkpoint_denoiser], growth_of(done, growth, False)),
+                *xl_verdicts([c for c in done if c.checkpoint_denoiser], growth_of(done, growth, True)),
+            ]
         sections = [arch_notes(args), *(said or arch_verdicts(done, growth)), arch_table(rows)]
         if len(rows) < len(cases):
             sections.insert(1, f"**Partial**: {len(rows)} of {len(cases)} cases measured so far.")
         title = f"Memory of a DOODL iteration, {args.arch} (RSS)"
         write_report(out, f"memory-{args.arch}", title, sections, arch_figure(args.arch, rows, growth))
+
+
+def growth_of(cases: list[Case], growth: list[float], checkpointed: bool) -> list[float]:
+    """The growths of the cases measured with (or without) the denoiser's gradient checkpointing."""
+    return [g for c, g in zip(cases, growth) if c.checkpoint_denoiser == checkpointed]
 
 
 def arch_notes(args: argparse.Namespace) -> str:
@@ -333,6 +388,15 @@ def arch_notes(args: argparse.Namespace) -> str:
             "inputs. Float32, not bfloat16: this CPU (AVX2, no AVX512-BF16) runs bfloat16 matmuls and "
             "convolutions some 50x slower than float32 (0.3-0.7 vs 23-35 GFLOPS on one thread), and the "
             "float32 UNet (10.3 GB) with its activations fits in this machine's 23 GB."
+        )
+    if args.arch in FLOW_ARCHITECTURES:
+        notes += (
+            f" {args.arch}: the transformer and VAE at their real size (`benchmarks.architectures`); CLIP "
+            "text towers of their real widths but one layer, and SD3 without T5 (its pipeline reads zeros of "
+            "T5's 256 tokens x 4096: the transformer's work is the same); the prompt is encoded, then the "
+            "text encoders are released. 'transformer checkpointed': diffusers' gradient checkpointing "
+            "inside each transformer VJP (`DoodlSettings.denoiser_checkpointing`). Each verdict compares "
+            "whole iterations with the call + VJP measured the same way."
         )
     return notes
 
@@ -437,6 +501,7 @@ def time_iteration(
     clip = load_clip(str(clip_folder), device=device, dtype=dtype)
     settings = DoodlSettings(steps=steps, height=size, width=size, mode=mode)  # float64 coupling: default
     eps = conditioning(model, PROMPT, settings)
+    model.release_text_encoders()  # SD3's and FLUX's T5: nothing calls them again
     x, y = initial_latents(model, settings)
     loss = final_loss(model, clip_text_loss(clip, PROMPT, generator=torch.Generator().manual_seed(0)))
     weights = current(device)
@@ -446,7 +511,7 @@ def time_iteration(
             model.decode(edict_denoise(eps, x, y, settings.schedule(model))[0])
 
     def iteration(schedule_steps: int) -> None:
-        schedule = edict_schedule(model.scheduler, schedule_steps, settings.p, settings.leapfrog)
+        schedule = model.schedule(schedule_steps, settings.p, settings.leapfrog, x.shape)
         with decoder_checkpointing(model.vae, settings.checkpoints_decoder(model)):
             latent_grad(eps, x, y, schedule, loss, mode)
 
@@ -508,17 +573,19 @@ def timing_folders(args: argparse.Namespace) -> tuple[Path, Path, int]:
     """The pipeline and guide folders to time, and the image side (--size, else the model's own)."""
     if args.arch == "tiny":
         sd, clip, size = tiny_folder(args.tiny_size), tiny_clip_folder(), args.tiny_size * 8
-    elif args.arch == "tiny-sdxl":
-        sd, clip, size = tiny_sdxl_folder(args.tiny_size), tiny_clip_folder(), args.tiny_size * 8
+    elif args.arch in TINY_BUILDERS:
+        sd, clip, size = tiny_arch_folder(args.arch, args.tiny_size), tiny_clip_folder(), args.tiny_size * 8
     else:
         sd, clip = arch_folders(args.arch, args.models)
-        size = 1024 if args.arch == "sdxl" else 512  # SDXL's native size; SD's as measured before
+        size = 512 if args.arch in SD_ARCHITECTURES else 1024  # SD 1.5's as measured before; the others' own
     return sd, clip, args.size or size
 
 
 def timing_report(args: argparse.Namespace, out: Path) -> None:
     sd, clip, size = timing_folders(args)
-    dtype = torch.float16 if args.device == "cuda" else torch.float32
+    dtype = torch.float32
+    if args.device == "cuda":  # FLUX.1 overflows in float16: bfloat16, as its makers run it
+        dtype = torch.bfloat16 if "flux" in args.arch else torch.float16
     steps = args.steps[-1]
     rows = timing_rows(sd, clip, size, steps, args.device, dtype, args.threads, tuple(args.modes))
     card = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
@@ -526,8 +593,9 @@ def timing_report(args: argparse.Namespace, out: Path) -> None:
     upcast = " (SDXL's VAE in float32: its force_upcast)" if args.arch.endswith("sdxl") else ""
     unit = "torch.cuda.max_memory_allocated" if args.device == "cuda" else "peak RSS"
     notes = (
-        f"{args.arch} architecture with random weights on {card}: {size} px, {steps} EDICT steps, UNet and "
-        f"VAE in {str(dtype).removeprefix('torch.')}{upcast}, coupling in float64, {guide} text loss on "
+        f"{args.arch} architecture with random weights on {card}: {size} px, {steps} EDICT steps, the "
+        f"denoiser (UNet or transformer) and VAE in {str(dtype).removeprefix('torch.')}{upcast}, coupling "
+        f"in float64, {guide} text loss on "
         f"{CUTOUTS} views of each latent of the pair (`final_loss`, decoder checkpointing as "
         "`DoodlSettings`' 'auto'). "
         "sample = one EDICT sample and its decode; iteration = one `latent_grad`; growth = peak "
@@ -552,13 +620,18 @@ def timing_report(args: argparse.Namespace, out: Path) -> None:
     )
 
 
-def tiny_sdxl_folder(sample_size: int) -> Path:
-    """A tiny random SDXL pipeline (for dry runs of the GPU path on the CPU)."""
-    from doodl.tiny import save_tiny_sdxl_pipeline
+# Tiny random pipelines of an architecture, for dry runs of the GPU path on the CPU.
+TINY_BUILDERS = {
+    "tiny-sdxl": tiny.save_tiny_sdxl_pipeline,
+    "tiny-sd3": tiny.save_tiny_sd3_pipeline,
+    "tiny-flux": tiny.save_tiny_flux_pipeline,
+}
 
-    folder = Path(tempfile.mkdtemp(prefix="doodl-tinyxl-"))
+
+def tiny_arch_folder(arch: str, sample_size: int) -> Path:
+    folder = Path(tempfile.mkdtemp(prefix=f"doodl-{arch}-"))
     atexit.register(shutil.rmtree, folder, ignore_errors=True)
-    return save_tiny_sdxl_pipeline(folder, sample_size=sample_size)
+    return TINY_BUILDERS[arch](folder, sample_size=sample_size)
 
 
 def tiny_clip_folder() -> Path:
@@ -602,7 +675,7 @@ def main() -> None:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--glibc-default", action="store_true", help="keep glibc's dynamic mmap threshold")
     p.add_argument(
-        "--arch", default="tiny", choices=["tiny", *ARCHITECTURES, "tiny-sdxl"], help="model architecture"
+        "--arch", default="tiny", choices=["tiny", *ARCHITECTURES, *TINY_BUILDERS], help="model architecture"
     )
     p.add_argument(
         "--sizes", type=int, nargs="+", help="--arch: image sides of the pieces (default 256 512; sdxl: 512)"
@@ -615,7 +688,7 @@ def main() -> None:
     args = p.parse_args()
     if args.quick:
         args.steps, args.tiny_size = [2, 6], 8
-    timing = args.timing or (args.device == "cuda" and args.arch != "tiny") or args.arch == "tiny-sdxl"
+    timing = args.timing or (args.device == "cuda" and args.arch != "tiny") or args.arch in TINY_BUILDERS
     args.sizes = args.sizes or ([512] if args.arch == "sdxl" else [256, 512])
     args.steps = args.steps or ([50] if timing else [1, 2, 4] if args.arch != "tiny" else [10, 25, 50])
     out = start(args)

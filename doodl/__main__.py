@@ -209,8 +209,10 @@ def main(argv: list[str] | None = None) -> int:
         dtype = torch.float16 if args.device.startswith("cuda") else torch.float32
         model = load_pipeline(args.model, args.device, dtype, vae=args.vae)
         model.latent_shape(settings.height, settings.width)  # a bad size is refused before guides load
-        if settings.guidance_scale == 0:
+        if settings.guidance_scale == 0 and model.classifier_free:
             print(UNCONDITIONAL_NOTE, file=sys.stderr)
+        model.encode_prompt(args.prompt)  # the one prompt of the run: encoded, then its encoders freed
+        model.release_text_encoders()
         loss = build_loss(args, cutouts, args.device, torch.Generator().manual_seed(settings.seed))
         init = None
         if args.init_image:

@@ -1,5 +1,5 @@
 """The embedded default models: the small models of the shapes world, shipped in `assets/embedded`, and the
-settings each capability runs them with.
+settings each capability runs them with (any other model: the paper's, with its makers' steps and guidance).
 
 They are ordinary model folders (diffusers, open_clip, transformers, a LAION-format aesthetic head),
 loaded by the same loaders as real models; only their location is special.
@@ -12,6 +12,7 @@ from pathlib import Path
 
 from doodl.losses import CUTOUTS
 from doodl.optimize import DoodlSettings
+from doodl.pipeline import published_settings
 
 ROOT = Path(__file__).resolve().parent.parent / "assets" / "embedded"
 SD = ROOT / "sd"
@@ -132,7 +133,8 @@ def is_embedded(model: str | Path) -> bool:
 
 
 def presets(model: str | Path) -> dict[str, Preset]:
-    """Each capability's settings for a model: the embedded model's own, else the paper's."""
+    """Each capability's settings for a model: the embedded model's own, else the paper's with the steps
+    and guidance its makers publish (SD3, FLUX: `LatentDiffusion.published_settings`)."""
     if is_embedded(model):
         return dict(EMBEDDED_PRESETS)
-    return dict.fromkeys(CAPABILITIES, PAPER)
+    return dict.fromkeys(CAPABILITIES, Preset(replace(PAPER.settings, **published_settings(model))))

@@ -22,12 +22,19 @@ from diffusers import (
     DiffusionPipeline,
     FlowMatchEulerDiscreteScheduler,
     FluxPipeline,
+    FluxTransformer2DModel,
+    SD3Transformer2DModel,
     StableDiffusion3Pipeline,
 )
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
 from doodl.edict import EdictSchedule, NoisePredictor, Timestep, flow_schedule
 from doodl.pipeline import LatentDiffusion, ModelLoadError, PromptEmbeds, guidance_halves
+
+# EDICT's mixing weight on flow models (DDIM's: the paper's 0.93). From 28 steps the coupled sample is as
+# close to plain Euler at any p from 0.8 to 1 (1.1-1.4 %, a quarter of Euler's own error), while the round
+# trip is 10-100x tighter at 0.97 than at 0.93 over 50 steps: benchmarks/results/flow_mixing.md.
+FLOW_MIX = 0.97
 
 # Prompts whose embeddings a model keeps, so that a run's samples, its baseline and its DOODL iterations
 # encode each prompt once, and prompts encoded before `release_text_encoders` stay usable after it.
@@ -47,7 +54,9 @@ class FlowTransformer(LatentDiffusion):
     _prompts: OrderedDict = field(default_factory=OrderedDict, compare=False, repr=False)
     _lock: Any = field(default_factory=threading.Lock, compare=False, repr=False)
 
-    # The pipeline's text encoders, the default of its `max_sequence_length` and its T5 tokenizer.
+    # The transformer's class, the pipeline's text encoders, the default of its `max_sequence_length` and
+    # its T5 tokenizer.
+    transformer_class: ClassVar[type[torch.nn.Module]]
     text_encoders: ClassVar[tuple[str, ...]] = ()
     default_sequence_length: ClassVar[int] = 256
     t5_tokenizer: ClassVar[str] = ""
@@ -79,6 +88,20 @@ class FlowTransformer(LatentDiffusion):
     @classmethod
     def required_text_encoders(cls) -> tuple[str, ...]:
         return cls.text_encoders
+
+    @classmethod
+    def published_settings(cls, source: str) -> dict[str, Any]:
+        """The makers' steps and guidance for this transformer (`published_for`), and the coupling's mixing
+        weight for flows (FLOW_MIX)."""
+        try:
+            config = cls.transformer_class.load_config(source, subfolder="transformer")
+        except (OSError, ValueError):
+            return {}
+        return {**cls.published_for(config), "p": FLOW_MIX}
+
+    @classmethod
+    def published_for(cls, config: dict[str, Any]) -> dict[str, Any]:
+        return {}
 
     @classmethod
     def check_transformer(cls, transformer: torch.nn.Module) -> None:
@@ -165,9 +188,21 @@ class StableDiffusion3(FlowTransformer):
     outputs; classifier-free guidance in one batched call, as the UNet's."""
 
     pipelines: ClassVar[tuple[type[DiffusionPipeline], ...]] = (StableDiffusion3Pipeline,)
+    transformer_class: ClassVar[type[torch.nn.Module]] = SD3Transformer2DModel
     text_encoders: ClassVar[tuple[str, ...]] = ("text_encoder", "text_encoder_2", "text_encoder_3")
     default_sequence_length: ClassVar[int] = 256  # StableDiffusion3Pipeline's max_sequence_length
     t5_tokenizer: ClassVar[str] = "tokenizer_3"
+
+    @classmethod
+    def published_for(cls, config: dict[str, Any]) -> dict[str, Any]:
+        """The model cards' examples: SD3.5 Medium (dual attention) 40 steps at CFG 4.5, SD3.5 Large (QK
+        norm) 28 at 3.5, SD3 Medium 28 at 7.0. SD3.5 Large Turbo shares Large's transformer config: run it
+        with its card's 4 steps and no guidance (here --guidance-scale 1, the conditional prediction)."""
+        if config.get("dual_attention_layers"):
+            return {"steps": 40, "guidance_scale": 4.5}
+        if config.get("qk_norm"):
+            return {"steps": 28, "guidance_scale": 3.5}
+        return {"steps": 28, "guidance_scale": 7.0}
 
     @classmethod
     def required_text_encoders(cls) -> tuple[str, ...]:
@@ -236,9 +271,20 @@ class Flux(FlowTransformer):
     per evaluation, the guidance scale given as an embedding (dev) or not at all (schnell)."""
 
     pipelines: ClassVar[tuple[type[DiffusionPipeline], ...]] = (FluxPipeline,)
+    classifier_free: ClassVar[bool] = False
+    transformer_class: ClassVar[type[torch.nn.Module]] = FluxTransformer2DModel
     text_encoders: ClassVar[tuple[str, ...]] = ("text_encoder", "text_encoder_2")
     default_sequence_length: ClassVar[int] = 512  # FluxPipeline's max_sequence_length
     t5_tokenizer: ClassVar[str] = "tokenizer_2"
+
+    @classmethod
+    def published_for(cls, config: dict[str, Any]) -> dict[str, Any]:
+        """dev: FluxPipeline's defaults, 28 steps at guidance 3.5 (the model card's example takes 50 steps);
+        schnell (no guidance embedding): its card's 4 steps, no guidance (sampled by plain Euler below
+        doodl.edict.FEW_STEPS, as any few-step model)."""
+        if config.get("guidance_embeds"):
+            return {"steps": 28, "guidance_scale": 3.5}
+        return {"steps": 4, "guidance_scale": 1.0}
 
     @classmethod
     def check_transformer(cls, transformer: torch.nn.Module) -> None:

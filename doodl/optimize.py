@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
@@ -32,7 +33,14 @@ from doodl.gradient import (
     latent_grad,
 )
 from doodl.losses import Loss, distance_to, weighted_sum  # benchmarks import Loss from here too
-from doodl.pipeline import LatentDiffusion, count_unet_calls, decoder_checkpointing, to_pil, to_tensor
+from doodl.pipeline import (
+    LatentDiffusion,
+    count_unet_calls,
+    decoder_checkpointing,
+    gradient_checkpointing,
+    to_pil,
+    to_tensor,
+)
 
 # denoise(eps, x_T, y_T, schedule) -> (x_0, y_0): `edict_denoise`, or `ddim_denoise` for few-step chains.
 ChainDenoise = Callable[[NoisePredictor, torch.Tensor, torch.Tensor, EdictSchedule], Pair]
@@ -95,6 +103,11 @@ class DoodlSettings:
     # Gradient checkpointing in the VAE decoder: "on", "off", or "auto" (on for large latents, see
     # DECODER_CHECKPOINT_MIN_LATENT_SIDE). Same gradient; one more decoder forward per judged latent.
     decoder_checkpointing: str = "auto"
+    # Gradient checkpointing inside the denoiser's VJP (diffusers' own, block by block): each VJP keeps its
+    # blocks' inputs instead of their activations and recomputes them, for about one more forward. Where
+    # one call's activations are an iteration's peak (a large transformer at a high resolution): SD3.5
+    # Medium's iteration with and without it in benchmarks/results/memory-sd3-medium.md.
+    denoiser_checkpointing: bool = False
     # Decode, score and back-propagate x_0 and y_0 one at a time: "on", "off" (both in one batch, on the
     # same random views), or "auto": apart from DECODER_CHECKPOINT_MIN_LATENT_SIDE up, where holding both
     # graphs costs most (SD 1.5 at 256 px: 2.86 GB for both, 1.47 GB for one); below, one batch is faster.
@@ -365,7 +378,7 @@ def doodl(
     loss_of_final = final_loss(model, loss, settings.first_image_only or chain.few_steps, decoded, separately)
 
     for iteration in range(settings.iterations):
-        with decoder_checkpointing(model.vae, settings.checkpoints_decoder(model)):
+        with checkpointing(model, settings):
             result = latent_grad(eps, x, y, schedule, loss_of_final, chain.mode, chain.step)
         image = to_pil(decoded[0])[0]
         decoded.clear()
@@ -374,6 +387,17 @@ def doodl(
             x, y, velocity = _sgd_step((x, y), result.grad, velocity, norms, settings, generator)
             if region is not None:
                 x, y = region.project((x, y))
+
+
+@contextmanager
+def checkpointing(model: LatentDiffusion, settings: DoodlSettings) -> Iterator[None]:
+    """The gradient checkpointing these settings ask of the model's VAE and denoiser, for a gradient."""
+    with decoder_checkpointing(model.vae, settings.checkpoints_decoder(model)):
+        if not settings.denoiser_checkpointing:
+            yield
+            return
+        with gradient_checkpointing(model.denoiser, True):
+            yield
 
 
 def reconstruction(

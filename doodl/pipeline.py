@@ -10,8 +10,8 @@ coefficients, here) and the flow-matching transformers (SD3 / SD3.5, FLUX.1: Eul
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -73,6 +73,9 @@ class LatentDiffusion(ABC):
     """
 
     pipelines: ClassVar[tuple[type[DiffusionPipeline], ...]] = ()
+    # Whether the guidance scale is classifier-free guidance's (0: the unconditional prediction); FLUX.1
+    # takes it as an input of a guidance-distilled model instead.
+    classifier_free: ClassVar[bool] = True
     vae: AutoencoderKL
 
     @classmethod
@@ -92,6 +95,12 @@ class LatentDiffusion(ABC):
     @classmethod
     def load_options(cls, pipeline_class: type[DiffusionPipeline]) -> dict[str, Any]:
         """What `from_pretrained` is told besides the folder and dtype (parts left out, for instance)."""
+        return {}
+
+    @classmethod
+    def published_settings(cls, source: str) -> dict[str, Any]:
+        """The sampling settings the model's makers publish for the model at `source` (DoodlSettings
+        fields), read from its configs without loading weights; {}: the paper's."""
         return {}
 
     @property
@@ -155,6 +164,11 @@ class LatentDiffusion(ABC):
     @abstractmethod
     def encode_prompt(self, prompt: str, negative_prompt: str = "") -> PromptEmbeds:
         """A prompt's embeddings, as `noise_predictor` takes them."""
+
+    def release_text_encoders(self) -> None:
+        """Free what only encodes prompts, once a run's prompts are encoded (SD3's and FLUX's T5-XXL: 9 GB
+        in bf16); a model whose text encoders are small keeps them."""
+        return None
 
     @abstractmethod
     def noise_predictor(self, prompt_embeds: PromptEmbeds, guidance_scale: float) -> NoisePredictor:
@@ -423,27 +437,34 @@ def onednn(enabled: bool) -> Iterator[None]:
 
 
 @contextmanager
-def decoder_checkpointing(vae: torch.nn.Module, enabled: bool) -> Iterator[None]:
-    """diffusers' gradient checkpointing in the VAE on (or off) for a block, then off again if it was.
+def gradient_checkpointing(
+    model: torch.nn.Module, enabled: bool, function: Callable[..., torch.Tensor] | None = None
+) -> Iterator[None]:
+    """diffusers' gradient checkpointing in a model on (or off) for a block, then off again if it was.
 
-    With it, a decode under autograd keeps only the inputs of the decoder's pieces and recomputes each
-    piece in the backward pass (`checkpoint_resnets`). The block must hold the backward too: a checkpoint
-    recomputed under other flags would not rebuild the tensors its forward saved. A VAE class without
-    support is left as it is.
+    With it, a call under autograd keeps only the inputs of the model's blocks and recomputes each block
+    in the backward pass (with `function`, else diffusers' own). The block must hold the backward too: a
+    checkpoint recomputed under other flags would not rebuild the tensors its forward saved. A model class
+    without support is left as it is.
     """
-    if not getattr(vae, "_supports_gradient_checkpointing", False):
+    if not getattr(model, "_supports_gradient_checkpointing", False):
         yield
         return
-    before = any(getattr(m, "gradient_checkpointing", False) for m in vae.modules())
+    before = any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
     if enabled:
-        vae.enable_gradient_checkpointing(checkpoint_resnets)
+        model.enable_gradient_checkpointing(function)
     else:
-        vae.disable_gradient_checkpointing()
+        model.disable_gradient_checkpointing()
     try:
         yield
     finally:
         if not before:
-            vae.disable_gradient_checkpointing()
+            model.disable_gradient_checkpointing()
+
+
+def decoder_checkpointing(vae: torch.nn.Module, enabled: bool) -> AbstractContextManager[None]:
+    """Gradient checkpointing in the VAE for a block, one decoder resnet at a time (`checkpoint_resnets`)."""
+    return gradient_checkpointing(vae, enabled, checkpoint_resnets)
 
 
 def checkpoint_resnets(module: torch.nn.Module, *args: torch.Tensor | None) -> torch.Tensor:
@@ -514,6 +535,17 @@ def pipeline_source(model: str | Path) -> str:
     return str(path)
 
 
+def published_settings(model: str | Path) -> dict[str, Any]:
+    """The sampling settings a model's makers publish (steps, guidance), as DoodlSettings fields: {} for
+    Stable Diffusion (the paper's settings are SD's), and {} when the model's configs cannot be read (a
+    hub id offline; loading it will then say why)."""
+    try:
+        source = pipeline_source(model)
+        return family_of(pipeline_class_of(source)).published_settings(source)
+    except ModelLoadError:
+        return {}
+
+
 def pipeline_class_of(source: str) -> type[DiffusionPipeline]:
     """Which diffusers pipeline loads `source`, from the class its model_index.json names: the pipeline of
     a family whose name is the longest start of it ("StableDiffusionXLImg2ImgPipeline": SDXL's; a FLUX
@@ -577,13 +609,14 @@ class UnetCalls:
 
 @contextmanager
 def count_unet_calls(unet: torch.nn.Module) -> Iterator[UnetCalls]:
-    """Count the UNet's forward calls inside the block."""
+    """Count the denoiser's forward calls inside the block (a UNet's, or a flow transformer's: the unit
+    of matched compute whatever the family)."""
     counts = UnetCalls()
 
     def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         counts.calls += 1
         counts.grad_calls += torch.is_grad_enabled()
-        counts.latents += (args[0] if args else kwargs["sample"]).shape[0]
+        counts.latents += (args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))).shape[0]
 
     handle = unet.register_forward_pre_hook(hook, with_kwargs=True)
     try:

@@ -67,7 +67,7 @@ class ModelNames:
     pickscore_processor: str = ""  # its CLIP processor; blank: the model's own
     hps: str = ""  # an HPSv2 checkpoint file
     hps_architecture: str = HPS_ARCHITECTURE
-    # Replaces the VAE of the host's Stable Diffusion model (e.g. SDXL's fixed for float16); blank: its own.
+    # Replaces the VAE of the host's generator (e.g. SDXL's fixed for float16); blank: its own.
     vae: str = ""
 
     def guide(self, role: str) -> str:
@@ -86,7 +86,7 @@ class ModelNames:
 
 
 # How each model a visitor may name is called in messages.
-MODEL_KINDS = {"sd": "Stable Diffusion model", **GUIDE_NAMES}
+MODEL_KINDS = {"sd": "generator model", **GUIDE_NAMES}
 
 
 class ModelCache:
@@ -118,7 +118,8 @@ class ModelCache:
         return {name for _, name, _ in self._models}
 
     def pipeline(self, name: str, vae: str = "") -> LatentDiffusion:
-        """A Stable Diffusion model, with another VAE when `vae` names one (cached apart from its own)."""
+        """A generator (SD, SDXL, SD3, FLUX), with another VAE when `vae` names one (cached apart from its
+        own)."""
         name, vae = locate(required(name, MODEL_KINDS["sd"])), vae and locate(vae)
         key = f"{name} + {vae}" if vae else name
         return self.get("sd", key, lambda: load_pipeline(name, self.device, self.dtype, vae=vae or None))
@@ -205,8 +206,8 @@ SETTINGS: tuple[Setting, ...] = (
         "Sampling chain",
         str,
         lambda p: p.settings.sampler,
-        "edict: the paper's, exactly invertible; ddim: one UNet call a step, stored for the gradient; "
-        f"auto: ddim below {FEW_STEPS} steps. A photo's is EDICT's",
+        "edict: the paper's, exactly invertible; ddim: the model's plain chain (DDIM, Euler on SD3 / FLUX), "
+        f"one call a step, stored for the gradient; auto: ddim below {FEW_STEPS} steps. A photo's is EDICT's",
         row=2,
         choices=SAMPLERS,
     ),
@@ -221,9 +222,10 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting(
         "guidance_scale",
-        "Classifier-free guidance scale",
+        "Guidance scale",
         float,
         lambda p: p.settings.guidance_scale,
+        "classifier-free (1: the prompt alone); FLUX.1-dev: its guidance embedding; schnell: none",
         row=3,
         slider=(0.0, 20.0, 0.5),
     ),
@@ -523,7 +525,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     default = ModelNames()
     models = parser.add_argument_group("models (the host's choice; visitors see them read-only when public)")
     models.add_argument(
-        "--model", default=default.sd, help="Stable Diffusion (1.x, 2.x, XL): folder or hub id"
+        "--model",
+        default=default.sd,
+        help="generator: SD 1.x / 2.x / XL, SD3 / SD3.5, FLUX.1; folder or hub id",
     )
     models.add_argument("--vae", default="", help="replace --model's VAE: folder or hub id (SDXL's fp16 fix)")
     models.add_argument("--clip", default=default.clip, help="CLIP of text guidance and personalization")

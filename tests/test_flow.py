@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -297,3 +298,105 @@ def test_a_conditioned_flux_variant_is_refused_clearly(folders):
     pipe.transformer.register_to_config(in_channels=384)  # FLUX.1 Fill's: image and mask beside the latent
     with pytest.raises(ModelLoadError, match="Fill, Control"):
         LatentDiffusion.from_pipeline(pipe)
+
+
+# --- the command line, batch runs and every tab of the app --------------------------------------------
+
+
+def test_cli_runs_sd3_and_flux(folders, tmp_path, capsys):
+    from doodl.__main__ import main
+
+    for kind in KINDS:
+        out = tmp_path / f"{kind}.png"
+        args = ["--model", str(folders[kind]), "--prompt", PROMPT, "--loss", "symmetry", "--iterations", "2",
+                "--steps", "4", "--out", str(out), "--baseline-scale", "5"]  # fmt: skip
+        assert main(args) == 0
+        assert capsys.readouterr().out.count("iteration  ") == 2
+        assert Image.open(out).size == (64, 64)
+        assert Image.open(out.with_name(f"{out.stem}-one-step.png")).size == (64, 64)
+
+
+def test_a_batch_runs_on_flux(folders, tmp_path):
+    from doodl.batch import METHODS, main
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\n")
+    out = tmp_path / "runs"
+    args = [str(prompts), "--out", str(out), "--model", str(folders["flux-dev"]), "--loss", "symmetry"]
+    assert main([*args, "--steps", "2", "--iterations", "1", "--cutouts", "2"]) == 0
+    records = [json.loads(path.read_text()) for path in out.glob("*/*/records/*.json")]
+    assert sorted(record["method"] for record in records) == sorted(METHODS)
+
+
+@pytest.fixture(scope="module")
+def guides(tmp_path_factory):
+    """A tiny random CLIP, classifier and aesthetic head, as a host names them."""
+    from safetensors.torch import save_file
+
+    from doodl.tiny import TINY_CLIP, save_tiny_classifier, save_tiny_clip
+
+    folder = tmp_path_factory.mktemp("guides")
+    head = folder / "aesthetic_head.safetensors"
+    weight = 0.5 * torch.randn(1, TINY_CLIP["embed_dim"], generator=torch.Generator().manual_seed(0))
+    save_file({"weight": weight, "bias": torch.tensor([5.5])}, head)
+    clip = str(save_tiny_clip(folder / "clip"))
+    classifier = str(save_tiny_classifier(folder / "classifier", ("crimson", "scarlet")))
+    return {"clip": clip, "classifier": classifier, "aesthetic_clip": clip, "aesthetic_head": str(head)}
+
+
+@pytest.mark.parametrize("kind", ["sd3", "flux-schnell"])
+def test_every_tab_of_the_app_runs_on_a_flow_model(folders, guides, tmp_path, kind):
+    """Through the app's own run function, as a click on each tab with the model field set to the folder; a
+    photo on the aesthetic tab (its EDICT inversion through the coupled flow chain)."""
+    import app
+    from doodl.serving import ModelNames, Serving
+
+    model = str(folders[kind])
+    serving = Serving(ModelNames(sd=model, **guides))
+    reference = tmp_path / "reference.png"
+    Image.new("RGB", (48, 40), (245, 110, 130)).save(reference)
+    asked = {"steps": 4, "iterations": 2, "cutouts": 2, "seed": 0, "compare": True, "guidance_scale": 3.5}
+    tabs = {
+        "text": dict(guides={"clip": guides["clip"]}),
+        "vocabulary": dict(guides={"classifier": guides["classifier"]}, target_class="scarlet"),
+        "personalization": dict(guides={"clip": guides["clip"]}, references=[str(reference)]),
+        "aesthetic": dict(
+            guides={r: guides[r] for r in ("aesthetic_clip", "aesthetic_head")}, photo=str(reference)
+        ),
+    }
+    for tab, inputs in tabs.items():
+        updates = list(
+            app.run_tab(
+                serving, tab, lambda *a, **k: None, model=model, prompt=PROMPT, settings=asked, **inputs
+            )
+        )
+        _, status, curve, best, gallery = updates[-1]
+        assert status.startswith("Done: iteration 2 of 2"), (tab, status)
+        assert len(curve) == 2 and Image.open(best).size == (64, 64), tab
+        assert len(gallery) >= 3, tab  # unguided, one-step, DOODL (and the photo)
+
+
+def test_the_presets_of_flow_models_are_their_makers(folders):
+    from doodl.embedded import presets
+
+    sd3, dev, schnell = (presets(folders[kind])["text"].settings for kind in KINDS)
+    assert (sd3.steps, sd3.guidance_scale) == (40, 4.5)  # SD3.5 Medium's card (the tiny one: dual attention)
+    assert (dev.steps, dev.guidance_scale) == (28, 3.5)  # FluxPipeline's defaults
+    assert (schnell.steps, schnell.guidance_scale) == (4, 1.0) and schnell.few_step_chain()  # plain Euler
+
+
+def test_checkpointing_inside_the_transformer_gives_the_same_run(models, monkeypatch):
+    """The transformer's own gradient checkpointing in each VJP (`denoiser_checkpointing`): the same
+    gradients, so the same iterations; switched off again after the run."""
+    model = models["sd3"]
+    loss = lambda images: ((images - 0.8) ** 2).mean()  # noqa: E731
+    settings = DoodlSettings(steps=6, iterations=3, grad_clip=0.05, guidance_scale=3.5, seed=4)
+    block, block_calls = model.transformer.transformer_blocks[0], []
+    forward = block.forward
+    monkeypatch.setattr(block, "forward", lambda *a, **k: block_calls.append(1) or forward(*a, **k))
+    plain = optimize(model, PROMPT, loss, settings)
+    calls = len(block_calls)
+    checkpointed = optimize(model, PROMPT, loss, replace(settings, denoiser_checkpointing=True))
+    assert checkpointed.losses == pytest.approx(plain.losses, rel=1e-5)
+    assert len(block_calls) - calls > calls  # each VJP ran the block again in its backward
+    assert not model.transformer.gradient_checkpointing

@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
-# Issue #19 item 4, the prepared GPU run: seconds per DOODL iteration and torch.cuda.max_memory_allocated
-# above the weights, 50 EDICT steps, float16, random weights of the real architectures (no download):
-# SD 1.5 at 512 px (the three gradient modes) and SDXL base at 1024 px (reversible). On one H200
-# (2026-12-04): 5.5 minutes with the random weights already built, which takes about 2 more; each part has
-# its own time limit so that the whole stays under 10.
+# The prepared GPU run: seconds per DOODL iteration and torch.cuda.max_memory_allocated above the weights,
+# random weights of the real architectures (no download). Parts, each with its own time limit:
+#   sd     SD 1.5 at 512 px (the three gradient modes) and SDXL base at 1024 px (reversible), 50 EDICT
+#          steps, float16: 5.5 minutes on one H200 (2026-12-04) with the weights built, about 2 more to build;
+#   flux   FLUX.1-dev at 1024 px, 28 steps (reversible), and FLUX.1-schnell, 4 steps (its plain chain),
+#          bfloat16: not run yet (its budget: 9 minutes, the 12-billion-parameter weights built on the GPU).
+# A device session has 15 minutes: run one part per call.
 #
-#   benchmarks/gpu.sh --pack          # here, once: pack the pure-Python packages the GPU image lacks
-#   benchmarks/gpu.sh [RESULTS]       # on the GPU machine: results to RESULTS (default benchmarks/results)
-#   benchmarks/gpu.sh --dry-run       # here, on the CPU: the same path with tiny models, in seconds
+#   benchmarks/gpu.sh --pack               # here, once: pack the pure-Python packages the GPU image lacks
+#   benchmarks/gpu.sh [PART] [RESULTS]     # on the GPU machine: PART sd (default) or flux; results to
+#                                          # RESULTS (default benchmarks/results)
+#   benchmarks/gpu.sh --dry-run            # here, on the CPU: the same paths with tiny models, in seconds
 #
 # The GPU machine's image has torch, transformers and accelerate but neither diffusers nor open_clip, and
 # nothing can be installed there: --pack copies them (and what they import that the image may lack or hold
@@ -31,7 +34,7 @@ case "${1:-}" in
 --dry-run)
     out=$(mktemp -d)
     trap 'rm -rf "$out"' EXIT
-    for arch in tiny tiny-sdxl; do
+    for arch in tiny tiny-sdxl tiny-sd3 tiny-flux; do
         "$PY" -m benchmarks.memory --arch "$arch" --timing --device cpu --steps 3 --modes reversible \
             --tiny-size 8 --out "$out"
     done
@@ -40,6 +43,8 @@ case "${1:-}" in
     ;;
 esac
 
+part=sd
+if [[ "${1:-}" == sd || "${1:-}" == flux ]]; then part=$1; shift; fi
 results=${1:-benchmarks/results}
 mkdir -p "$results"
 if [[ -f .whl/gpu-deps.tar.gz ]] && ! "$PY" -c 'import diffusers, open_clip' 2>/dev/null; then
@@ -53,8 +58,15 @@ print("torch", torch.__version__, "diffusers", diffusers.__version__, "transform
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
 models=${MODELS:-/tmp/doodl-gpu-models}  # the random models, built once (SDXL: 7 GB in float16)
 # 16 CPU threads: building the random weights (once per architecture) is CPU work.
-timeout 240 "$PY" -m benchmarks.memory --arch sd15 --device cuda --steps 50 --threads 16 \
-    --models "$models" --out "$results" || echo "sd15: exit $?"
-timeout 330 "$PY" -m benchmarks.memory --arch sdxl --device cuda --size 1024 --steps 50 --modes reversible \
-    --threads 16 --models "$models" --out "$results" || echo "sdxl: exit $?"
+if [[ $part == sd ]]; then
+    timeout 240 "$PY" -m benchmarks.memory --arch sd15 --device cuda --steps 50 --threads 16 \
+        --models "$models" --out "$results" || echo "sd15: exit $?"
+    timeout 330 "$PY" -m benchmarks.memory --arch sdxl --device cuda --size 1024 --steps 50 --modes reversible \
+        --threads 16 --models "$models" --out "$results" || echo "sdxl: exit $?"
+else
+    timeout 390 "$PY" -m benchmarks.memory --arch flux --device cuda --size 1024 --steps 28 --modes reversible \
+        --threads 16 --models "$models" --out "$results" || echo "flux: exit $?"
+    timeout 150 "$PY" -m benchmarks.memory --arch flux-schnell --device cuda --size 1024 --steps 4 \
+        --modes reversible --threads 16 --models "$models" --out "$results" || echo "flux-schnell: exit $?"
+fi
 ls -l "$results"/speed-*-cuda.*

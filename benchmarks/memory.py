@@ -41,7 +41,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -68,14 +68,14 @@ from doodl import (
     MODES,
     DoodlSettings,
     LatentDiffusion,
-    edict_denoise,
     initial_latents,
     latent_grad,
     tiny,
 )
+from doodl.embedded import presets
 from doodl.guides import Clip, load_clip
 from doodl.losses import CUTOUTS, VIEWS_PER_CHUNK, clip_text_loss, symmetry_loss
-from doodl.optimize import DECODER_CHECKPOINT_MIN_LATENT_SIDE, Loss, conditioning, final_loss
+from doodl.optimize import DECODER_CHECKPOINT_MIN_LATENT_SIDE, Loss, checkpointing, conditioning, final_loss
 from doodl.pipeline import decoder_checkpointing, gradient_checkpointing, load_pipeline
 
 FLOW_ARCHITECTURES = ("sd3-medium", "flux", "flux-schnell")
@@ -355,8 +355,14 @@ def arch_report(args: argparse.Namespace, out: Path) -> None:
             said = xl_verdicts(done, growth) + [xl_extrapolation(done, growth, sd, clip)]
         elif flow:
             said = [
-                *xl_verdicts([c for c in done if not c.checkpoint_denoiser], growth_of(done, growth, False)),
-                *xl_verdicts([c for c in done if c.checkpoint_denoiser], growth_of(done, growth, True)),
+                verdict
+                for inside in (False, True)
+                for verdict in xl_verdicts(
+                    [c for c in done if c.checkpoint_denoiser == inside],
+                    growth_of(done, growth, inside),
+                    "one transformer call + VJP"
+                    + (", both with the transformer checkpointed" if inside else ""),
+                )
             ]
         sections = [arch_notes(args), *(said or arch_verdicts(done, growth)), arch_table(rows)]
         if len(rows) < len(cases):
@@ -414,9 +420,9 @@ def arch_figure(arch: str, rows: list[list[object]], growth: list[float]) -> Fig
     return figure
 
 
-def xl_verdicts(cases: list[Case], growth: list[float]) -> list[str]:
+def xl_verdicts(cases: list[Case], growth: list[float], call: str = "one UNet call + VJP") -> list[str]:
     """Issue #19's target at each size: a whole reversible iteration grows at most one UNet call + VJP
-    + 10%, and no more at 2 steps than at 1 (+5%)."""
+    + 10%, and no more at 2 steps than at 1 (+5%). `call` names the call + VJP as the cases measured it."""
     said = []
     for size in sorted({c.size for c in cases}):
         unet = [g for c, g in zip(cases, growth) if c.size == size and c.piece == "unet-vjp"]
@@ -428,7 +434,7 @@ def xl_verdicts(cases: list[Case], growth: list[float]) -> list[str]:
         ok = worst <= limit and rise <= FLAT
         said.append(
             f"**{'PASS' if ok else 'FAIL'}** at {size} px: a whole reversible iteration grows at most "
-            f"{worst:.2f} GB over {sorted(whole)} steps, against {unet[0]:.2f} GB for one UNet call + VJP "
+            f"{worst:.2f} GB over {sorted(whole)} steps, against {unet[0]:.2f} GB for {call} "
             f"(limit +{100 * XL_ITERATION_OVER_UNET:.0f}%: {limit:.2f} GB; "
             f"{100 * (worst / unet[0] - 1):+.1f}%), {100 * rise:+.1f}% from the fewest to the most steps "
             f"(limit +{100 * FLAT:.0f}%)."
@@ -494,12 +500,16 @@ def time_iteration(
     dtype: torch.dtype,
     threads: int,
 ) -> dict[str, float | bool]:
-    """Seconds of one EDICT sample and of one DOODL iteration in `mode`, and the iteration's peak memory
-    above the loaded models (bytes): ViT-L-14 text loss on 16 views of each latent, float64 coupling."""
+    """Seconds of one sample and of one DOODL iteration in `mode`, and the iteration's peak memory above the
+    loaded models (bytes): ViT-L-14 text loss on 16 views of each latent, float64 coupling. The model's
+    preset otherwise (SD: the paper's; FLUX: its guidance and p), and its chain (EDICT; the plain chain
+    below doodl.edict.FEW_STEPS steps, as for FLUX.1-schnell's 4)."""
     torch.set_num_threads(threads)
     model = load_pipeline(sd, device, dtype)
     clip = load_clip(str(clip_folder), device=device, dtype=dtype)
-    settings = DoodlSettings(steps=steps, height=size, width=size, mode=mode)  # float64 coupling: default
+    preset = presets(sd)["text"].settings  # float64 coupling: the default
+    settings = replace(preset, steps=steps, height=size, width=size, mode=mode)
+    chain = settings.chain(model)
     eps = conditioning(model, PROMPT, settings)
     model.release_text_encoders()  # SD3's and FLUX's T5: nothing calls them again
     x, y = initial_latents(model, settings)
@@ -508,12 +518,12 @@ def time_iteration(
 
     def sample() -> None:
         with torch.no_grad():
-            model.decode(edict_denoise(eps, x, y, settings.schedule(model))[0])
+            model.decode(chain.denoise(eps, x, y, settings.schedule(model))[0])
 
     def iteration(schedule_steps: int) -> None:
         schedule = model.schedule(schedule_steps, settings.p, settings.leapfrog, x.shape)
-        with decoder_checkpointing(model.vae, settings.checkpoints_decoder(model)):
-            latent_grad(eps, x, y, schedule, loss, mode)
+        with checkpointing(model, settings):
+            latent_grad(eps, x, y, schedule, loss, chain.mode, chain.step)
 
     sample()  # warm-up: kernels chosen, caches filled
     iteration(1)  # and the backward's
@@ -593,7 +603,8 @@ def timing_report(args: argparse.Namespace, out: Path) -> None:
     upcast = " (SDXL's VAE in float32: its force_upcast)" if args.arch.endswith("sdxl") else ""
     unit = "torch.cuda.max_memory_allocated" if args.device == "cuda" else "peak RSS"
     notes = (
-        f"{args.arch} architecture with random weights on {card}: {size} px, {steps} EDICT steps, the "
+        f"{args.arch} architecture with random weights on {card}: {size} px, {steps} steps (EDICT's chain; "
+        "the plain one below 10 steps), the "
         f"denoiser (UNet or transformer) and VAE in {str(dtype).removeprefix('torch.')}{upcast}, coupling "
         f"in float64, {guide} text loss on "
         f"{CUTOUTS} views of each latent of the pair (`final_loss`, decoder checkpointing as "

@@ -499,9 +499,11 @@ def load_pipeline(
     e.g. an SDXL VAE fixed to run in float16.
     """
     source = pipeline_source(model)
-    pipeline_class = pipeline_class_of(source)
+    index = pipeline_index(source)
+    pipeline_class = pipeline_class_of(source, index)
     family = family_of(pipeline_class)
-    parts = family.load_options(pipeline_class) | ({} if vae is None else {"vae": load_vae(vae, dtype)})
+    parts = absent_parts(index) | family.load_options(pipeline_class)
+    parts |= {} if vae is None else {"vae": load_vae(vae, dtype)}
     try:
         pipe = pipeline_class.from_pretrained(source, dtype=dtype, **parts)
     except (OSError, ValueError) as error:
@@ -541,21 +543,32 @@ def published_settings(model: str | Path) -> dict[str, Any]:
     hub id offline; loading it will then say why)."""
     try:
         source = pipeline_source(model)
-        return family_of(pipeline_class_of(source)).published_settings(source)
+        return family_of(pipeline_class_of(source, pipeline_index(source))).published_settings(source)
     except ModelLoadError:
         return {}
 
 
-def pipeline_class_of(source: str) -> type[DiffusionPipeline]:
-    """Which diffusers pipeline loads `source`, from the class its model_index.json names: the pipeline of
-    a family whose name is the longest start of it ("StableDiffusionXLImg2ImgPipeline": SDXL's; a FLUX
-    img2img folder holds the parts of a FluxPipeline)."""
+def pipeline_index(source: str) -> dict[str, Any]:
+    """The pipeline's model_index.json: its class and the class of each part."""
     try:
-        name = DiffusionPipeline.load_config(source).get("_class_name", "")
+        return dict(DiffusionPipeline.load_config(source))
     except (OSError, ValueError) as error:
         raise ModelLoadError(
             f"could not load the model '{source}'.{DOWNLOAD_HINT}\n({error_line(error)})"
         ) from error
+
+
+def absent_parts(index: dict[str, Any]) -> dict[str, None]:
+    """The parts a model_index.json lists as absent ([null, null]: SD3 saved without T5, say), which
+    diffusers' `from_pretrained` wants told, as None, rather than leaves out."""
+    return {name: None for name, value in index.items() if value == [None, None]}
+
+
+def pipeline_class_of(source: str, index: dict[str, Any]) -> type[DiffusionPipeline]:
+    """Which diffusers pipeline loads `source`, from the class its model_index.json names: the pipeline of
+    a family whose name is the longest start of it ("StableDiffusionXLImg2ImgPipeline": SDXL's; a FLUX
+    img2img folder holds the parts of a FluxPipeline)."""
+    name = index.get("_class_name", "")
     known = [pipeline for family in families() for pipeline in family.pipelines]
     matching = [p for p in known if name.startswith(p.__name__.removesuffix("Pipeline"))]
     if not matching:

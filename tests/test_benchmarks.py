@@ -44,6 +44,7 @@ SCRIPTS = (
     "samplers",
     "prior",
     "vocabulary_failures",
+    "flow_mixing",
 )
 NEEDS_EMBEDDED = ("quality", "examples", "steps", "samplers", "prior", "vocabulary_failures")
 MISSING = [a for a in ASSETS if not (EMBEDDED / a).exists()]
@@ -276,6 +277,34 @@ def test_every_memory_piece_runs(tiny_models):
             assert before > 0 and top > 0, case
     finally:
         torch.set_num_threads(threads)
+
+
+def test_every_flow_memory_piece_runs(tmp_path, tiny_models):
+    """SD3.5 Medium's cases on a tiny SD3: the transformer's call + VJP and whole iterations, with and
+    without its gradient checkpointing, and the verdicts that compare them."""
+    import torch
+
+    from benchmarks.memory import flow_cases, growth_of, measure_case, xl_verdicts
+    from doodl.tiny import save_tiny_sd3_pipeline
+
+    sd3 = save_tiny_sd3_pipeline(tmp_path / "sd3")
+    threads = torch.get_num_threads()
+    cases = flow_cases([64], [1, 2])
+    assert sum(c.checkpoint_denoiser for c in cases) == 3 and sum(c.piece == "iteration" for c in cases) == 4
+    try:
+        growth = []
+        for case in cases:
+            before, top = measure_case(sd3, tiny_models[1], case, "cpu", 1)
+            assert before > 0 and top > 0, case
+            growth.append((top - before) / 2**30)
+    finally:
+        torch.set_num_threads(threads)
+    for checkpointed in (False, True):
+        said = xl_verdicts(
+            [c for c in cases if c.checkpoint_denoiser == checkpointed],
+            growth_of(cases, growth, checkpointed),
+        )
+        assert len(said) == 1 and "at 64 px" in said[0]
 
 
 @pytest.mark.parametrize("mode", ["reversible", "checkpoint", "autograd"])

@@ -400,3 +400,14 @@ def test_checkpointing_inside_the_transformer_gives_the_same_run(models, monkeyp
     assert checkpointed.losses == pytest.approx(plain.losses, rel=1e-5)
     assert len(block_calls) - calls > calls  # each VJP ran the block again in its backward
     assert not model.transformer.gradient_checkpointing
+
+
+def test_sd3_saved_without_t5_loads_and_reads_zeros_in_its_place(folders, tmp_path):
+    """SD3 runs without T5 (its pipeline reads zeros in T5's place, to save T5-XXL's memory): a folder saved
+    so lists T5 as absent, and loads."""
+    pipe = StableDiffusion3Pipeline.from_pretrained(folders["sd3"], text_encoder_3=None, tokenizer_3=None)
+    pipe.save_pretrained(tmp_path / "no-t5")
+    model = load_pipeline(tmp_path / "no-t5")
+    hidden = model.encode_prompt(PROMPT).hidden
+    assert hidden.shape[1] == 77 + model.max_sequence_length and hidden[:, 77:].abs().max() == 0
+    assert sample(model, PROMPT, DoodlSettings(steps=4, guidance_scale=3.5)).size == (64, 64)

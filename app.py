@@ -22,6 +22,7 @@ import gradio as gr
 import pandas as pd
 
 from doodl.capabilities import CAPABILITIES
+from doodl.cli import add_model_arguments, add_serving_arguments, serving_of
 from doodl.embedded import EXAMPLE_IMAGES, EXAMPLES, Preset
 from doodl.guides import GuideNotFoundError
 from doodl.optimize import DoodlSettings
@@ -31,13 +32,10 @@ from doodl.serving import (
     ModelCache,
     Serving,
     Setting,
-    add_model_arguments,
-    add_serving_arguments,
     offline_unless_hub_reachable,
     pick_device,
     preset_values,
     request,
-    serving_of,
 )
 from doodl.showcase import (
     LOOK_AT,

@@ -34,14 +34,23 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from doodl.baseline import matched_k, one_step_guidance
+from doodl.baseline import METHODS, matched_k, one_step_guidance
 from doodl.capabilities import Crops, Target, build_weighted, capability_of
+from doodl.cli import (
+    add_run_arguments,
+    chosen_settings,
+    cli_target,
+    load_cli_guides,
+    loss_terms,
+    model_names,
+    open_image,
+)
 from doodl.embedded import presets
 from doodl.losses import Loss
 from doodl.optimize import DoodlSettings, best_of_samples, conditioning, initial_latents, optimize, sample
 from doodl.pipeline import LatentDiffusion, ModelLoadError, count_unet_calls, load_pipeline, to_tensor
-
-METHODS = ("unguided", "one-step", "doodl", "best-of-n")
+from doodl.serving import locate
+from doodl.summary import summarize
 
 
 @dataclass(frozen=True)
@@ -249,8 +258,6 @@ def target_record(job: Job, target: Target) -> dict[str, Any]:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    from doodl.__main__ import add_run_arguments
-
     parser = argparse.ArgumentParser(prog="python -m doodl batch", description=__doc__.split("\n")[0])
     parser.add_argument("prompts", nargs="?", help="prompt file: .txt (one a line) or .jsonl")
     parser.add_argument("--out", help="results folder (resumed if it holds results)")
@@ -279,9 +286,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def run_batch(args: argparse.Namespace) -> int:
     """This process's share of the run; returns the number of results it made or found."""
-    from accelerate import PartialState
-
-    from doodl.__main__ import chosen_settings, load_cli_guides, loss_terms
+    from accelerate import PartialState  # imported by a batch alone: it looks for devices
 
     if not args.prompts or not args.out:
         raise ValueError("a batch needs a prompt file and --out")
@@ -290,10 +295,11 @@ def run_batch(args: argparse.Namespace) -> int:
     settings, cutouts = chosen_settings(args)
     terms = loss_terms(args)
     scale = args.one_step_scale
+    names = model_names(args)
     if scale is None:
-        scale = presets(args.model)[capability_of(terms[0][0])].one_step_scale
+        scale = presets(locate(names.sd))[capability_of(terms[0][0])].one_step_scale
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
-    model = load_pipeline(args.model, device, dtype, vae=args.vae)
+    model = load_pipeline(locate(names.sd), device, dtype, vae=locate(names.vae) or None)
     runner = Runner(
         model, load_cli_guides(args, device), terms, settings, cutouts, args.cut_power, scale, args.best_of
     )
@@ -321,8 +327,6 @@ def run_batch(args: argparse.Namespace) -> int:
 
 def job_target(args: argparse.Namespace, job: Job) -> Target:
     """The command line's target, with what the pair's record says instead."""
-    from doodl.__main__ import cli_target, open_image
-
     target = cli_target(args, job.record.get("text") or job.prompt)
     record = job.record
     if "references" in record:
@@ -336,8 +340,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         if args.summarize:
-            from doodl.summary import summarize
-
             report = summarize(Path(args.summarize), args.score, args.device)
             print(f"summary written to {report}")
             return 0

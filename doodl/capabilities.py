@@ -15,11 +15,15 @@ from types import MappingProxyType
 from typing import Any
 
 import torch
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 from PIL import Image
 
 from doodl.guides import (
     HPS_ARCHITECTURE,
     HPS_CHECKPOINT_URL,
+    GuideNotFoundError,
+    check_clip_name,
     load_aesthetic_head,
     load_classifier,
     load_clip,
@@ -121,7 +125,45 @@ def load_guide(
         raise ValueError(f"unknown kind of guide {kind!r}: choose one of {', '.join(GUIDE_LOADERS)}")
     if not name or not name.strip():
         raise ValueError(f"the {kind} is empty")
+    check_guide_name(kind, name.strip())
     return GUIDE_LOADERS[kind](name.strip(), str(device), dtype)
+
+
+# Files a guide may be named by: a path to one of these is a file to find here, never a hub id.
+WEIGHT_FILES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
+
+
+def check_guide_name(kind: str, name: str) -> None:
+    """Refuse a guide's name that cannot work, before anything loads or downloads: a CLIP architecture
+    without known weights, a path that is not here, a hub id that cannot be one."""
+    first, second = split_reference(name)
+    if kind == "clip":
+        check_clip_name(first, second)
+    elif kind == "aesthetic_head" and first == "laion":
+        return
+    elif kind == "hps":  # a checkpoint file not here is `load_hps`'s to explain (where to download it)
+        if Path(first).expanduser().is_file():
+            check_clip_name(second or HPS_ARCHITECTURE, str(Path(first).expanduser()))
+    elif kind == "pickscore":
+        for part in (first, second) if second else (first,):
+            check_folder_or_hub_id(part, "PickScore model or processor")
+    else:  # a classifier or an aesthetic head: one name
+        check_folder_or_hub_id(name, GUIDE_NAMES.get(kind, kind))
+
+
+def check_folder_or_hub_id(name: str, what: str) -> None:
+    """A path that exists, or a hub id: a name that looks like a path (or a weights file) must exist."""
+    path = Path(name).expanduser()
+    if path.exists():
+        return
+    if name.startswith(("/", ".", "~")) or path.suffix in WEIGHT_FILES:
+        raise GuideNotFoundError(f"the {what} {name} does not exist here")
+    try:
+        validate_repo_id(name)
+    except HFValidationError as error:
+        raise GuideNotFoundError(
+            f"the {what} {name!r} does not exist here and is not a hub id ({error})"
+        ) from error
 
 
 # --- losses ---------------------------------------------------------------------------------------

@@ -139,6 +139,26 @@ class Clip(Guide):
         return F.normalize(self.model.encode_text(tokens).float(), dim=-1)
 
 
+def check_clip_name(name: str, pretrained: str | None = None) -> str:
+    """What open_clip's factory reads for `name` (`_clip_model_name`), once what can be told without
+    loading is checked: a built-in architecture needs weights, a known tag or a file."""
+    model_name = _clip_model_name(name)
+    if model_name.startswith((_HF_HUB, _LOCAL_DIR)):
+        return model_name
+    tags = open_clip.list_pretrained_tags_by_model(model_name)
+    if pretrained is None:
+        raise ValueError(
+            f"CLIP architecture {name!r} needs `pretrained` weights (a tag or a file), named as "
+            f"'ARCHITECTURE TAG'; known tags: {', '.join(tags) or 'none'}."
+        )
+    if pretrained not in tags and not Path(pretrained).expanduser().is_file():
+        raise GuideNotFoundError(
+            f"{pretrained!r} is neither a weights tag of CLIP architecture {name!r} "
+            f"({', '.join(tags) or 'none'}) nor a checkpoint file"
+        )
+    return model_name
+
+
 def _clip_model_name(name: str) -> str:
     """Resolve `name` to what open_clip's factory reads: a schema-prefixed id or a built-in name."""
     if name.startswith(_HF_HUB):
@@ -184,14 +204,8 @@ def load_clip(
     folder holding open_clip_config.json and weights. A checkpoint file in OpenAI's format (their
     TorchScript release, or a state dict taken from it) gets QuickGELU, the activation it was trained with.
     """
-    model_name = _clip_model_name(name)
+    model_name = check_clip_name(name, pretrained)
     builtin = not model_name.startswith((_HF_HUB, _LOCAL_DIR))
-    if builtin and pretrained is None:
-        tags = open_clip.list_pretrained_tags_by_model(model_name)
-        raise ValueError(
-            f"CLIP architecture {name!r} needs `pretrained` weights (a tag or a file); "
-            f"known tags: {', '.join(tags) or 'none'}."
-        )
     tag = open_clip.get_pretrained_cfg(model_name, pretrained) if builtin else {}
     # A known tag wins over a file of that name, as in open_clip; otherwise `pretrained` may be a file.
     checkpoint = Path(pretrained).expanduser() if builtin and not tag else None

@@ -8,7 +8,6 @@ within a per-run budget (`Serving.public`); a local app lets its user name any m
 
 from __future__ import annotations
 
-import argparse
 import os
 import socket
 import threading
@@ -352,6 +351,10 @@ def read_image(path: str | Path, what: str) -> Image.Image:
         ) from error
 
 
+# The budgets of one run, `Serving` fields; each has its host flag (`doodl.cli`).
+BUDGETS = ("max_steps", "max_iterations", "max_cutouts", "max_references", "max_start_samples", "queue_size")
+
+
 @dataclass(frozen=True)
 class Serving:
     """What the host serves and what visitors may ask of it: the models, whether they may name others,
@@ -507,7 +510,7 @@ def request(
     return Request(capability, chosen.name, model, prompt, names, target, options, image, vae)
 
 
-# --- the host's command line ----------------------------------------------------------------------
+# --- who can reach the app, and the hub ------------------------------------------------------------
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -519,75 +522,6 @@ def on_space() -> bool:
 
 def reachable_by_others(host: str, share: bool) -> bool:
     return share or host not in LOOPBACK or on_space()
-
-
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    default = ModelNames()
-    models = parser.add_argument_group("models (the host's choice; visitors see them read-only when public)")
-    models.add_argument(
-        "--model",
-        default=default.sd,
-        help="generator: SD 1.x / 2.x / XL, SD3 / SD3.5, FLUX.1; folder or hub id",
-    )
-    models.add_argument("--vae", default="", help="replace --model's VAE: folder or hub id (SDXL's fp16 fix)")
-    models.add_argument("--clip", default=default.clip, help="CLIP of text guidance and personalization")
-    models.add_argument("--classifier", default=default.classifier, help="classifier of vocabulary expansion")
-    models.add_argument(
-        "--aesthetic-clip", default=default.aesthetic_clip, help="CLIP of the aesthetic scorer"
-    )
-    models.add_argument("--aesthetic-head", default=default.aesthetic_head, help="aesthetic head file")
-    models.add_argument("--pickscore", default="", help="offer PickScore in text guidance: folder or hub id")
-    models.add_argument("--pickscore-processor", default="", help="its CLIP processor (default: the model's)")
-    models.add_argument("--hps", default="", help="offer HPSv2 in text guidance: its checkpoint file")
-    models.add_argument(
-        "--hps-architecture", default=default.hps_architecture, help="open_clip name of --hps"
-    )
-
-
-BUDGETS = ("max_steps", "max_iterations", "max_cutouts", "max_references", "max_start_samples", "queue_size")
-
-
-def add_serving_arguments(parser: argparse.ArgumentParser) -> None:
-    serve = parser.add_argument_group("serving")
-    # Hugging Face Spaces say where to serve through gradio's environment variables.
-    host = os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1")
-    port = os.environ.get("GRADIO_SERVER_PORT", "7860")
-    serve.add_argument("--host", default=host, help="address to serve on (0.0.0.0: every interface)")
-    serve.add_argument("--port", type=int, default=int(port))
-    serve.add_argument("--share", action="store_true", help="also serve on a public gradio.live link")
-    serve.add_argument(
-        "--allow-model-choice",
-        action="store_true",
-        help="let visitors name other models (always allowed when only this machine can reach the app)",
-    )
-    public, public_real = Serving.public(), Serving.public(ModelNames(sd="a real model"))
-    budget = parser.add_argument_group(
-        "budget of one run (no limit for a local app; when others can reach it, the defaults shown)"
-    )
-    for field in BUDGETS:
-        embedded, real = getattr(public, field), getattr(public_real, field)
-        default = (
-            f"{embedded}" if embedded == real else f"{embedded} with the embedded model, {real} with others"
-        )
-        budget.add_argument("--" + field.replace("_", "-"), type=int, help=f"public default {default}")
-    budget.add_argument(
-        "--max-file-size", help=f"of an upload, e.g. 8mb; public default {public.max_file_size}"
-    )
-
-
-def serving_of(args: argparse.Namespace) -> Serving:
-    """The host's choices: a public app serves its models only within a budget, unless told otherwise;
-    a local one is open, with only the limits given."""
-    names = ModelNames(
-        **{
-            field.name: getattr(args, field.name if field.name != "sd" else "model")
-            for field in fields(ModelNames)
-        }
-    )
-    limits = {name: getattr(args, name) for name in (*BUDGETS, "max_file_size")}
-    if reachable_by_others(args.host, args.share):
-        return Serving.public(names, allow_model_choice=args.allow_model_choice or None, **limits)
-    return Serving(names, allow_model_choice=True, **limits)
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:

@@ -19,7 +19,7 @@ import torch
 from matplotlib.figure import Figure
 from PIL import Image
 
-from doodl.batch import METHODS
+from doodl.baseline import METHODS
 from doodl.capabilities import GUIDE_KINDS, Crops, Target, build_loss, load_guide, loss_kind
 from doodl.pipeline import to_tensor
 

@@ -16,8 +16,7 @@ TEXT_WIDTH = 64  # hidden size of the generator's text encoder = the UNet's cros
 CLIP_EMBED_DIM = 64
 CLASSIFIER_COLOR = "red"  # the fine-grained classifier tells apart the shades of this color
 # ... and names every other color as one more class: without it, any color is one of the shades, and DOODL
-# pleased the classifier by turning the object yellow (`git show 576849e:benchmarks/results/
-# vocabulary_failures.md`).
+# pleased the classifier by turning the object yellow (benchmarks/results/vocabulary_failures.md).
 CLASSIFIER_OTHER = f"not {CLASSIFIER_COLOR}"
 CLASSIFIER_LABELS = (*SHADE_NAMES[CLASSIFIER_COLOR], CLASSIFIER_OTHER)
 

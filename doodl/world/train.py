@@ -15,15 +15,9 @@ side. Each stage stops at a
 wall-clock cap as well as a step count; its learning-rate schedule follows whichever runs out first, so
 a capped run still ends on a decayed learning rate.
 
-The shipped generator (since 2026-12-04) is the one trained from scratch, continued on the same latents with
-a quarter of its captions missing some object's color, so that shape-only prompts draw every color
-(benchmarks/results/candidate-color-dropout/; about 25 minutes on one core, capped by steps, not minutes).
-From the former generator, as committed in aca415f:
-    mkdir -p out/former out/world && git archive aca415f assets/embedded/sd | tar x -C out/former
-    cp -r out/former/assets/embedded/sd/vae out/world/vae
-    python -m doodl.world.train --stage data latents unet --out out/candidate \
-        --unet-init out/former/assets/embedded/sd --color-dropout 0.25 --unet-lr 3e-4 --unet-steps 1200 \
-        --unet-minutes 60
+The shipped generator continued the one trained from scratch on the same latents with a quarter of its
+captions missing some object's color (`--unet-init`, `--color-dropout 0.25`), so that shape-only prompts
+draw every color: benchmarks/results/candidate-color-dropout/ holds the command and what it changed.
 """
 
 from __future__ import annotations

@@ -2,6 +2,7 @@
 double/single-stream blocks; two CLIPs and T5, CLIP and T5) saved offline and loaded through `load_pipeline`,
 as a real one."""
 
+import itertools
 import json
 import subprocess
 import sys
@@ -346,8 +347,8 @@ def guides(tmp_path_factory):
 
 @pytest.mark.parametrize("kind", ["sd3", "flux-schnell"])
 def test_every_tab_of_the_app_runs_on_a_flow_model(folders, guides, tmp_path, kind):
-    """Through the app's own run function, as a click on each tab with the model field set to the folder; a
-    photo on the aesthetic tab (its EDICT inversion through the coupled flow chain)."""
+    """Through the app's own run function, as a click on each tab with the model field set to the folder,
+    from noise and from a photo (its EDICT inversion through the coupled flow chain)."""
     import app
     from doodl.serving import ModelNames, Serving
 
@@ -360,20 +361,14 @@ def test_every_tab_of_the_app_runs_on_a_flow_model(folders, guides, tmp_path, ki
         "text": dict(guides={"clip": guides["clip"]}),
         "vocabulary": dict(guides={"classifier": guides["classifier"]}, target_class="scarlet"),
         "personalization": dict(guides={"clip": guides["clip"]}, references=[str(reference)]),
-        "aesthetic": dict(
-            guides={r: guides[r] for r in ("aesthetic_clip", "aesthetic_head")}, photo=str(reference)
-        ),
+        "aesthetic": dict(guides={r: guides[r] for r in ("aesthetic_clip", "aesthetic_head")}),
     }
-    for tab, inputs in tabs.items():
-        updates = list(
-            app.run_tab(
-                serving, tab, lambda *a, **k: None, model=model, prompt=PROMPT, settings=asked, **inputs
-            )
-        )
-        _, status, curve, best, gallery = updates[-1]
+    for (tab, inputs), photo in itertools.product(tabs.items(), (None, str(reference))):
+        click = {"model": model, "prompt": PROMPT, "settings": asked, "photo": photo, **inputs}
+        _, status, curve, best, gallery = list(app.run_tab(serving, tab, lambda *a, **k: None, **click))[-1]
         assert status.startswith("Done: iteration 2 of 2"), (tab, status)
         assert len(curve) == 2 and Image.open(best).size == (64, 64), tab
-        assert len(gallery) >= 3, tab  # unguided, one-step, DOODL (and the photo)
+        assert len(gallery) == (3 if photo is None else 4), tab  # (the photo,) unguided, one-step, DOODL
 
 
 def test_the_presets_of_flow_models_are_their_makers(folders):

@@ -22,6 +22,7 @@ import gradio as gr
 import pandas as pd
 
 from doodl.capabilities import CAPABILITIES
+from doodl.chain import plain_chain
 from doodl.cli import add_model_arguments, add_serving_arguments, serving_of
 from doodl.embedded import EXAMPLE_IMAGES, EXAMPLES, Preset
 from doodl.guides import GuideNotFoundError
@@ -76,7 +77,7 @@ def gpu_seconds(
 ) -> int:
     """Seconds a run with these settings holds a ZeroGPU GPU (`spaces.GPU` calls it with the run's inputs)."""
     try:
-        ddim = DoodlSettings(steps=int(steps), sampler=str(sampler)).few_step_chain(from_photo=bool(photo))
+        ddim = plain_chain(DoodlSettings(steps=int(steps), sampler=str(sampler)), from_photo=bool(photo))
     except ValueError:  # settings the run itself refuses, with a message
         ddim = False
     chain_steps = float(steps) * (float(photo_strength) if photo else 1.0) * (0.5 if ddim else 1.0)

@@ -35,12 +35,14 @@ from benchmarks.common import (
 )
 from doodl import MODES, edict_denoise, edict_schedule, latent_grad, one_step_guidance, optimize
 from doodl.capabilities import Crops, build_loss, load_guides
+from doodl.chain import chain_of, decodes_separately, schedule_of
 from doodl.edict import ddim_step
 from doodl.embedded import EMBEDDED_PRESETS, EXAMPLES, SD
 from doodl.losses import Loss
-from doodl.optimize import SAMPLERS, conditioning, final_loss, initial_latents
+from doodl.optimize import conditioning, final_loss, initial_latents
 from doodl.pipeline import count_unet_calls, load_pipeline
 from doodl.serving import ModelCache, Serving
+from doodl.settings import SAMPLERS
 from doodl.showcase import example_request
 
 TARGET = 4.3  # iteration / sample for the reversible mode
@@ -155,8 +157,8 @@ def iteration_parts(model, prompt: str, loss: Loss, settings) -> dict[str, float
     of EDICT's pair, DDIM's one sample) with its backward, the guide on every view with its backward, and
     the backward through the chain (the settings' own: EDICT's reversible one, or DDIM's from what it
     stored)."""
-    eps, schedule = conditioning(model, prompt, settings), settings.schedule(model)
-    chain = settings.chain(model)
+    eps, schedule = conditioning(model, prompt, settings), schedule_of(settings, model)
+    chain = chain_of(settings, model)
     x, y = initial_latents(model, settings)
     forward = timed(lambda: chain.denoise(eps, x, y, schedule))
     with torch.no_grad():
@@ -171,7 +173,7 @@ def iteration_parts(model, prompt: str, loss: Loss, settings) -> dict[str, float
     pixels = model.decode(latents).detach().requires_grad_(True)
     decoding = timed(decode)
     guide = timed(lambda: torch.autograd.grad(loss(pixels), pixels))
-    final = final_loss(model, loss, one, separately=settings.decodes_separately(model))
+    final = final_loss(model, loss, one, separately=decodes_separately(settings, model))
     whole = timed(lambda: latent_grad(eps, x, y, schedule, final, chain.mode, chain.step))
     return {
         "chain forward": forward,
@@ -185,7 +187,7 @@ def iteration_parts(model, prompt: str, loss: Loss, settings) -> dict[str, float
 def ddim_gradient_modes(model, prompt: str, loss: Loss, settings, repeats: int) -> dict[str, float]:
     """Median seconds of one iteration's gradient through a DDIM chain with its graph stored (autograd)
     and with its step inputs stored (checkpoint), interleaved so that load falls on both alike."""
-    eps, schedule = conditioning(model, prompt, settings), settings.schedule(model)
+    eps, schedule = conditioning(model, prompt, settings), schedule_of(settings, model)
     x, y = initial_latents(model, settings)
     final = final_loss(model, loss, True, separately=False)
     runs = {
@@ -231,7 +233,7 @@ def default_runs(quick: bool, overrides: dict) -> tuple[list[str], dict[str, flo
         print(runs[-1], flush=True)
         seconds = iteration_parts(model, prompt, make_loss(generator), settings)
         parts.append([tab, *(f"{v:.2f}" for v in seconds.values())])
-        if settings.chain(model).few_steps:
+        if chain_of(settings, model).few_steps:
             medians = ddim_gradient_modes(model, prompt, make_loss(generator), settings, 1 if quick else 5)
             saved = 1 - medians["autograd"] / medians["checkpoint"]
             modes.append([tab, *(f"{medians[m]:.2f}" for m in DDIM_MODES), f"{saved:.0%}"])

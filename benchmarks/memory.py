@@ -72,10 +72,11 @@ from doodl import (
     latent_grad,
     tiny,
 )
+from doodl.chain import LARGE_LATENT_SIDE, chain_of, checkpointing, schedule_of
 from doodl.embedded import presets
 from doodl.guides import Clip, load_clip
 from doodl.losses import CUTOUTS, VIEWS_PER_CHUNK, clip_text_loss, symmetry_loss
-from doodl.optimize import DECODER_CHECKPOINT_MIN_LATENT_SIDE, Loss, checkpointing, conditioning, final_loss
+from doodl.optimize import Loss, conditioning, final_loss
 from doodl.pipeline import decoder_checkpointing, gradient_checkpointing, load_pipeline
 
 FLOW_ARCHITECTURES = ("sd3-medium", "flux", "flux-schnell")
@@ -157,7 +158,7 @@ def arch_cases(sizes: list[int], steps: list[int], whole_512: bool) -> list[Case
     """The pieces at each size with whole iterations at the smallest size for each step count right after
     them, then the guide's pieces and the 512 px iteration with the guide (the longest, last)."""
     small = min(sizes)
-    checkpointed = small // 8 >= DECODER_CHECKPOINT_MIN_LATENT_SIDE  # as DoodlSettings' "auto" does
+    checkpointed = small // 8 >= LARGE_LATENT_SIDE  # as DoodlSettings' "auto" does
     # Both latents decoded in one graph is what was replaced: measured at the smallest size only (at 512 px
     # it would add some 11 GB to the 4.5 GB of weights on a machine shared with others).
     cases = [Case("decode + backward, both latents in one graph (before)", "decode-pair", small)]
@@ -194,7 +195,7 @@ def xl_cases(sizes: list[int], steps: list[int]) -> list[Case]:
     cases, more = [], []
     lean = "whole reversible iteration, symmetry loss"
     for size in sorted(sizes):
-        checkpointed = size // 8 >= DECODER_CHECKPOINT_MIN_LATENT_SIDE
+        checkpointed = size // 8 >= LARGE_LATENT_SIDE
         fewest, *rest = sorted(steps)
         cases += [
             Case("one UNet call (cond+uncond) + VJP", "unet-vjp", size),
@@ -216,7 +217,7 @@ def flow_cases(sizes: list[int], steps: list[int]) -> list[Case]:
     call, lean = "one transformer call (cond+uncond) + VJP", "whole reversible iteration, symmetry loss"
     fewest, *rest = sorted(steps)
     for size in sorted(sizes):
-        decoder = size // 8 >= DECODER_CHECKPOINT_MIN_LATENT_SIDE
+        decoder = size // 8 >= LARGE_LATENT_SIDE
         for inside in (False, True):
             note = ", transformer checkpointed" if inside else ""
             cases += [
@@ -526,7 +527,7 @@ def time_iteration(
     clip = load_clip(str(clip_folder), device=device, dtype=dtype)
     preset = presets(sd)["text"].settings  # float64 coupling: the default
     settings = replace(preset, steps=steps, height=size, width=size, mode=mode)
-    chain = settings.chain(model)
+    chain = chain_of(settings, model)
     eps = conditioning(model, PROMPT, settings)
     model.release_text_encoders()  # SD3's and FLUX's T5: nothing calls them again
     x, y = initial_latents(model, settings)
@@ -535,7 +536,7 @@ def time_iteration(
 
     def sample() -> None:
         with torch.no_grad():
-            model.decode(chain.denoise(eps, x, y, settings.schedule(model))[0])
+            model.decode(chain.denoise(eps, x, y, schedule_of(settings, model))[0])
 
     def iteration(schedule_steps: int) -> None:
         schedule = model.schedule(schedule_steps, settings.p, settings.leapfrog, x.shape)

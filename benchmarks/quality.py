@@ -64,8 +64,8 @@ from doodl import (
 from doodl.baseline import matched_k
 from doodl.embedded import EMBEDDED_PRESETS, Preset
 from doodl.losses import Loss
-from doodl.optimize import SAMPLERS
 from doodl.pipeline import LatentDiffusion, count_unet_calls
+from doodl.settings import SAMPLERS
 from doodl.showcase import folder_digest
 from doodl.world import judge, shapes
 

@@ -25,6 +25,7 @@ from matplotlib.figure import Figure
 from benchmarks.common import EMBEDDED, markdown_table, parser, start, write_report
 from benchmarks.quality import CAPABILITIES, load_guides
 from doodl import edict_denoise, initial_latents, latent_grad, load_pipeline
+from doodl.chain import schedule_of
 from doodl.embedded import EMBEDDED_PRESETS
 from doodl.optimize import conditioning
 
@@ -34,7 +35,7 @@ VIEW_DRAWS = 4
 
 def probe(model, task, settings) -> tuple[float, list[float]]:
     """(spread of the loss over view draws, the loss after a sign step of each size in ALPHAS)."""
-    eps, schedule = conditioning(model, task.prompt, settings), settings.schedule(model)
+    eps, schedule = conditioning(model, task.prompt, settings), schedule_of(settings, model)
     x, _ = initial_latents(model, settings)
 
     def loss(x0: torch.Tensor, y0: torch.Tensor, views: int = 0) -> torch.Tensor:

@@ -19,6 +19,7 @@ from matplotlib.figure import Figure
 from benchmarks.common import EMBEDDED, markdown_table, parser, start, write_report
 from benchmarks.quality import CAPABILITIES, OVERRIDES, SEED, load_guides, settings_for
 from doodl import latent_grad, load_pipeline
+from doodl.chain import chain_of, decodes_separately, schedule_of
 from doodl.optimize import conditioning, final_loss, initial_latents
 
 QUANTILES = (0.5, 0.9, 0.99)
@@ -28,11 +29,11 @@ def gradient(model, task, settings) -> torch.Tensor:
     """The mean over the pair of d loss / d (x_T, y_T) at the initial latents: the tied optimizer's."""
     eps = conditioning(model, task.prompt, settings)
     loss = final_loss(
-        model, task.loss, settings.first_image_only, separately=settings.decodes_separately(model)
+        model, task.loss, settings.first_image_only, separately=decodes_separately(settings, model)
     )
-    chain = settings.chain(model)
+    chain = chain_of(settings, model)
     x, y = initial_latents(model, settings)
-    result = latent_grad(eps, x, y, settings.schedule(model), loss, chain.mode, chain.step)
+    result = latent_grad(eps, x, y, schedule_of(settings, model), loss, chain.mode, chain.step)
     return ((result.grad[0] + result.grad[1]) / 2).flatten().abs().double()
 
 

@@ -41,6 +41,7 @@ from benchmarks.common import (
     tiny_folder,
     write_report,
 )
+from doodl.chain import plain_chain
 from doodl.embedded import EMBEDDED_PRESETS
 from doodl.pipeline import LatentDiffusion, NoisePredictor, load_pipeline
 
@@ -125,7 +126,7 @@ def main() -> None:
     model, eps, latents = noise_predictor(folder)
     gflop = flops(eps, latents) / 1e9
     scaling_rows = batch_scaling(eps, latents, args.calls)  # eager: before the UNet may be compiled in place
-    steps, ddim = PRESET.steps, PRESET.few_step_chain()
+    steps, ddim = PRESET.steps, plain_chain(PRESET)
     # DDIM (the presets' chain, its graph stored on these latents): a step is one forward with its VJP.
     # EDICT's reversible pass: two forwards a step, then two again with their VJPs.
     forwards, vjps = (0, steps) if ddim else (2 * steps, 2 * steps)

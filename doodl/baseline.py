@@ -18,6 +18,7 @@ from collections.abc import Callable
 import torch
 from PIL import Image
 
+from doodl.chain import denoise
 from doodl.edict import NoisePredictor, Pair, Timestep
 from doodl.losses import Loss
 from doodl.optimize import DoodlSettings, conditioning, initial_latents
@@ -69,7 +70,7 @@ def one_step_guidance(
         eps = one_step_guided(eps, model.decode, loss, model.clean_coefficients, scale)
     x, y = initial_latents(model, settings) if init is None else init
     with torch.no_grad():
-        x, _ = settings.denoise(eps, x, y, model, from_photo=init is not None)
+        x, _ = denoise(settings, eps, x, y, model, from_photo=init is not None)
         return to_pil(model.decode(x))[0]
 
 

@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from doodl.baseline import METHODS, matched_k, one_step_guidance
 from doodl.capabilities import Crops, Target, build_weighted, capability_of
+from doodl.chain import denoise
 from doodl.cli import (
     add_run_arguments,
     chosen_settings,
@@ -201,7 +202,7 @@ class Runner:
             eps = conditioning(self.model, job.prompt, settings)
             x, y = initial_latents(self.model, settings)
             with count_unet_calls(self.model.denoiser) as calls, torch.no_grad():
-                settings.denoise(eps, x, y, self.model)
+                denoise(settings, eps, x, y, self.model)
             self.per_sample = calls.passes
         return self.per_sample
 

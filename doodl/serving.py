@@ -27,8 +27,8 @@ from doodl.edict import FEW_STEPS
 from doodl.embedded import PAPER, Preset, is_embedded, presets
 from doodl.gradient import MODES
 from doodl.guides import HPS_ARCHITECTURE
-from doodl.optimize import SAMPLERS, DoodlSettings
 from doodl.pipeline import LatentDiffusion, load_pipeline
+from doodl.settings import SAMPLERS, DoodlSettings
 
 ROOT = Path(__file__).resolve().parent.parent  # the app's folder: default model paths are relative to it
 EMBEDDED = "assets/embedded"  # relative to ROOT, as shown on the page

@@ -27,6 +27,7 @@ from doodl import (
     optimize,
     sample,
 )
+from doodl.chain import schedule_of
 from doodl.tiny import save_tiny_pipeline
 
 PROMPT = "a red circle above a blue square"
@@ -291,7 +292,7 @@ def test_real_image_inversion_regenerates_it(tiny):
     x, y = invert_image(tiny, photo, PROMPT, settings)
     eps = noise_predictor(tiny, PROMPT, settings.guidance_scale)
     with torch.no_grad():
-        x0, _ = edict_denoise(eps, x, y, settings.schedule(tiny, from_photo=True))
+        x0, _ = edict_denoise(eps, x, y, schedule_of(settings, tiny, from_photo=True))
         encoded = tiny.encode(
             torch.tensor([[[[200 / 255]], [[40 / 255]], [[40 / 255]]]]).expand(1, 3, 64, 64)
         )

@@ -21,6 +21,7 @@ from doodl import (
     sample,
 )
 from doodl.__main__ import main
+from doodl.chain import chain_of, denoise, plain_chain
 from doodl.edict import FEW_STEPS, ddim_denoise, ddim_step
 from doodl.embedded import EMBEDDED_PRESETS
 from doodl.pipeline import PromptEmbeds, count_unet_calls, load_pipeline
@@ -212,11 +213,11 @@ def diffusers_ddim(model, eps, x, steps):
 @pytest.mark.parametrize("steps", [1, 2, 4])
 def test_few_steps_sample_what_the_model_samples(turbo, steps):
     settings = DoodlSettings(steps=steps, guidance_scale=1.0, seed=3)
-    assert settings.few_step_chain() and not settings.few_step_chain(from_photo=True)
+    assert plain_chain(settings) and not plain_chain(settings, from_photo=True)
     eps = turbo.noise_predictor(turbo.encode_prompt(PROMPT), 1.0)
     x, y = initial_latents(turbo, settings)
     with torch.no_grad():
-        x0, y0 = settings.denoise(eps, x, y, turbo)
+        x0, y0 = denoise(settings, eps, x, y, turbo)
         expected = diffusers_ddim(turbo, eps, x, steps)
     assert x0 is y0
     torch.testing.assert_close(x0, expected.to(x0.dtype), rtol=1e-5, atol=1e-5)
@@ -227,12 +228,12 @@ def test_few_steps_sample_what_the_model_samples(turbo, steps):
 
 
 def test_the_chain_is_edict_from_few_steps_up_unless_set():
-    assert not DoodlSettings(steps=FEW_STEPS).few_step_chain()
-    assert DoodlSettings(steps=FEW_STEPS, sampler="ddim").few_step_chain()
-    assert not DoodlSettings(steps=1, sampler="edict").few_step_chain()
+    assert not plain_chain(DoodlSettings(steps=FEW_STEPS))
+    assert plain_chain(DoodlSettings(steps=FEW_STEPS, sampler="ddim"))
+    assert not plain_chain(DoodlSettings(steps=1, sampler="edict"))
     # A photo's latents are EDICT's inversion: only EDICT's chain regenerates them.
-    assert not DoodlSettings(steps=2).few_step_chain(from_photo=True)
-    assert not DoodlSettings(sampler="ddim").few_step_chain(from_photo=True)
+    assert not plain_chain(DoodlSettings(steps=2), from_photo=True)
+    assert not plain_chain(DoodlSettings(sampler="ddim"), from_photo=True)
     with pytest.raises(ValueError, match="setting sampler='euler' is not one of auto, edict, ddim"):
         DoodlSettings(sampler="euler")
 
@@ -291,7 +292,7 @@ def test_cli_runs_a_few_step_model_without_guidance(turbo_folder, tmp_path, caps
 
 def test_the_chain_is_a_run_setting():
     assert run_options(sampler="edict").settings.sampler == "edict"
-    assert run_options(sampler="ddim", steps=20).settings.few_step_chain()
+    assert plain_chain(run_options(sampler="ddim", steps=20).settings)
     assert preset_values(EMBEDDED_PRESETS["text"])["sampler"] == "ddim"  # the embedded presets' chain
     with pytest.raises(ValueError, match="sampler"):
         run_options(sampler="euler")
@@ -301,11 +302,11 @@ def test_a_ddim_chain_stores_its_graph_on_small_latents_and_step_inputs_on_large
     """Same gradient either way (test above); the graph saves recomputing each step's forward, step inputs
     save a large UNet's activations."""
     settings = DoodlSettings(steps=2)
-    assert turbo.latent_shape()[-1] < 32 and settings.chain(turbo).mode == "autograd"
+    assert turbo.latent_shape()[-1] < 32 and chain_of(settings, turbo).mode == "autograd"
     large = SimpleNamespace(latent_shape=lambda height, width: (1, 4, 64, 64))  # SD at 512 px
-    assert settings.chain(large).mode == "checkpoint"
-    assert replace(settings, mode="checkpoint").chain(turbo).mode == "checkpoint"
-    assert settings.chain(turbo, from_photo=True).mode == "reversible"  # a photo's chain is EDICT's
+    assert chain_of(settings, large).mode == "checkpoint"
+    assert chain_of(replace(settings, mode="checkpoint"), turbo).mode == "checkpoint"
+    assert chain_of(settings, turbo, from_photo=True).mode == "reversible"  # a photo's chain is EDICT's
 
 
 def test_matched_compute_counts_the_backward_through_each_call(turbo):

@@ -31,6 +31,7 @@ from doodl import (
     optimize,
     sample,
 )
+from doodl.chain import plain_chain, schedule_of
 from doodl.edict import ddim_denoise
 from doodl.tiny import save_tiny_flux_pipeline, save_tiny_sd3_pipeline
 
@@ -262,7 +263,7 @@ def test_a_photo_inverted_through_the_coupled_chain_is_regenerated(models, kind)
     x, y = invert_image(model, photo, PROMPT, settings)
     eps = model.noise_predictor(model.encode_prompt(PROMPT), settings.guidance_scale)
     with torch.no_grad():
-        x0, _ = edict_denoise(eps, x, y, settings.schedule(model, from_photo=True))
+        x0, _ = edict_denoise(eps, x, y, schedule_of(settings, model, from_photo=True))
         color = torch.tensor([200, 40, 40]).view(1, 3, 1, 1) / 255
         encoded = model.encode(color.expand(1, 3, 64, 64))
     assert (x - encoded.double()).abs().max() > 0.1  # inverted to somewhere else than the photo's latent
@@ -377,7 +378,7 @@ def test_the_presets_of_flow_models_are_their_makers(folders):
     sd3, dev, schnell = (presets(folders[kind])["text"].settings for kind in KINDS)
     assert (sd3.steps, sd3.guidance_scale) == (40, 4.5)  # SD3.5 Medium's card (the tiny one: dual attention)
     assert (dev.steps, dev.guidance_scale) == (28, 3.5)  # FluxPipeline's defaults
-    assert (schnell.steps, schnell.guidance_scale) == (4, 1.0) and schnell.few_step_chain()  # plain Euler
+    assert (schnell.steps, schnell.guidance_scale) == (4, 1.0) and plain_chain(schnell)  # plain Euler
 
 
 def test_checkpointing_inside_the_transformer_gives_the_same_run(models, monkeypatch):

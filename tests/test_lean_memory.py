@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from doodl import DoodlSettings, edict_denoise, edict_schedule, initial_latents, latent_grad, losses, optimize
+from doodl.chain import checkpoints_decoder, schedule_of
 from doodl.gradient import FIRST_LATENT_ONLY, PerLatentLoss
 from doodl.guides import load_classifier, load_clip
 from doodl.losses import aesthetic_loss, classifier_loss, clip_text_loss, score_views, symmetry_loss
@@ -96,7 +97,7 @@ def test_optimizer_reports_the_mean_of_both_latents_or_x0s_loss(tiny):
     eps = tiny.noise_predictor(tiny.encode_prompt(PROMPT), settings.guidance_scale)
     x, y = initial_latents(tiny, settings)
     with torch.no_grad():
-        x0, y0 = edict_denoise(eps, x, y, settings.schedule(tiny))
+        x0, y0 = edict_denoise(eps, x, y, schedule_of(settings, tiny))
         expected = [symmetry(tiny.decode(z)).item() for z in (x0, y0)]
     assert both == pytest.approx(sum(expected) / 2, rel=1e-6)
     assert first.losses[0] == pytest.approx(expected[0], rel=1e-6)
@@ -212,10 +213,10 @@ def test_decoder_checkpointing_setting():
         def latent_shape(self, height, width):
             return (1, 4, (height or 512) // 8, (width or 512) // 8)
 
-    assert DoodlSettings().checkpoints_decoder(Model())  # 64x64 latents
-    assert not DoodlSettings(height=128, width=512).checkpoints_decoder(Model())  # 16 on one side
-    assert DoodlSettings(decoder_checkpointing="on", height=64).checkpoints_decoder(Model())
-    assert not DoodlSettings(decoder_checkpointing="off").checkpoints_decoder(Model())
+    assert checkpoints_decoder(DoodlSettings(), Model())  # 64x64 latents
+    assert not checkpoints_decoder(DoodlSettings(height=128, width=512), Model())  # 16 on one side
+    assert checkpoints_decoder(DoodlSettings(decoder_checkpointing="on", height=64), Model())
+    assert not checkpoints_decoder(DoodlSettings(decoder_checkpointing="off"), Model())
     with pytest.raises(ValueError, match="decoder_checkpointing"):
         DoodlSettings(decoder_checkpointing="yes")
 

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from doodl import DoodlSettings, edict_denoise
+from doodl.chain import denoise, schedule_of
 from doodl.optimize import TrustRegion, invert_image, optimize
 from doodl.pipeline import count_unet_calls
 from doodl.serving import SETTING_NAMES, ModelCache, ModelNames, Serving, request, run_options
@@ -95,7 +96,7 @@ def test_the_photo_weight_prices_the_distance_to_the_photos_reconstruction(tiny,
     steps = []
     optimize(tiny, PROMPT, mean_gray_loss, settings, photo_latents, steps.append)
     eps = tiny.noise_predictor(tiny.encode_prompt(PROMPT), settings.guidance_scale)
-    schedule = settings.schedule(tiny, from_photo=True)
+    schedule = schedule_of(settings, tiny, from_photo=True)
     with torch.no_grad():
         reconstruction = tiny.decode(edict_denoise(eps, *photo_latents, schedule)[0])
         images = [tiny.decode(z) for z in edict_denoise(eps, *steps[1].latents, schedule)]
@@ -119,11 +120,11 @@ def test_the_photo_weight_changes_nothing_from_noise(tiny):
 
 def test_a_photos_chain_is_the_last_strength_of_the_steps(tiny):
     settings = DoodlSettings(steps=10, photo_strength=0.4)
-    full, part = settings.schedule(tiny), settings.schedule(tiny, from_photo=True)
+    full, part = schedule_of(settings, tiny), schedule_of(settings, tiny, from_photo=True)
     assert len(full) == 10 and len(part) == 4
     assert (part.timesteps, part.a, part.b) == (full.timesteps[6:], full.a[6:], full.b[6:])
-    assert len(replace(settings, photo_strength=0.01).schedule(tiny, from_photo=True)) == 1  # never none
-    assert len(replace(settings, photo_strength=1.0).schedule(tiny, from_photo=True)) == 10
+    assert len(schedule_of(replace(settings, photo_strength=0.01), tiny, from_photo=True)) == 1  # never none
+    assert len(schedule_of(replace(settings, photo_strength=1.0), tiny, from_photo=True)) == 10
     for bad in (0, -0.5, 1.5):
         with pytest.raises(ValueError, match="photo_strength"):
             DoodlSettings(photo_strength=bad)
@@ -140,7 +141,7 @@ def test_a_partial_inversion_regenerates_the_photo_in_its_own_steps(tiny, sample
     assert calls.calls == 2 * 4  # two half-steps of each of the last 4 steps, and no more
     eps = tiny.noise_predictor(tiny.encode_prompt(PROMPT), settings.guidance_scale)
     with torch.no_grad():
-        x0, _ = settings.denoise(eps, x, y, tiny, from_photo=True)
+        x0, _ = denoise(settings, eps, x, y, tiny, from_photo=True)
         encoded = tiny.encode(torch.tensor([200, 40, 40]).div(255).view(1, 3, 1, 1).expand(1, 3, 64, 64))
         whole = invert_image(tiny, photo, PROMPT, replace(settings, photo_strength=1.0))
     assert (x0 - encoded.double()).abs().max() < 1e-5  # exact: EDICT's inverse, on fewer steps

@@ -27,6 +27,7 @@ from doodl import (
     sample,
 )
 from doodl.__main__ import main
+from doodl.chain import denoise, plain_chain
 from doodl.pipeline import PromptEmbeds
 from doodl.tiny import save_tiny_sdxl_pipeline, sdxl_turbo_scheduler
 
@@ -90,7 +91,7 @@ def test_samples_what_diffusers_sdxl_pipeline_samples(xl, pipe, guidance_scale):
     eps = xl.noise_predictor(xl.encode_prompt(PROMPT), guidance_scale)
     x, y = initial_latents(xl, settings)
     with torch.no_grad():
-        ours, _ = settings.denoise(eps, x, y, xl)
+        ours, _ = denoise(settings, eps, x, y, xl)
     pipe.scheduler = ddim_without_clipping(pipe)
     theirs = pipe(
         PROMPT,
@@ -270,11 +271,11 @@ def turbo_folder(tmp_path_factory):
 def test_sdxl_turbo_samples_what_diffusers_samples(turbo_folder, steps):
     turbo = load_pipeline(turbo_folder)
     settings = DoodlSettings(steps=steps, guidance_scale=1.0, seed=6)
-    assert settings.few_step_chain()
+    assert plain_chain(settings)
     eps = turbo.noise_predictor(turbo.encode_prompt(PROMPT), 1.0)
     x, y = initial_latents(turbo, settings)
     with torch.no_grad():
-        ours, _ = settings.denoise(eps, x, y, turbo)
+        ours, _ = denoise(settings, eps, x, y, turbo)
     pipe = StableDiffusionXLPipeline.from_pretrained(turbo_folder, add_watermarker=False)
     pipe.scheduler = ddim_without_clipping(pipe)
     theirs = pipe(

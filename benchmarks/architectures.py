@@ -184,19 +184,10 @@ def flow_vae(family: str, dtype: torch.dtype) -> AutoencoderKL:
     ).to(dtype)
 
 
-def text_tower(encoder_class: type, width: int, dtype: torch.dtype) -> torch.nn.Module:
+def text_tower(encoder_class: type[CLIPTextModel], width: int) -> CLIPTextModel:
     """A one-layer CLIP text tower of a real width: the prompt's embeddings have their real shapes, and
     are all the transformer sees of it (the towers are freed once the prompt is encoded)."""
-    config = CLIPTextConfig(
-        vocab_size=49408,
-        hidden_size=width,
-        intermediate_size=4 * width,
-        num_hidden_layers=1,
-        num_attention_heads=width // 64,
-        max_position_embeddings=77,
-        projection_dim=width,
-    )
-    return encoder_class(config).to(dtype)
+    return tiny.clip_text_encoder(encoder_class, width, heads=width // 64, layers=1, widening=4)
 
 
 def save_random_sd3_medium(folder: str | Path, dtype: torch.dtype = torch.float16) -> Path:
@@ -209,9 +200,9 @@ def save_random_sd3_medium(folder: str | Path, dtype: torch.dtype = torch.float1
     pipe = StableDiffusion3Pipeline(
         transformer=transformer,
         vae=flow_vae("SD3", dtype),
-        text_encoder=text_tower(CLIPTextModelWithProjection, 768, dtype),
+        text_encoder=text_tower(CLIPTextModelWithProjection, 768).to(dtype),
         tokenizer=clip_tokenizer(),
-        text_encoder_2=text_tower(CLIPTextModelWithProjection, 1280, dtype),
+        text_encoder_2=text_tower(CLIPTextModelWithProjection, 1280).to(dtype),
         tokenizer_2=clip_tokenizer(),
         text_encoder_3=None,
         tokenizer_3=None,
@@ -258,7 +249,7 @@ def save_random_flux(
     pipe = FluxPipeline(
         transformer=transformer,
         vae=flow_vae("FLUX", dtype),
-        text_encoder=text_tower(CLIPTextModel, 768, dtype),
+        text_encoder=text_tower(CLIPTextModel, 768).to(dtype),
         tokenizer=clip_tokenizer(),
         text_encoder_2=t5,
         tokenizer_2=t5_tokenizer(max_length=512),

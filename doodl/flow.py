@@ -210,14 +210,6 @@ class StableDiffusion3(FlowTransformer):
         return ("text_encoder", "text_encoder_2")
 
     @property
-    def resolution(self) -> int:
-        return self.transformer.config.sample_size * self.vae_scale
-
-    @property
-    def latent_channels(self) -> int:
-        return self.transformer.config.in_channels
-
-    @property
     def size_range(self) -> tuple[int, int]:
         """As any model's, and no larger than the transformer's table of patch positions."""
         low, high = super().size_range

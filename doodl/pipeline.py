@@ -121,14 +121,14 @@ class LatentDiffusion(ABC):
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     @property
-    @abstractmethod
     def resolution(self) -> int:
-        """The image side the model was trained for."""
+        """The image side the model was trained for: its denoiser's sample size, in pixels."""
+        return self.denoiser.config.sample_size * self.vae_scale
 
     @property
-    @abstractmethod
     def latent_channels(self) -> int:
         """Channels of the latent the chain runs on (and a seed draws)."""
+        return self.denoiser.config.in_channels
 
     @property
     def side_step(self) -> tuple[int, str]:
@@ -315,14 +315,6 @@ class StableDiffusion(LatentDiffusion):
     def xl(self) -> bool:
         """SDXL: two text encoders, the pooled text and the image size as the UNet's added conditions."""
         return self.text_encoder_2 is not None
-
-    @property
-    def resolution(self) -> int:
-        return self.unet.config.sample_size * self.vae_scale
-
-    @property
-    def latent_channels(self) -> int:
-        return self.unet.config.in_channels
 
     def schedule(
         self, steps: int, p: float, leapfrog: bool, shape: tuple[int, ...] | None = None

@@ -338,20 +338,27 @@ def tiny_sdxl_models(
     )
     vae = sd_vae(sample_size * 8, scaling_factor=0.13025, force_upcast=force_upcast)  # SDXL VAE's config
     encoders = [
-        encoder_class(
-            CLIPTextConfig(
-                vocab_size=49408,
-                hidden_size=width,
-                intermediate_size=2 * width,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                max_position_embeddings=77,
-                projection_dim=width,
-            )
-        )
+        clip_text_encoder(encoder_class, width, heads=4)
         for encoder_class, width in zip((CLIPTextModel, CLIPTextModelWithProjection), widths, strict=True)
     ]
     return unet, vae, *encoders
+
+
+def clip_text_encoder(
+    encoder_class: type[CLIPTextModel], width: int, heads: int, layers: int = 2, widening: int = 2
+) -> CLIPTextModel:
+    """A random CLIP text tower (with a projection of its width, for the classes that have one) on CLIP's
+    vocabulary and 77 positions, from torch's global RNG."""
+    config = CLIPTextConfig(
+        vocab_size=49408,
+        hidden_size=width,
+        intermediate_size=widening * width,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        max_position_embeddings=77,
+        projection_dim=width,
+    )
+    return encoder_class(config)
 
 
 def sdxl_scheduler() -> EulerDiscreteScheduler:
@@ -422,20 +429,7 @@ def flow_vae(sample_size: int, shift_factor: float, scaling_factor: float) -> Au
 def flow_text_encoders(projection: bool) -> tuple[list[CLIPTextModel], T5EncoderModel]:
     """Random CLIP text encoders (with a projection for SD3, the pooled output for FLUX) and a T5 encoder."""
     encoder_class = CLIPTextModelWithProjection if projection else CLIPTextModel
-    clips = [
-        encoder_class(
-            CLIPTextConfig(
-                vocab_size=49408,
-                hidden_size=width,
-                intermediate_size=2 * width,
-                num_hidden_layers=2,
-                num_attention_heads=2,
-                max_position_embeddings=77,
-                projection_dim=width,
-            )
-        )
-        for width in FLOW_CLIP_WIDTHS
-    ]
+    clips = [clip_text_encoder(encoder_class, width, heads=2) for width in FLOW_CLIP_WIDTHS]
     vocab = len(t5_tokenizer())
     t5 = T5EncoderModel(
         T5Config(

@@ -65,14 +65,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         settings, cutouts = chosen_settings(args)
-        dtype = torch.float16 if args.device.startswith("cuda") else torch.float32
         names = model_names(args)
-        model = load_pipeline(locate(names.sd), args.device, dtype, vae=locate(names.vae) or None)
+        model = load_pipeline(locate(names.sd), args.device, vae=locate(names.vae) or None)
         model.latent_shape(settings.height, settings.width)  # a bad size is refused before guides load
         if settings.guidance_scale == 0 and model.classifier_free:
             print(UNCONDITIONAL_NOTE, file=sys.stderr)
-        model.encode_prompt(args.prompt)  # the one prompt of the run: encoded, then its encoders freed
-        model.release_text_encoders()
+        model.release_text_encoders(keep=[args.prompt])  # the run's one prompt: T5-XXL freed after it
         loss = build_loss(args, cutouts, args.device, torch.Generator().manual_seed(settings.seed))
         init = None
         if args.init_image:

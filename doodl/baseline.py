@@ -39,8 +39,9 @@ def one_step_guided(
 
     `coefficients(t)` is (alpha, sigma) of the model's clean estimate x0 = (z - sigma f) / alpha: DDIM's
     (sqrt(abar), sqrt(1 - abar)) on a noise prediction, a flow's (1, s) on a velocity
-    (`LatentDiffusion.clean_coefficients`); the gradient is folded into f with weight sigma, as
-    classifier guidance folds it into the noise."""
+    (`LatentDiffusion.clean_coefficients`); the gradient is folded into f with weight sigma. On a noise
+    prediction that is classifier guidance; on a flow it is a choice: the exact counterpart, s / (1 - s),
+    is infinite at s = 1, where SD3's and FLUX's chains start."""
 
     def guided_eps(z: torch.Tensor, t: Timestep) -> torch.Tensor:
         alpha, sigma = coefficients(t)

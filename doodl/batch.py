@@ -299,8 +299,7 @@ def run_batch(args: argparse.Namespace) -> int:
     names = model_names(args)
     if scale is None:
         scale = presets(locate(names.sd))[capability_of(terms[0][0])].one_step_scale
-    dtype = torch.float16 if device.startswith("cuda") else torch.float32
-    model = load_pipeline(locate(names.sd), device, dtype, vae=locate(names.vae) or None)
+    model = load_pipeline(locate(names.sd), device, vae=locate(names.vae) or None)
     runner = Runner(
         model, load_cli_guides(args, device), terms, settings, cutouts, args.cut_power, scale, args.best_of
     )

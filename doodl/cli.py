@@ -15,11 +15,13 @@ from __future__ import annotations
 import argparse
 import os
 from dataclasses import fields, replace
+from pathlib import Path
 
 import torch
 from PIL import Image, UnidentifiedImageError
 
 from doodl.capabilities import (
+    GUIDE_KINDS,
     LOSSES,
     Crops,
     Target,
@@ -84,11 +86,14 @@ def add_model_arguments(parser: argparse.ArgumentParser, defaults: ModelNames = 
 
 def with_second_word(name: str, second: str | None, flag: str) -> str:
     """`name` with its second word given apart (`--clip ViT-L-14 --clip-pretrained openai`); refused where
-    the name has one already, so that a model is never named two ways at once."""
+    the name has one already, or is a folder or a hub model that takes none, so that a model is never
+    named two ways at once."""
     if not second:
         return name
     if len(name.split()) > 1:
         raise ValueError(f"'{name}' names its second word already: drop {flag} {second}")
+    if name.startswith(("hf-hub:", "local-dir:")) or Path(locate(name)).expanduser().exists():
+        raise ValueError(f"'{name}' is a whole model, not an architecture: drop {flag} {second}")
     return f"{name} {second}"
 
 
@@ -195,8 +200,7 @@ def loss_terms(args: argparse.Namespace) -> list[tuple[str, float]]:
 def load_cli_guides(args: argparse.Namespace, device: str) -> dict:
     """The guides of every --loss, by role, each loaded once."""
     names = model_names(args)
-    models = {role: names.guide(role) for role in ("clip", "classifier", "aesthetic_clip", "aesthetic_head")}
-    models |= {role: names.guide(role) for role in ("pickscore", "hps")}
+    models = {role: names.guide(role) for role in GUIDE_KINDS}
     return load_guides(
         [name for name, _ in loss_terms(args)],
         models,

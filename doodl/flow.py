@@ -12,6 +12,7 @@ from __future__ import annotations
 import threading
 from abc import abstractmethod
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -54,17 +55,19 @@ class FlowTransformer(LatentDiffusion):
     _prompts: OrderedDict = field(default_factory=OrderedDict, compare=False, repr=False)
     _lock: Any = field(default_factory=threading.Lock, compare=False, repr=False)
 
-    # The transformer's class, the pipeline's text encoders, the default of its `max_sequence_length` and
-    # its T5 tokenizer.
+    gpu_dtype: ClassVar[torch.dtype] = torch.bfloat16  # as their makers run them: float16 overflows
+    # The transformer's class, the pipeline's text encoders (those it cannot run without), the default of
+    # its `max_sequence_length` and its T5 tokenizer.
     transformer_class: ClassVar[type[torch.nn.Module]]
     text_encoders: ClassVar[tuple[str, ...]] = ()
+    required_text_encoders: ClassVar[tuple[str, ...]] = ()
     default_sequence_length: ClassVar[int] = 256
     t5_tokenizer: ClassVar[str] = ""
 
     @classmethod
     def of_pipeline(cls, pipe: Any, device: str | torch.device | None = None) -> FlowTransformer:
         """The model of a loaded SD3 or FLUX pipeline: its modules shared, frozen, moved to `device`."""
-        required = ("transformer", "vae", "scheduler", *cls.required_text_encoders())
+        required = ("transformer", "vae", "scheduler", *cls.required_text_encoders)
         missing = [name for name in required if getattr(pipe, name, None) is None]
         if missing:
             raise ModelLoadError(
@@ -86,17 +89,16 @@ class FlowTransformer(LatentDiffusion):
         )
 
     @classmethod
-    def required_text_encoders(cls) -> tuple[str, ...]:
-        return cls.text_encoders
-
-    @classmethod
     def published_settings(cls, source: str) -> dict[str, Any]:
         """The makers' steps and guidance for this transformer (`published_for`), and the coupling's mixing
         weight for flows (FLOW_MIX)."""
         try:
-            config = cls.transformer_class.load_config(source, subfolder="transformer")
+            config = cls.transformer_class.load_config(source, subfolder="transformer", local_files_only=True)
         except (OSError, ValueError):
-            return {}
+            try:
+                config = cls.transformer_class.load_config(source, subfolder="transformer")
+            except (OSError, ValueError):
+                return {"p": FLOW_MIX}
         return {**cls.published_for(config), "p": FLOW_MIX}
 
     @classmethod
@@ -133,7 +135,8 @@ class FlowTransformer(LatentDiffusion):
 
     def spacing(self, steps: int, tokens: int) -> tuple[list[float] | None, float | None]:
         """(sigmas before the shift, mu): what the pipeline passes the scheduler for an image of `tokens`
-        2x2 patches; None: the scheduler's own."""
+        2x2 patches; None: the scheduler's own. SD3's pipeline lets the scheduler space its sigmas, and
+        passes a shift only to one that asks for it."""
         return None, self.shift_for(tokens) if self.scheduler.config.use_dynamic_shifting else None
 
     def shift_for(self, tokens: int) -> float:
@@ -171,14 +174,18 @@ class FlowTransformer(LatentDiffusion):
     def encode_new_prompt(self, prompt: str, negative_prompt: str) -> PromptEmbeds:
         """The embeddings of a prompt not encoded yet, by the pipeline's own `encode_prompt`."""
 
-    def release_text_encoders(self) -> None:
-        """Free the text encoders (FLUX's and SD3's T5-XXL alone is 9 GB in bf16) once every prompt a run
-        needs is encoded: those stay usable, a new one is refused."""
+    def release_text_encoders(self, keep: Sequence[str] = ()) -> None:
+        """Encode the prompts `keep`, then free the text encoders (FLUX's and SD3's T5-XXL alone is 9 GB in
+        bf16): the prompts encoded stay usable, a new one is refused. The encoders are dropped from the
+        pipeline this model shares (`from_pipeline`: the caller's own); call it where no other thread
+        encodes a prompt at the same time."""
+        for prompt in keep:
+            self.encode_prompt(prompt)
         for name in self.text_encoders:
             setattr(self.pipe, name, None)
 
     def text_encoders_released(self) -> bool:
-        return all(getattr(self.pipe, name, None) is None for name in self.required_text_encoders())
+        return all(getattr(self.pipe, name, None) is None for name in self.required_text_encoders)
 
 
 @dataclass(frozen=True)
@@ -190,6 +197,8 @@ class StableDiffusion3(FlowTransformer):
     pipelines: ClassVar[tuple[type[DiffusionPipeline], ...]] = (StableDiffusion3Pipeline,)
     transformer_class: ClassVar[type[torch.nn.Module]] = SD3Transformer2DModel
     text_encoders: ClassVar[tuple[str, ...]] = ("text_encoder", "text_encoder_2", "text_encoder_3")
+    # SD3 runs without T5 (its pipeline then reads zeros in T5's place): only the CLIPs are needed.
+    required_text_encoders: ClassVar[tuple[str, ...]] = ("text_encoder", "text_encoder_2")
     default_sequence_length: ClassVar[int] = 256  # StableDiffusion3Pipeline's max_sequence_length
     t5_tokenizer: ClassVar[str] = "tokenizer_3"
 
@@ -204,22 +213,12 @@ class StableDiffusion3(FlowTransformer):
             return {"steps": 28, "guidance_scale": 3.5}
         return {"steps": 28, "guidance_scale": 7.0}
 
-    @classmethod
-    def required_text_encoders(cls) -> tuple[str, ...]:
-        # SD3 runs without T5 (its pipeline then reads zeros in T5's place): only the CLIPs are needed.
-        return ("text_encoder", "text_encoder_2")
-
     @property
     def size_range(self) -> tuple[int, int]:
         """As any model's, and no larger than the transformer's table of patch positions."""
         low, high = super().size_range
         config = self.transformer.config
         return low, min(high, config.pos_embed_max_size * config.patch_size * self.vae_scale)
-
-    def spacing(self, steps: int, tokens: int) -> tuple[list[float] | None, float | None]:
-        """SD3's pipeline lets the scheduler space its sigmas, and passes a shift only to one that asks."""
-        dynamic = self.scheduler.config.use_dynamic_shifting
-        return None, self.shift_for(tokens) if dynamic else None
 
     def encode_new_prompt(self, prompt: str, negative_prompt: str) -> PromptEmbeds:
         cond, uncond, pooled, uncond_pooled = self.pipe.encode_prompt(
@@ -266,6 +265,7 @@ class Flux(FlowTransformer):
     classifier_free: ClassVar[bool] = False
     transformer_class: ClassVar[type[torch.nn.Module]] = FluxTransformer2DModel
     text_encoders: ClassVar[tuple[str, ...]] = ("text_encoder", "text_encoder_2")
+    required_text_encoders: ClassVar[tuple[str, ...]] = ("text_encoder", "text_encoder_2")
     default_sequence_length: ClassVar[int] = 512  # FluxPipeline's max_sequence_length
     t5_tokenizer: ClassVar[str] = "tokenizer_2"
 

@@ -151,7 +151,11 @@ def check_clip_name(name: str, pretrained: str | None = None) -> str:
             f"CLIP architecture {name!r} needs `pretrained` weights (a tag or a file), named as "
             f"'ARCHITECTURE TAG'; known tags: {', '.join(tags) or 'none'}."
         )
-    if pretrained not in tags and not Path(pretrained).expanduser().is_file():
+    # open_clip reads a tag in any case, with - for _ ("LAION2B-S32B-B82K"): its own lookup decides.
+    if (
+        not open_clip.get_pretrained_cfg(model_name, pretrained)
+        and not Path(pretrained).expanduser().is_file()
+    ):
         raise GuideNotFoundError(
             f"{pretrained!r} is neither a weights tag of CLIP architecture {name!r} "
             f"({', '.join(tags) or 'none'}) nor a checkpoint file"

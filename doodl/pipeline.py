@@ -10,7 +10,7 @@ coefficients, here) and the flow-matching transformers (SD3 / SD3.5, FLUX.1: Eul
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,6 +76,8 @@ class LatentDiffusion(ABC):
     # Whether the guidance scale is classifier-free guidance's (0: the unconditional prediction); FLUX.1
     # takes it as an input of a guidance-distilled model instead.
     classifier_free: ClassVar[bool] = True
+    # The dtype it runs in on a GPU unless told another (`load_pipeline`).
+    gpu_dtype: ClassVar[torch.dtype] = torch.float16
     vae: AutoencoderKL
 
     @classmethod
@@ -165,9 +167,9 @@ class LatentDiffusion(ABC):
     def encode_prompt(self, prompt: str, negative_prompt: str = "") -> PromptEmbeds:
         """A prompt's embeddings, as `noise_predictor` takes them."""
 
-    def release_text_encoders(self) -> None:
-        """Free what only encodes prompts, once a run's prompts are encoded (SD3's and FLUX's T5-XXL: 9 GB
-        in bf16); a model whose text encoders are small keeps them."""
+    def release_text_encoders(self, keep: Sequence[str] = ()) -> None:
+        """Free what only encodes prompts once the prompts `keep` are encoded (SD3's and FLUX's T5-XXL: 9 GB
+        in bf16); a model whose text encoders are small keeps them, and encodes nothing ahead."""
         return None
 
     @abstractmethod
@@ -217,7 +219,9 @@ class LatentDiffusion(ABC):
 
 
 def families() -> list[type[LatentDiffusion]]:
-    """Every family of generators: the subclasses of LatentDiffusion that take some pipeline class."""
+    """Every family of generators: the subclasses of LatentDiffusion that take some pipeline class. A family
+    is one once its module is imported: the package's `__init__` imports them all (`doodl.flow`'s too),
+    and every import of a doodl module runs it first."""
     found, todo = [], list(LatentDiffusion.__subclasses__())
     while todo:
         family = todo.pop(0)
@@ -228,10 +232,13 @@ def families() -> list[type[LatentDiffusion]]:
 
 
 def family_of(pipeline_class: type) -> type[LatentDiffusion]:
-    """The family that takes pipelines of this class. Any other object is taken as Stable Diffusion's parts
-    (a UNet, a VAE, CLIP encoders), which its own checks then name if one is missing."""
+    """The family that takes pipelines of this class, or of a class named like one of its pipelines
+    (`pipeline_named`: a FLUX img2img pipeline holds a FluxPipeline's parts). Any other object is taken as
+    Stable Diffusion's parts (a UNet, a VAE, CLIP encoders), which its own checks then name if one is
+    missing."""
+    named = pipeline_named(pipeline_class.__name__)
     for family in families():
-        if issubclass(pipeline_class, family.pipelines):
+        if issubclass(pipeline_class, family.pipelines) or (named is not None and named in family.pipelines):
             return family
     return StableDiffusion
 
@@ -479,7 +486,7 @@ def checkpoint_resnets(module: torch.nn.Module, *args: torch.Tensor | None) -> t
 def load_pipeline(
     model: str | Path,
     device: str | torch.device = "cpu",
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
     vae: str | Path | None = None,
 ) -> LatentDiffusion:
     """Load a generator from a local diffusers folder or a hub id; its model_index.json says which.
@@ -488,12 +495,15 @@ def load_pipeline(
     (SD-Turbo, SDXL-Turbo): sampled with DDIM coefficients of their noise schedule, whatever scheduler they
     ship. SD3 / SD3.5 and FLUX.1 (dev, schnell): sampled with their flow scheduler's Euler steps
     (`doodl.flow`). `vae` replaces the model's VAE by another (a folder or hub id of an AutoencoderKL),
-    e.g. an SDXL VAE fixed to run in float16.
+    e.g. an SDXL VAE fixed to run in float16. `dtype` defaults to float32 on the CPU and to the family's
+    `gpu_dtype` on a GPU: float16 for Stable Diffusion, bfloat16 for SD3 and FLUX (which overflow in float16).
     """
     source = pipeline_source(model)
     index = pipeline_index(source)
     pipeline_class = pipeline_class_of(source, index)
     family = family_of(pipeline_class)
+    if dtype is None:
+        dtype = family.gpu_dtype if torch.device(device).type == "cuda" else torch.float32
     parts = absent_parts(index) | family.load_options(pipeline_class)
     parts |= {} if vae is None else {"vae": load_vae(vae, dtype)}
     try:
@@ -541,7 +551,12 @@ def published_settings(model: str | Path) -> dict[str, Any]:
 
 
 def pipeline_index(source: str) -> dict[str, Any]:
-    """The pipeline's model_index.json: its class and the class of each part."""
+    """The pipeline's model_index.json: its class and the class of each part; from the hub's cache when it
+    is there, so that a cached model needs no network."""
+    try:
+        return dict(DiffusionPipeline.load_config(source, local_files_only=True))
+    except (OSError, ValueError):
+        pass
     try:
         return dict(DiffusionPipeline.load_config(source))
     except (OSError, ValueError) as error:
@@ -557,18 +572,24 @@ def absent_parts(index: dict[str, Any]) -> dict[str, None]:
 
 
 def pipeline_class_of(source: str, index: dict[str, Any]) -> type[DiffusionPipeline]:
-    """Which diffusers pipeline loads `source`, from the class its model_index.json names: the pipeline of
-    a family whose name is the longest start of it ("StableDiffusionXLImg2ImgPipeline": SDXL's; a FLUX
-    img2img folder holds the parts of a FluxPipeline)."""
+    """Which diffusers pipeline loads `source`, from the class its model_index.json names
+    (`pipeline_named`)."""
     name = index.get("_class_name", "")
-    known = [pipeline for family in families() for pipeline in family.pipelines]
-    matching = [p for p in known if name.startswith(p.__name__.removesuffix("Pipeline"))]
-    if not matching:
+    pipeline = pipeline_named(name)
+    if pipeline is None:
         raise ModelLoadError(
             f"'{source}' holds a {name or 'pipeline of unknown class'}, not a pipeline DOODL runs: Stable "
             "Diffusion (1.x, 2.x, XL), SD3 / SD3.5 or FLUX.1."
         )
-    return max(matching, key=lambda p: len(p.__name__))
+    return pipeline
+
+
+def pipeline_named(name: str) -> type[DiffusionPipeline] | None:
+    """The pipeline of a family whose name is the longest start of `name` ("StableDiffusionXLImg2ImgPipeline":
+    SDXL's; a FLUX img2img folder holds the parts of a FluxPipeline); None: no family's."""
+    known = [pipeline for family in families() for pipeline in family.pipelines]
+    matching = [p for p in known if name.startswith(p.__name__.removesuffix("Pipeline"))]
+    return max(matching, key=lambda p: len(p.__name__)) if matching else None
 
 
 def load_vae(vae: str | Path, dtype: torch.dtype) -> AutoencoderKL:

@@ -41,11 +41,16 @@ MAX_SEED = 2**63 - 1
 
 def locate(name: str) -> str:
     """A model name as given, or, for a relative path found in the app's folder (like the defaults), that
-    path: the app then runs from any working directory."""
+    path: the app then runs from any working directory. In a name of two words (`ModelNames`), the first
+    is found so too."""
     name = name.strip()
-    if Path(name).expanduser().exists() or not (ROOT / name).exists():
-        return name
-    return str(ROOT / name)
+    first, _, second = name.partition(" ")
+    for path, rest in ((name, ""), (first, second)):
+        if Path(path).expanduser().exists():
+            return name
+        if (ROOT / path).exists():
+            return f"{ROOT / path} {rest}".strip()
+    return name
 
 
 # --- models ---------------------------------------------------------------------------------------
@@ -121,7 +126,8 @@ class ModelCache:
         own)."""
         name, vae = locate(required(name, MODEL_KINDS["sd"])), vae and locate(vae)
         key = f"{name} + {vae}" if vae else name
-        return self.get("sd", key, lambda: load_pipeline(name, self.device, self.dtype, vae=vae or None))
+        # In its family's dtype for the device (`load_pipeline`: float32 on a CPU; FLUX in bfloat16 on a GPU).
+        return self.get("sd", key, lambda: load_pipeline(name, self.device, vae=vae or None))
 
     def guide(self, kind: str, name: str) -> Any:
         name = locate(required(name, kind))

@@ -407,3 +407,31 @@ def test_sd3_saved_without_t5_loads_and_reads_zeros_in_its_place(folders, tmp_pa
     hidden = model.encode_prompt(PROMPT).hidden
     assert hidden.shape[1] == 77 + model.max_sequence_length and hidden[:, 77:].abs().max() == 0
     assert sample(model, PROMPT, DoodlSettings(steps=4, guidance_scale=3.5)).size == (64, 64)
+
+
+def test_a_family_takes_its_pipelines_and_those_named_like_them():
+    """A FLUX or SD3 img2img pipeline holds a text-to-image one's parts: the family takes it, from the
+    folder's class name (`load_pipeline`) as from a loaded pipeline (`from_pipeline`). On a GPU each runs
+    in its makers' dtype: float16 for SD, bfloat16 for SD3 and FLUX (which overflow in float16)."""
+    from diffusers import (
+        FluxImg2ImgPipeline,
+        StableDiffusion3Img2ImgPipeline,
+        StableDiffusionXLImg2ImgPipeline,
+    )
+
+    from doodl.pipeline import StableDiffusion, family_of, pipeline_named
+
+    assert (
+        family_of(FluxImg2ImgPipeline) is Flux
+        and family_of(StableDiffusion3Img2ImgPipeline) is StableDiffusion3
+    )
+    assert family_of(StableDiffusionXLImg2ImgPipeline) is StableDiffusion
+    assert (
+        pipeline_named("FluxImg2ImgPipeline") is FluxPipeline
+        and pipeline_named("PixArtAlphaPipeline") is None
+    )
+    assert (StableDiffusion.gpu_dtype, Flux.gpu_dtype, StableDiffusion3.gpu_dtype) == (
+        torch.float16,
+        torch.bfloat16,
+        torch.bfloat16,
+    )

@@ -30,7 +30,7 @@ from diffusers import (
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
 from doodl.edict import EdictSchedule, NoisePredictor, Timestep, flow_schedule
-from doodl.pipeline import LatentDiffusion, ModelLoadError, PromptEmbeds, guidance_halves
+from doodl.pipeline import LatentDiffusion, ModelLoadError, PromptEmbeds, cached_first, guidance_halves
 
 # EDICT's mixing weight on flow models (DDIM's: the paper's 0.93). From 28 steps the coupled sample is as
 # close to plain Euler at any p from 0.8 to 1 (1.1-1.4 %, a quarter of Euler's own error), while the round
@@ -93,12 +93,9 @@ class FlowTransformer(LatentDiffusion):
         """The makers' steps and guidance for this transformer (`published_for`), and the coupling's mixing
         weight for flows (FLOW_MIX)."""
         try:
-            config = cls.transformer_class.load_config(source, subfolder="transformer", local_files_only=True)
+            config = cached_first(cls.transformer_class.load_config, source, subfolder="transformer")
         except (OSError, ValueError):
-            try:
-                config = cls.transformer_class.load_config(source, subfolder="transformer")
-            except (OSError, ValueError):
-                return {"p": FLOW_MIX}
+            return {"p": FLOW_MIX}
         return {**cls.published_for(config), "p": FLOW_MIX}
 
     @classmethod

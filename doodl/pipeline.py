@@ -554,15 +554,20 @@ def pipeline_index(source: str) -> dict[str, Any]:
     """The pipeline's model_index.json: its class and the class of each part; from the hub's cache when it
     is there, so that a cached model needs no network."""
     try:
-        return dict(DiffusionPipeline.load_config(source, local_files_only=True))
-    except (OSError, ValueError):
-        pass
-    try:
-        return dict(DiffusionPipeline.load_config(source))
+        return cached_first(DiffusionPipeline.load_config, source)
     except (OSError, ValueError) as error:
         raise ModelLoadError(
             f"could not load the model '{source}'.{DOWNLOAD_HINT}\n({error_line(error)})"
         ) from error
+
+
+def cached_first(load: Callable[..., Any], source: str, **where: Any) -> dict[str, Any]:
+    """A config as diffusers' `load_config` reads it: from the hub's cache when it is there (no network
+    for a cached model), else from `source` itself (a folder, or the hub for an id)."""
+    try:
+        return dict(load(source, local_files_only=True, **where))
+    except (OSError, ValueError):
+        return dict(load(source, **where))
 
 
 def absent_parts(index: dict[str, Any]) -> dict[str, None]:

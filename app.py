@@ -654,7 +654,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     offline_unless_hub_reachable()
-    serving = serving_of(args)
+    try:
+        serving = serving_of(args)
+    except ValueError as error:  # a model named two ways at once: the host's flags, said as argparse does
+        raise SystemExit(f"app.py: error: {error}") from None
     if args.cache_examples:
         store = ExampleStore.shipped(serving)
         build_examples(serving, store, MODELS)

@@ -103,10 +103,6 @@ FLUX_TRANSFORMER = {
     "pooled_projection_dim": 768,
     "axes_dims_rope": (16, 56, 56),
 }
-# Both models' VAE (vae/config.json): SD's architecture with 16 latent channels, no quant convs.
-FLOW_VAE = {"SD3": {"shift_factor": 0.0609, "scaling_factor": 1.5305}, "FLUX": {"shift_factor": 0.1159,
-            "scaling_factor": 0.3611}}  # fmt: skip
-
 ARCHITECTURES = (*SD_ARCHITECTURES, "sdxl", "sd3-medium", "flux", "flux-schnell")
 
 
@@ -178,10 +174,9 @@ def save_random_clip(folder: str | Path, arch: str = GUIDE_ARCHITECTURE) -> Path
 
 
 def flow_vae(family: str, dtype: torch.dtype) -> AutoencoderKL:
-    """SD3's or FLUX's VAE at its real size (1024 px)."""
-    return sd_vae(
-        1024, latent_channels=16, use_quant_conv=False, use_post_quant_conv=False, **FLOW_VAE[family]
-    ).to(dtype)
+    """SD3's or FLUX's VAE at its real size (1024 px): SD's channels and layers, 16 latent channels."""
+    size = {"channels": (128, 256, 512, 512), "layers_per_block": 2, "norm_num_groups": 32}
+    return tiny.flow_vae(1024, family, **size).to(dtype)
 
 
 def text_tower(encoder_class: type[CLIPTextModel], width: int) -> CLIPTextModel:

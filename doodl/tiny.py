@@ -414,15 +414,23 @@ FLOW_T5_WIDTH = 32
 FLOW_T5_MAX_LENGTH = 16  # tokens a prompt is padded to (SD3: 256; FLUX.1-dev: 512)
 
 
-def flow_vae(sample_size: int, shift_factor: float, scaling_factor: float) -> AutoencoderKL:
-    """A random VAE of SD3's and FLUX's architecture: 16 latent channels, no quant convs, a shift factor."""
+# The latents' normalisation of SD3's and of FLUX's VAE (their vae/config.json files).
+FLOW_VAE_FACTORS = {
+    "SD3": {"shift_factor": 0.0609, "scaling_factor": 1.5305},
+    "FLUX": {"shift_factor": 0.1159, "scaling_factor": 0.3611},
+}
+
+
+def flow_vae(sample_size: int, family: str, **size: object) -> AutoencoderKL:
+    """A random VAE of SD3's or FLUX's architecture (SD's, with 16 latent channels, no quant convs and a
+    shift factor), small by default; `size` as `sd_vae`'s (channels, layers_per_block, norm_num_groups)."""
     return sd_vae(
         sample_size,
         latent_channels=16,
         use_quant_conv=False,
         use_post_quant_conv=False,
-        shift_factor=shift_factor,
-        scaling_factor=scaling_factor,
+        **FLOW_VAE_FACTORS[family],
+        **size,
     )
 
 
@@ -481,7 +489,7 @@ def save_tiny_sd3_pipeline(folder: str | Path, sample_size: int = 8, seed: int =
             dual_attention_layers=(0,),
             qk_norm="rms_norm",
         )
-        vae = flow_vae(sample_size * 8, shift_factor=0.0609, scaling_factor=1.5305)  # SD3's VAE config
+        vae = flow_vae(sample_size * 8, "SD3")
         (clip, clip_2), t5 = flow_text_encoders(projection=True)
     pipe = StableDiffusion3Pipeline(
         transformer=transformer,
@@ -518,7 +526,7 @@ def save_tiny_flux_pipeline(
             guidance_embeds=guidance_embeds,
             axes_dims_rope=(4, 6, 6),
         )
-        vae = flow_vae(sample_size * 8, shift_factor=0.1159, scaling_factor=0.3611)  # FLUX's VAE config
+        vae = flow_vae(sample_size * 8, "FLUX")
         (clip, _), t5 = flow_text_encoders(projection=False)
     pipe = FluxPipeline(
         transformer=transformer,

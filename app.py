@@ -12,6 +12,7 @@ and the run settings are `doodl.serving`, a run as the page shows it and the exa
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from typing import Any
 
 import gradio as gr
 import pandas as pd
+from huggingface_hub import constants as hf_constants
 
 from doodl.capabilities import CAPABILITIES
 from doodl.chain import plain_chain
@@ -33,7 +35,7 @@ from doodl.serving import (
     ModelCache,
     Serving,
     Setting,
-    offline_unless_hub_reachable,
+    hub_reachable,
     pick_device,
     preset_values,
     request,
@@ -649,6 +651,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="run every example and store its run in assets/cached_examples, then exit",
     )
     return parser.parse_args(argv)
+
+
+def offline_unless_hub_reachable(reachable: Callable[[], bool] = hub_reachable) -> None:
+    """Without the hub, make every hub lookup fail at once instead of after network retries (tens of
+    seconds for a mistyped id): the hub library's own offline mode, which still loads cached models.
+    The host's start-up calls it: the process is the host's, and `doodl` changes no process-wide setting."""
+    if not hf_constants.HF_HUB_OFFLINE and not reachable():
+        os.environ["HF_HUB_OFFLINE"] = "1"  # for libraries that read it later
+        hf_constants.HF_HUB_OFFLINE = True  # read at import, so set where diffusers and transformers look
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -24,7 +24,14 @@ from diffusers import (
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
 from doodl import tiny
-from doodl.tiny import flow_scheduler, save_sd_pipeline, save_sdxl_pipeline, sd_scheduler, sdxl_scheduler
+from doodl.tiny import (
+    flow_scheduler,
+    save_sd_pipeline,
+    save_sdxl_pipeline,
+    sd_scheduler,
+    sdxl_scheduler,
+    seeded_torch,
+)
 from doodl.tokenizer import clip_tokenizer, t5_tokenizer
 
 # runwayml/stable-diffusion-v1-5 and stabilityai/stable-diffusion-2-1: what differs between the two.
@@ -117,19 +124,20 @@ def save_random_sd(folder: str | Path, arch: str = "sd15", dtype: torch.dtype = 
     if arch not in SD_ARCHITECTURES:
         raise ValueError(f"unknown architecture '{arch}': expected one of {', '.join(ARCHITECTURES)}")
     spec = SD_ARCHITECTURES[arch]
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(320, 640, 1280, 1280),
-        layers_per_block=2,
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-        norm_num_groups=32,
-        **spec["unet"],
-    )
-    vae = sd_vae(spec["unet"]["sample_size"] * 8)
-    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, **spec["text"]))
+    with seeded_torch(0):
+        unet = UNet2DConditionModel(
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=(320, 640, 1280, 1280),
+            layers_per_block=2,
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+            norm_num_groups=32,
+            **spec["unet"],
+        )
+        vae = sd_vae(spec["unet"]["sample_size"] * 8)
+        text_config = CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, **spec["text"])
+        text_encoder = CLIPTextModel(text_config)
     scheduler = sd_scheduler(spec["prediction_type"])
     return save_sd_pipeline(folder, unet, vae, text_encoder, scheduler, dtype)
 
@@ -145,13 +153,16 @@ def save_random_sdxl(folder: str | Path, dtype: torch.dtype = torch.float16) -> 
     Each part is cast to `dtype` as soon as it is built, so that building never holds all 3.5 billion
     parameters in float32 at once (14 GB): the float32 UNet (10.3 GB) is the most held.
     """
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(**SDXL_UNET).to(dtype)
-    vae = sd_vae(SDXL_UNET["sample_size"] * 8, scaling_factor=SDXL_VAE_SCALING, force_upcast=True).to(dtype)
-    encoders = [
-        encoder_class(CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, **config)).to(dtype)
-        for encoder_class, config in zip((CLIPTextModel, CLIPTextModelWithProjection), SDXL_TEXT, strict=True)
-    ]
+    with seeded_torch(0):
+        unet = UNet2DConditionModel(**SDXL_UNET).to(dtype)
+        vae = sd_vae(SDXL_UNET["sample_size"] * 8, scaling_factor=SDXL_VAE_SCALING, force_upcast=True)
+        vae = vae.to(dtype)
+        encoders = [
+            encoder_class(CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, **config)).to(dtype)
+            for encoder_class, config in zip(
+                (CLIPTextModel, CLIPTextModelWithProjection), SDXL_TEXT, strict=True
+            )
+        ]
     return save_sdxl_pipeline(folder, unet, vae, *encoders, sdxl_scheduler())
 
 
@@ -160,10 +171,10 @@ def save_random_clip(folder: str | Path, arch: str = GUIDE_ARCHITECTURE) -> Path
     import open_clip
     from safetensors.torch import save_file
 
-    torch.manual_seed(0)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    model = open_clip.create_model(arch)
+    with seeded_torch(0):
+        model = open_clip.create_model(arch)
     config = {
         "model_cfg": open_clip.get_model_config(arch),
         "preprocess_cfg": open_clip.get_model_preprocess_cfg(model),
@@ -190,19 +201,19 @@ def save_random_sd3_medium(folder: str | Path, dtype: torch.dtype = torch.float1
     CLIP-G of their real widths but one layer each, and no T5 (SD3 runs without it, reading zeros of the
     same 256 tokens x 4096 in its place: the transformer's work is the same). T5-XXL's 4.7 billion
     parameters would not fit beside the transformer in this machine's memory in float32."""
-    torch.manual_seed(0)
-    transformer = SD3Transformer2DModel(**SD35_MEDIUM_TRANSFORMER).to(dtype)
-    pipe = StableDiffusion3Pipeline(
-        transformer=transformer,
-        vae=flow_vae("SD3", dtype),
-        text_encoder=text_tower(CLIPTextModelWithProjection, 768).to(dtype),
-        tokenizer=clip_tokenizer(),
-        text_encoder_2=text_tower(CLIPTextModelWithProjection, 1280).to(dtype),
-        tokenizer_2=clip_tokenizer(),
-        text_encoder_3=None,
-        tokenizer_3=None,
-        scheduler=flow_scheduler(shift=3.0),
-    )
+    with seeded_torch(0):
+        transformer = SD3Transformer2DModel(**SD35_MEDIUM_TRANSFORMER).to(dtype)
+        pipe = StableDiffusion3Pipeline(
+            transformer=transformer,
+            vae=flow_vae("SD3", dtype),
+            text_encoder=text_tower(CLIPTextModelWithProjection, 768).to(dtype),
+            tokenizer=clip_tokenizer(),
+            text_encoder_2=text_tower(CLIPTextModelWithProjection, 1280).to(dtype),
+            tokenizer_2=clip_tokenizer(),
+            text_encoder_3=None,
+            tokenizer_3=None,
+            scheduler=flow_scheduler(shift=3.0),
+        )
     pipe.save_pretrained(folder)
     return Path(folder)
 
@@ -226,29 +237,32 @@ def save_random_flux(
     """Save a random FLUX.1-dev (or schnell) pipeline: its transformer and VAE at their real size; CLIP-L of
     its real width but one layer, and a one-layer T5 of T5-XXL's width (4096): the transformer sees
     prompt embeddings of their real shapes (512 tokens x 4096, 768 pooled)."""
-    torch.manual_seed(0)
-    with built_in(dtype):  # 12 billion parameters: never all in float32 (48 GB)
-        transformer = FluxTransformer2DModel(**FLUX_TRANSFORMER, guidance_embeds=guidance_embeds)
-    t5 = T5EncoderModel(
-        T5Config(
-            vocab_size=len(t5_tokenizer()),
-            d_model=4096,
-            d_kv=64,
-            d_ff=10240,
-            num_layers=1,
-            num_heads=64,
-            feed_forward_proj="gated-gelu",
-            is_encoder_decoder=False,
+    scheduler = flow_scheduler(shift=3.0, dynamic=True) if guidance_embeds else flow_scheduler(shift=1.0)
+    # `built_in` draws the transformer's weights on the GPU where there is one: its generators are seeded too.
+    with torch.random.fork_rng(devices=range(torch.cuda.device_count())):
+        torch.manual_seed(0)
+        with built_in(dtype):  # 12 billion parameters: never all in float32 (48 GB)
+            transformer = FluxTransformer2DModel(**FLUX_TRANSFORMER, guidance_embeds=guidance_embeds)
+        t5 = T5EncoderModel(
+            T5Config(
+                vocab_size=len(t5_tokenizer()),
+                d_model=4096,
+                d_kv=64,
+                d_ff=10240,
+                num_layers=1,
+                num_heads=64,
+                feed_forward_proj="gated-gelu",
+                is_encoder_decoder=False,
+            )
+        ).to(dtype)
+        pipe = FluxPipeline(
+            transformer=transformer,
+            vae=flow_vae("FLUX", dtype),
+            text_encoder=text_tower(CLIPTextModel, 768).to(dtype),
+            tokenizer=clip_tokenizer(),
+            text_encoder_2=t5,
+            tokenizer_2=t5_tokenizer(max_length=512),
+            scheduler=scheduler,
         )
-    ).to(dtype)
-    pipe = FluxPipeline(
-        transformer=transformer,
-        vae=flow_vae("FLUX", dtype),
-        text_encoder=text_tower(CLIPTextModel, 768).to(dtype),
-        tokenizer=clip_tokenizer(),
-        text_encoder_2=t5,
-        tokenizer_2=t5_tokenizer(max_length=512),
-        scheduler=flow_scheduler(shift=3.0, dynamic=True) if guidance_embeds else flow_scheduler(shift=1.0),
-    )
     pipe.save_pretrained(folder)
     return Path(folder)

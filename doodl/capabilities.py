@@ -181,7 +181,8 @@ class Target:
 
 @dataclass(frozen=True)
 class Crops:
-    """The random views each guide scores (the paper's 16 cutouts; `doodl.losses.cutouts`)."""
+    """The random views each guide scores (the paper's 16 cutouts; `doodl.losses.cutouts`), drawn from
+    `generator`; without one, each loss draws from its own, seeded alike (`doodl.losses.own_generator`)."""
 
     cutouts: int = CUTOUTS
     cut_power: float = CUT_POWER

@@ -4,7 +4,8 @@ A loss maps images (B, 3, H, W) with values in [0, 1] to a scalar to minimize, t
 batch, and is differentiable w.r.t. the pixels: every resize and normalization is done in torch.
 Model-based losses score random crops ("cutouts") rather than the whole image, as in the DOODL
 paper: averaging over crops keeps the optimization from fooling the guidance model with
-adversarial pixel patterns tuned to one fixed view.
+adversarial pixel patterns tuned to one fixed view. A loss draws its crops from the generator it is built
+with, or from one of its own (`own_generator`), never from torch's global generator.
 """
 
 from __future__ import annotations
@@ -44,14 +45,22 @@ MIN_CROP = 0.6
 PIXEL_NOISE = 0.02  # standard deviation, on pixels in [0, 1]
 
 
-def _random(generator: torch.Generator | None, *shape: int) -> torch.Tensor:
-    device = generator.device if generator is not None else "cpu"
-    return torch.rand(shape, generator=generator, device=device).cpu()
+# The seed of the generator a loss built without one draws its views from: two losses built alike draw the
+# same views, and no loss ever draws from (or moves) torch's global generator.
+LOSS_SEED = 0
 
 
-def _normal(generator: torch.Generator | None, *shape: int) -> torch.Tensor:
-    device = generator.device if generator is not None else "cpu"
-    return torch.randn(shape, generator=generator, device=device).cpu()
+def own_generator(generator: torch.Generator | None) -> torch.Generator:
+    """`generator`, or a new CPU generator seeded with LOSS_SEED: what a loss draws its random views from."""
+    return generator if generator is not None else torch.Generator().manual_seed(LOSS_SEED)
+
+
+def _random(generator: torch.Generator, *shape: int) -> torch.Tensor:
+    return torch.rand(shape, generator=generator, device=generator.device).cpu()
+
+
+def _normal(generator: torch.Generator, *shape: int) -> torch.Tensor:
+    return torch.randn(shape, generator=generator, device=generator.device).cpu()
 
 
 def cutouts(
@@ -68,17 +77,20 @@ def cutouts(
     Row `b * n + k` is view k of image b; the views are the same for all images of the batch. With n=0,
     the whole image is resized once (shorter side to `size`, center square). An image larger than
     `size` gets the paper's cutouts (`paper_cutouts`); a smaller one `small_image_views`, mirrored at
-    random if `flip` (leave it off when the loss cares about left and right).
+    random if `flip` (leave it off when the loss cares about left and right). Random views are drawn from
+    `generator`, which they then need: torch's global generator is never drawn from.
     """
     if n == 0:
         return resize_center_crop(images, size)
+    if generator is None:
+        raise ValueError("random views need a generator to draw them from (see own_generator)")
     if min(images.shape[-2:]) > size:
         return paper_cutouts(images, n, size, cut_power, generator)
     return small_image_views(images, n, size, generator, flip, min_crop)
 
 
 def paper_cutouts(
-    images: torch.Tensor, n: int, size: int, cut_power: float, generator: torch.Generator | None
+    images: torch.Tensor, n: int, size: int, cut_power: float, generator: torch.Generator
 ) -> torch.Tensor:
     """The DOODL paper's square crops: sides `rand ** cut_power * (max - min) + min`, between the model
     input size and the image's shorter side, at random places."""
@@ -98,7 +110,7 @@ def small_image_views(
     images: torch.Tensor,
     n: int,
     size: int,
-    generator: torch.Generator | None,
+    generator: torch.Generator,
     flip: bool = False,
     min_crop: float = MIN_CROP,
 ) -> torch.Tensor:
@@ -183,7 +195,7 @@ def _clip_target_loss(
     target: torch.Tensor,
     n: int,
     cut_power: float,
-    generator: torch.Generator | None,
+    generator: torch.Generator,
     flip: bool,
     views_per_chunk: int | None,
 ) -> Loss:
@@ -211,7 +223,9 @@ def clip_text_loss(
     with torch.no_grad():
         target = clip.embed_texts([prompt])
     flip = not mentions_sides(prompt)
-    return _clip_target_loss(clip, target, cutouts, cut_power, generator, flip, views_per_chunk)
+    return _clip_target_loss(
+        clip, target, cutouts, cut_power, own_generator(generator), flip, views_per_chunk
+    )
 
 
 def _reference_tensor(reference: Image.Image | torch.Tensor) -> torch.Tensor:
@@ -242,7 +256,9 @@ def clip_image_loss(
             [clip.embed_images(_reference_tensor(ref).to(clip.device)) for ref in references]
         )
         target = F.normalize(embeddings.mean(dim=0, keepdim=True), dim=-1)
-    return _clip_target_loss(clip, target, cutouts, cut_power, generator, True, views_per_chunk)
+    return _clip_target_loss(
+        clip, target, cutouts, cut_power, own_generator(generator), True, views_per_chunk
+    )
 
 
 @torch.no_grad()
@@ -265,6 +281,7 @@ def classifier_loss(
 ) -> Loss:
     """Cross-entropy of image crops (values in [0, 1]) to a target class, given by index or label."""
     index = classifier.class_index(target)
+    generator = own_generator(generator)
 
     def loss(images: torch.Tensor) -> torch.Tensor:
         crops = _cutouts(images, cutouts, classifier.image_size, cut_power, generator, flip=True)
@@ -309,6 +326,7 @@ def aesthetic_loss(
     low, high = AESTHETIC_RANGE
     if target is not None and not low <= target <= high:
         raise ValueError(f"aesthetic target must be in [{low:g}, {high:g}], got {target}")
+    generator = own_generator(generator)
 
     def loss(images: torch.Tensor) -> torch.Tensor:
         crops = _cutouts(images, cutouts, clip.image_size, cut_power, generator, True, AESTHETIC_MIN_CROP)
@@ -342,7 +360,8 @@ def _reward_loss(
     """Minus `scale` x the cosine similarity of the guide's embeddings of image views and of the prompt."""
     if not prompt.strip():
         raise ValueError("a reward loss needs a non-empty prompt")
-    n, cut_power, generator = crops
+    n, cut_power, given = crops
+    generator = own_generator(given)
     with torch.no_grad():
         target = guide.embed_texts([prompt])
     flip = not mentions_sides(prompt)

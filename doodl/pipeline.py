@@ -38,10 +38,6 @@ from doodl.edict import (  # NoisePredictor: the type `noise_predictor` returns;
     edict_schedule,
 )
 
-# On the CPU, oneDNN's per-call set-up outweighs the arithmetic of a UNet on tiny latents (the embedded
-# model's 8x8: 40 -> 29 ms a call, 72 -> 52 ms with its VJP, on one core); ATen's own kernels do better there.
-ONEDNN_MIN_LATENT_SIDE = 16
-
 
 class ModelLoadError(RuntimeError):
     """A generator could not be loaded; the message says why and what to do."""
@@ -394,10 +390,9 @@ class StableDiffusion(LatentDiffusion):
                 added = self.added_conditions(
                     torch.cat([half.pooled.expand(n, -1) for half in halves]), latents
                 )
-            with onednn(max(latents.shape[-2:]) > ONEDNN_MIN_LATENT_SIDE):
-                out = self.unet(
-                    unet_in.to(self.dtype), t, encoder_hidden_states=context, added_cond_kwargs=added
-                ).sample
+            out = self.unet(
+                unet_in.to(self.dtype), t, encoder_hidden_states=context, added_cond_kwargs=added
+            ).sample
             out = out.to(latents.dtype)
             if v_prediction:  # SD 2.x predicts v = sqrt(abar) eps - sqrt(1 - abar) x; EDICT needs eps.
                 abar = alphas_cumprod[t].to(latents.dtype)
@@ -422,17 +417,6 @@ def guidance_halves(prompt_embeds: PromptEmbeds, guidance_scale: float) -> tuple
     if guidance_scale == 0:
         return (uncond,)
     return uncond, cond
-
-
-@contextmanager
-def onednn(enabled: bool) -> Iterator[None]:
-    """Turn oneDNN (mkldnn) on or off for a block; unlike torch's `flags()`, it touches no other setting."""
-    before = torch.backends.mkldnn.enabled
-    torch.backends.mkldnn.enabled = enabled
-    try:
-        yield
-    finally:
-        torch.backends.mkldnn.enabled = before
 
 
 @contextmanager

@@ -538,12 +538,3 @@ def hub_reachable(timeout: float = 3.0) -> bool:
     except OSError:
         return False
     return True
-
-
-def offline_unless_hub_reachable(reachable: Callable[[], bool] = hub_reachable) -> None:
-    """Without the hub, make every hub lookup fail at once instead of after network retries (tens of
-    seconds for a mistyped id): the hub library's own offline mode, which still loads cached models.
-    The host's start-up calls it; it changes the process's hub setting on purpose."""
-    if not hf_constants.HF_HUB_OFFLINE and not reachable():
-        os.environ["HF_HUB_OFFLINE"] = "1"  # for libraries that read it later
-        hf_constants.HF_HUB_OFFLINE = True  # read at import, so set where diffusers and transformers look

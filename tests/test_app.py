@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 import app
 from doodl import DoodlSettings, ModelLoadError, load_pipeline
 from doodl.embedded import EXAMPLES, Preset
-from doodl.serving import ROOT, ModelNames, Serving, locate, offline_unless_hub_reachable
+from doodl.serving import ROOT, ModelNames, Serving, locate
 from doodl.showcase import ExampleStore
 from doodl.tiny import (
     TINY_CLIP,
@@ -416,8 +416,10 @@ def test_a_hub_id_fails_at_once_without_the_hub(monkeypatch):
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
-    offline_unless_hub_reachable(reachable=lambda: False)
-    assert constants.HF_HUB_OFFLINE
+    app.offline_unless_hub_reachable(reachable=lambda: True)
+    assert not constants.HF_HUB_OFFLINE and os.environ["HF_HUB_OFFLINE"] == "0"  # a reachable hub: online
+    app.offline_unless_hub_reachable(reachable=lambda: False)
+    assert constants.HF_HUB_OFFLINE and os.environ["HF_HUB_OFFLINE"] == "1"
 
     def no_network(*args, **kwargs):
         raise AssertionError("a network connection was attempted")

@@ -277,6 +277,8 @@ def make_loss(kind: str, clip, classifier, head, **options) -> losses.Loss:
         return losses.aesthetic_loss(clip, head, target=4.5, **options)
     if kind == "symmetry":
         return losses.symmetry_loss()
+    if kind == "hps":
+        return losses.hps_loss(clip, "a red apple", **options)
     text, symmetry = losses.clip_text_loss(clip, "a red apple", **options), losses.symmetry_loss()
     return losses.weighted_sum([(1.0, text), (0.5, symmetry)])
 
@@ -295,9 +297,22 @@ def test_gradients_reach_the_pixels(kind, clip, classifier, head):
     assert pixels.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("kind", [*KINDS, "hps"])
+def test_a_loss_built_without_a_generator_owns_one(kind, clip, classifier, head):
+    """It leaves torch's global generator as it was, and two losses built alike draw the same views."""
+    state = torch.random.get_rng_state()
+    first, second = (make_loss(kind, clip, classifier, head, cutouts=4) for _ in range(2))
+    # Larger and smaller than the guides' 32 px inputs: paper cutouts, then small views; then again.
+    sizes = (48, 16, 48)
+    values = [[loss(images(size=size)) for size in sizes] for loss in (first, second)]
+    assert all(torch.equal(a, b) for a, b in zip(*values, strict=True))
+    if kind != "symmetry":  # its generator moves on from call to call: the same image, other views
+        assert not torch.equal(values[0][0], values[0][2])
+    assert torch.equal(torch.random.get_rng_state(), state)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_optimizing_pixels_lowers_the_loss(kind, clip, classifier, head):
-    torch.manual_seed(0)
     loss = make_loss(kind, clip, classifier, head, cutouts=0)
     logits = torch.logit(images(size=32).clamp(0.05, 0.95)).requires_grad_()
     optimizer = torch.optim.Adam([logits], lr=0.1)

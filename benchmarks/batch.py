@@ -1,6 +1,6 @@
-"""Batch evidence: unguided, one-step guidance, DOODL and best-of-N at matched compute, on held-out
-two-object captions of the embedded world, judged by the world's rule-based judge (which reads the scene
-from the pixels and knows nothing of the guide).
+"""Batch evidence: unguided, one-step guidance, DOODL and random search at matched compute (the methods of
+`doodl.experiment`), on held-out two-object captions of the embedded world, judged by the world's rule-based
+judge (which reads the scene from the pixels and knows nothing of the guide).
 
     python -m benchmarks.batch                   # 12 captions, 2 processes through accelerate
     python -m benchmarks.batch --n 4 --quick     # a smoke run (2 steps, 1 iteration)
@@ -78,7 +78,7 @@ def main() -> None:
     processes = f"{args.processes} process" + ("es" if args.processes > 1 else "")
     text = "\n\n".join(
         [
-            "# Batch: unguided, one-step, DOODL and best-of-N at matched compute (embedded world)",
+            "# Batch: unguided, one-step, DOODL and random search at matched compute (embedded world)",
             machine() + f" {processes}, {args.threads} thread each.",
             f"`python -m benchmarks.batch --n {args.n} --processes {args.processes}"
             + (f" --iterations {args.iterations}" if args.iterations else "")
@@ -90,8 +90,9 @@ def main() -> None:
                 if args.quick
                 else f"the text tab's preset ({preset(args.iterations)}). "
             )
-            + "Best-of-N draws as many unguided samples as DOODL's UNet calls pay for and keeps the one CLIP "
-            "prefers; a backward pass through a call counts as one more call. "
+            + "doodl starts from the pair's own noise (the paper's), best-of-k+doodl from the best of 4 "
+            "samples (the app's); best-of-k draws as many unguided samples as doodl's UNet calls pay for and "
+            "keeps the one CLIP prefers; a backward pass through a call counts as one more call. "
             "loss: the guide's (CLIP's spherical distance to the caption, on the pair's own views); "
             "world-judge: the fraction of the caption's colors, shapes and relation the pixels show, "
             "read by the world's rule-based judge (held out: it never guided anything).",

@@ -19,7 +19,7 @@ Success, from the pixels: text, every color, shape and the relation right (`dood
 vocabulary, the red object's shade is the target; personalization, the main object has the references'
 color and shape; aesthetic, the beauty rule read from the pixels rises by at least AESTHETIC_GAIN over the
 unguided image, DOODL's image still shows the prompt (the judge), and from a photo the scene stays the
-photo's (`benchmarks.photo.same_scene`).
+photo's (`doodl.world.evaluators.same_scene`).
 """
 
 from __future__ import annotations
@@ -36,16 +36,13 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from benchmarks.common import RESULTS, ROOT, markdown_table, parser, start, write_report
-from benchmarks.evaluators import measured_shade, pixel_beauty
-from benchmarks.photo import same_scene
 from benchmarks.quality import reference_renders
 from doodl.embedded import EMBEDDED_PRESETS, EXAMPLES, Preset
 from doodl.serving import ModelCache, Serving
 from doodl.showcase import example_request, final, run
-from doodl.world import beauty, judge, shapes
+from doodl.world import beauty, shapes
+from doodl.world.evaluators import AESTHETIC_GAIN, EXAMPLE_METHODS, verdict
 
-AESTHETIC_GAIN = 1.0  # beauty points over the unguided image (issue #17's aesthetic target)
-METHODS = ("unguided", "one-step", "DOODL")
 CANDIDATES = {"text": 48, "vocabulary": 16, "personalization": 36, "aesthetic": 16}
 PHOTO_BEAUTY_BELOW = 7.0  # the aesthetic candidates' photos: room for the +1 a success needs
 IMAGES = RESULTS / "examples-images"  # the candidates' references and photos
@@ -87,69 +84,6 @@ def candidates(tab: str, n: int, seed: int, images: Path) -> list[list[Any]]:
             path = save(shapes.to_pil(shapes.render(scene)), images / f"aesthetic-{i}.png")
             rows.append([shapes.caption(scene), path])
     return [[*row, int(s)] for row, s in zip(rows, seeds, strict=True)]
-
-
-# --- the verdict ------------------------------------------------------------------------------------
-
-
-def gallery_images(gallery: tuple[tuple[str, str], ...]) -> dict[str, Image.Image]:
-    """The side by side of a finished run by method: unguided (or the photo's reconstruction), one-step,
-    DOODL, and the uploaded photo if any."""
-    names = {"Uploaded photo": "photo", "Unguided": "unguided", "One-step": "one-step", "DOODL": "DOODL"}
-    found = {}
-    for path, caption in gallery:
-        name = next(name for prefix, name in names.items() if caption.startswith(prefix))
-        found[name] = Image.open(path).convert("RGB")
-    return found
-
-
-def read(tab: str, image: Image.Image) -> str:
-    """What the judge sees: each object's color and shape, most salient first (vocabulary: the shade of
-    the red object)."""
-    if tab == "vocabulary":
-        shade = measured_shade(image, "red")
-        return "no red object" if shade is None else f"{shapes.SHADE_NAMES['red'][shade]} red"
-    return ", ".join(f"{b.color} {b.shape}" for b in judge.find_blobs(image)) or "nothing"
-
-
-def scores(tab: str, row: list[Any], images: dict[str, Image.Image]) -> dict[str, float]:
-    """The evaluator's score of each method's image: a fraction right, 1/0, or the beauty rule."""
-    if tab == "text":
-        return {m: judge.fraction_right(judge.judge(images[m], row[0])) for m in METHODS}
-    if tab == "vocabulary":
-        shade = shapes.SHADE_NAMES["red"].index(row[1])
-        return {m: float(measured_shade(images[m], "red") == shade) for m in METHODS}
-    if tab == "personalization":
-        identity = judge.find_blobs(Image.open(row[1][0]).convert("RGB"))[0]
-        target = shapes.Description((shapes.ObjectSpec(identity.color, identity.shape),))
-        return {m: judge.fraction_right(judge.judge_description(images[m], target)) for m in METHODS}
-    return {m: pixel_beauty(images[m]) for m in METHODS}
-
-
-def shows_doodl(tab: str, row: list[Any], score: dict[str, float], images: dict[str, Image.Image]) -> bool:
-    """The unguided image fails and DOODL's succeeds (see the module's docstring)."""
-    if tab != "aesthetic":
-        return score["unguided"] < 1.0 and score["DOODL"] == 1.0
-    kept = "photo" not in images or same_scene(
-        judge.find_blobs(images["photo"]), judge.find_blobs(images["DOODL"])
-    )
-    # A beauty read from a mess of blobs is no success to a visitor: DOODL's image must still show the prompt.
-    return (
-        score["DOODL"] >= score["unguided"] + AESTHETIC_GAIN
-        and kept
-        and judge.judge(images["DOODL"], row[0]).ok
-    )
-
-
-def verdict(tab: str, row: list[Any], gallery: tuple[tuple[str, str], ...]) -> dict[str, Any]:
-    """The evaluator on a finished run's side by side: scores, what it read, and whether it shows DOODL."""
-    images = gallery_images(gallery)
-    score = scores(tab, row, images)
-    return {
-        "scores": score,
-        "read": {m: read(tab, images[m]) for m in ("photo", *METHODS) if m in images},
-        "shows_doodl": shows_doodl(tab, row, score, images),
-    }
 
 
 # --- running and reporting ------------------------------------------------------------------------
@@ -222,14 +156,14 @@ def table(tab: str, records: list[dict[str, Any]]) -> str:
         [
             r["index"],
             shown_row(tab, r["row"]),
-            *(digits.format(r["scores"][m]) for m in METHODS),
+            *(digits.format(r["scores"][m]) for m in EXAMPLE_METHODS),
             "**yes**" if r["shows_doodl"] else "no",
             "shipped" if shipped(tab, r["row"]) else "",
             f"{r['read']['unguided']} → {r['read']['DOODL']}",
         ]
         for r in sorted(records, key=lambda r: r["index"])
     ]
-    headers = ["#", "candidate", *METHODS, "shows DOODL", "app", "the judge reads: unguided → DOODL"]
+    headers = ["#", "candidate", *EXAMPLE_METHODS, "shows DOODL", "app", "the judge reads: unguided → DOODL"]
     return markdown_table(headers, rows)
 
 

@@ -36,23 +36,21 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from matplotlib.figure import Figure
 
 from benchmarks.common import markdown_table, parser, start, write_report
-from benchmarks.evaluators import measured_shade, pixel_beauty
 from doodl import embedded
 from doodl.capabilities import CAPABILITIES, Crops, Target, build_loss, load_guide, load_guides
 from doodl.optimize import DoodlSettings, doodl, invert_image, result_of
 from doodl.pipeline import LatentDiffusion, load_pipeline
 from doodl.serving import ModelNames, locate
 from doodl.world import judge, shapes
+from doodl.world.evaluators import POSITION_TOLERANCE, measured_shade, pixel_beauty, same_scene
 
 # An object may move this many pixels (of 64) and still be the same object in the same place: a sixth of
 # the smallest object's diameter (18 px, `shapes.random_scene`); the EDICT reconstruction itself moved
 # the judge's centres by at most 1 px on the first photos tried.
-POSITION_TOLERANCE = 3.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,24 +88,6 @@ def case(tab: str, index: int, scene: shapes.Scene) -> Case:
         "aesthetic": Target(text=prompt),
     }[tab]
     return Case(tab, index, photo, prompt, target, other if tab == "vocabulary" else None)
-
-
-def same_scene(before: tuple[judge.Blob, ...], after: tuple[judge.Blob, ...]) -> bool:
-    """The same objects (color and shape), each within POSITION_TOLERANCE px of its place, none added."""
-    if len(before) != len(after):
-        return False
-    left = list(after)
-    for blob in before:
-        near = [
-            b
-            for b in left
-            if (b.color, b.shape) == (blob.color, blob.shape)
-            and np.hypot(b.center[0] - blob.center[0], b.center[1] - blob.center[1]) <= POSITION_TOLERANCE
-        ]
-        if not near:
-            return False
-        left.remove(near[0])
-    return True
 
 
 # --quick: a smoke run of the whole script in seconds, nothing measured.
@@ -297,7 +277,7 @@ NOTES = (
     "photo weight, CFG, and strength, the fraction of the chain the photo is inverted through and edited). "
     "Scene unchanged: the "
     "judge reads the same objects (color name, shape) from the best image as from the photo, each centre "
-    f"within {POSITION_TOLERANCE:g} px, none added. Beauty: `benchmarks.evaluators.pixel_beauty` (1-10). "
+    f"within {POSITION_TOLERANCE:g} px, none added. Beauty: `doodl.world.evaluators.pixel_beauty` (1-10). "
     "Changes are means ± standard errors over the photos. What each tab asks: text, the photo's caption "
     "as CLIP's target; vocabulary, the photo's first object made red and another shade of red as the "
     "classifier's target; personalization, a reference of the first object in another shade; aesthetic, "

@@ -11,12 +11,11 @@ embedded model.
 By default every setting is the app's for that capability (`doodl.embedded.EMBEDDED_PRESETS`: steps,
 iterations, CFG, gradient clip, crops, one-step scale), so the figures describe what a visitor sees.
 
-Per prompt, from the same initial latents: the unguided EDICT sample, one-step guidance, and DOODL (the image
-of lowest guidance loss over its iterations). On the first --matched-n prompts also two uses of random search
-(`doodl.optimize.best_of_samples`), each candidate picked by the same guidance loss: best of K unguided
-samples, with K chosen so that they make as many UNet calls as DOODL (`matched_k`; a backward pass through a
-call counts as one more call; the first candidate is the prompt's own seed), and DOODL started from the best
-of --start-k samples, which costs those samples' calls on top of DOODL's. Each guided method's strength
+Per prompt, the methods of `doodl.experiment` (the runner `python -m doodl batch` uses), from the same
+initial latents: unguided, one-step guidance, and DOODL (the image of lowest guidance loss over its
+iterations); on the first --matched-n prompts also the two uses of random search, best-of-k (as many UNet
+passes as DOODL) and best-of-k+doodl (DOODL from the best of --start-k samples, those samples' passes on
+top). Each guided method's strength
 (one-step scale, DOODL's element-wise gradient clip, which sets its step) is the preset's; `--tune` chooses
 them per capability by each method's own guidance loss on pilot prompts, prints them and stops: the presets
 hold what it chose. Every image is scored by a rule-based evaluator, never by the model that guided it; each
@@ -29,8 +28,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
-import json
-import re
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -51,23 +48,15 @@ from benchmarks.common import (
     start,
     write_report,
 )
-from benchmarks.evaluators import beauty_agreement, measured_shade, pixel_beauty
-from doodl import (
-    DoodlSettings,
-    best_of_samples,
-    capabilities,
-    load_pipeline,
-    one_step_guidance,
-    optimize,
-    sample,
-)
-from doodl.baseline import matched_k
+from doodl import DoodlSettings, capabilities, load_pipeline, one_step_guidance, optimize
 from doodl.embedded import EMBEDDED_PRESETS, Preset
+from doodl.experiment import METHODS, Contest, OutcomeStore, Paired, Trial, mean_se, paired, run_trial
 from doodl.losses import Loss
-from doodl.pipeline import LatentDiffusion, count_unet_calls
+from doodl.pipeline import LatentDiffusion
 from doodl.settings import SAMPLERS
 from doodl.showcase import folder_digest
 from doodl.world import judge, shapes
+from doodl.world.evaluators import beauty_agreement, measured_shade, pixel_beauty
 
 # The arguments a capability's saved outcomes depend on (with its preset and the models' contents). Not
 # --n or --matched-n: prompt i's outcomes are the same whatever they are, so a run extends a smaller one.
@@ -76,16 +65,13 @@ SEED = 2024  # the tasks' generator: capability k's prompts are drawn from SEED 
 # Of the presets', to measure a lever.
 OVERRIDES = ("clip", "guidance_scale", "normalized", "learning_rate", "sampler")
 
-MATCHED = "best of K samples"  # unguided samples at DOODL's UNet calls, the guide's pick
-STARTED = "best-of-k start + DOODL"  # DOODL from the guide's pick of k unguided samples
-METHODS = ("unguided", "one-step", "DOODL", MATCHED, STARTED)
 ASSETS = ("sd/model_index.json", "clip", "classifier", "aesthetic/aesthetic_head.safetensors")
 
 
 @dataclass(frozen=True)
 class Task:
     prompt: str
-    loss: Loss
+    loss_of: Callable[[int], Loss]  # seed -> the guide's loss, its views drawn from that seed
     score: Callable[[Image.Image], float]  # the evaluator: a fraction right, 1/0 success, or a rating
     target: str = ""  # what the guide is asked beyond the prompt, for reports: vocabulary's class
 
@@ -96,7 +82,11 @@ class Outcome:
     loss: float  # the guidance loss of the final image: did the method do what it was asked?
     calls: int  # UNet calls spent on the image
     curve: tuple[float, ...] = ()  # DOODL only: the guidance loss at every iteration
-    image: Image.Image | None = dataclasses.field(default=None, compare=False, repr=False)  # a PNG beside
+
+    @classmethod
+    def of(cls, record: dict) -> Outcome:
+        """What the report reads of an outcome store's record."""
+        return cls(record["score"], record["loss"], record["unet_calls"], tuple(record.get("curve", ())))
 
 
 @dataclass(frozen=True)
@@ -109,11 +99,18 @@ class Capability:
 # --- the four capabilities -----------------------------------------------------------------------
 
 
-def guided(guides: dict, capability: str, target: capabilities.Target) -> Loss:
-    """The capability's loss, built as the app builds it, with its preset's number of views."""
+def guided(guides: dict, capability: str, target: capabilities.Target) -> Callable[[int], Loss]:
+    """seed -> the capability's loss, built as the app builds it, with its preset's number of views drawn
+    from that seed (as the app draws a run's views from its seed)."""
     loss = capabilities.CAPABILITIES[capability].losses[0]
-    crops = capabilities.Crops(EMBEDDED_PRESETS[capability].cutouts)
-    return capabilities.build_loss(loss, guides, target, crops)
+
+    def loss_of(seed: int) -> Loss:
+        crops = capabilities.Crops(
+            EMBEDDED_PRESETS[capability].cutouts, generator=torch.Generator().manual_seed(seed)
+        )
+        return capabilities.build_loss(loss, guides, target, crops)
+
+    return loss_of
 
 
 def text_task(guides: dict, rng: np.random.Generator) -> Task:
@@ -180,97 +177,23 @@ CAPABILITIES = (
 # --- running the methods --------------------------------------------------------------------------
 
 
-def counted(model: LatentDiffusion, run: Callable[[], Image.Image]) -> tuple[Image.Image, int]:
-    with count_unet_calls(model.denoiser) as calls:
-        image = run()
-    return image, calls.passes  # a backward through a call counts as one more call
-
-
-def image_loss(task: Task, image: Image.Image) -> float:
+def image_loss(task: Task, seed: int, image: Image.Image) -> float:
     with torch.no_grad():
-        return float(task.loss(pil_to_tensor(image).float().div(255).unsqueeze(0)))
+        return float(task.loss_of(seed)(pil_to_tensor(image).float().div(255).unsqueeze(0)))
 
 
 def one_step(model: LatentDiffusion, task: Task, settings: DoodlSettings, scale: float) -> Image.Image:
-    return one_step_guidance(model, task.prompt, task.loss, scale, settings)
+    return one_step_guidance(model, task.prompt, task.loss_of(settings.seed), scale, settings)
 
 
 def doodl_image(model: LatentDiffusion, task: Task, settings: DoodlSettings) -> Image.Image:
-    return optimize(model, task.prompt, task.loss, settings).image
-
-
-def started_doodl(model: LatentDiffusion, task: Task, settings: DoodlSettings, k: int, curves: dict):
-    """DOODL from the best of k unguided samples by the same guidance loss; its UNet calls count both."""
-    result = optimize(model, task.prompt, task.loss, dataclasses.replace(settings, start_samples=k))
-    curves[STARTED] = tuple(result.losses)
-    return result.image
-
-
-def run_task(
-    model: LatentDiffusion,
-    task: Task,
-    settings: DoodlSettings,
-    scale: float,
-    methods: tuple[str, ...],
-    start_k: int,
-    saved: dict[str, Outcome] | None = None,
-) -> dict[str, Outcome]:
-    """{method: Outcome} for one prompt; `settings` carries DOODL's gradient clip. Methods `saved` holds
-    are not run again: every run is seeded, so a saved outcome is the one a new run would give. Every
-    method starts from the noise of `settings.seed`, drawn by each run itself: latents given to a run are
-    a photo's, sampled through the photo's partial chain."""
-    saved = saved or {}
-    curves = {}
-
-    def doodl_run() -> Image.Image:
-        result = optimize(model, task.prompt, task.loss, settings)
-        curves["DOODL"] = tuple(result.losses)
-        return result.image
-
-    def random_search() -> tuple[Image.Image, int]:
-        k = matched_k(outcome("DOODL").calls, outcome("unguided").calls)
-        torch.manual_seed(settings.seed)  # as if DOODL had not just run
-        best = best_of_samples(model, task.prompt, task.loss, settings, k)
-        return best.image, best.calls
-
-    runs = {
-        "unguided": lambda: counted(model, lambda: sample(model, task.prompt, settings)),
-        "one-step": lambda: counted(model, lambda: one_step(model, task, settings, scale)),
-        "DOODL": lambda: counted(model, doodl_run),
-        MATCHED: random_search,
-        STARTED: lambda: counted(model, lambda: started_doodl(model, task, settings, start_k, curves)),
-    }
-    outcomes = {name: saved[name] for name in methods if name in saved}
-
-    def outcome(name: str) -> Outcome:
-        """The saved or already run outcome of a method, else its run's, now."""
-        if name not in outcomes:
-            # Each method's views are drawn alike whichever others ran before it or were saved, as the app
-            # draws a run's views from its seed: a resumed benchmark gives what a fresh one gives.
-            torch.manual_seed(settings.seed)
-            outcomes[name] = outcome_of(task, *runs[name](), curves.get(name, ()))
-        return outcomes[name]
-
-    return {name: outcome(name) for name in methods}
-
-
-def outcome_of(task: Task, image: Image.Image, calls: int, curve: tuple[float, ...]) -> Outcome:
-    return Outcome(task.score(image), image_loss(task, image), calls, curve, image)
-
-
-def rescored(task: Task, outcomes: dict[str, Outcome], images: dict[str, Image.Image]) -> dict[str, Outcome]:
-    """The outcomes whose final image was saved, scored again by today's evaluator."""
-    return {
-        method: dataclasses.replace(o, score=task.score(images[method]))
-        for method, o in outcomes.items()
-        if method in images
-    }
+    return optimize(model, task.prompt, task.loss_of(settings.seed), settings).image
 
 
 def measured_preset(capability: Capability) -> Preset:
     """The capability's preset as every method here starts from it: the prompt's own noise. Each method
-    sets its own start (DOODL the paper's, the best-of-k one --start-k samples), so the app's
-    `start_samples` is not one of the outcomes' inputs."""
+    sets its own start (DOODL the paper's, best-of-k+doodl --start-k samples'), so the app's `start_samples`
+    is not one of the outcomes' inputs."""
     preset = EMBEDDED_PRESETS[capability.name]
     return dataclasses.replace(preset, settings=dataclasses.replace(preset.settings, start_samples=1))
 
@@ -299,7 +222,9 @@ def tune(values: list[float], image_of: Callable, pilots: list) -> float:
         return values[0]
 
     def mean_loss(value: float) -> float:
-        return statistics.mean(image_loss(task, image_of(task, settings, value)) for task, settings in pilots)
+        return statistics.mean(
+            image_loss(task, settings.seed, image_of(task, settings, value)) for task, settings in pilots
+        )
 
     return min(values, key=mean_loss)
 
@@ -325,11 +250,33 @@ def strengths(model, guides, capability: Capability, index: int, args) -> tuple[
     return scale, clip
 
 
+def store_of(out: Path, capability: Capability, args) -> OutcomeStore:
+    """A capability's saved outcomes, OUT/quality-raw/<capability>/ in `doodl.experiment`'s layout: an
+    hours-long benchmark on a shared machine resumes after an interruption, a larger --n extends a smaller
+    one's prompts, and capabilities run apart with --only assemble into one report by a last run. Outcomes
+    saved with other settings, presets or model weights are removed. Each final image is saved beside its
+    record and read back only by `--rescore`."""
+    key = {name: getattr(args, name) for name in RAW_KEYS}
+    # An override joins the key only when given: outcomes saved at the presets' stay reusable.
+    key |= {name: getattr(args, name) for name in OVERRIDES if getattr(args, name) is not None}
+    key["preset"] = measured_preset(capability).key(from_noise=True)  # every prompt starts from noise
+    key["models"] = capability_models_digest(args.assets, capability.name)  # a retrained model or guide
+    return OutcomeStore.open(out / "quality-raw" / capability.name, key, replace_other=True)
+
+
+def rescore(store: OutcomeStore, trial: Trial, task: Task, methods: tuple[str, ...]) -> None:
+    """The saved final images scored again by today's evaluator: only the records change."""
+    for method in methods:
+        record, image = store.record(method, trial), store.image(method, trial)
+        if record is not None and image is not None:
+            store.save(method, trial, record | {"score": task.score(image)}, None)
+
+
 def run_capability(
-    model, guides, capability: Capability, index: int, args, raw: RawStore
+    model, guides, capability: Capability, index: int, args, store: OutcomeStore
 ) -> tuple[dict[str, list], str]:
     """({method: [Outcome per prompt]}, the strengths chosen); prompts and latents are seeded, so prompt
-    i's outcomes are the same whatever --n: those `raw` holds are reused, each new one saved at once."""
+    i's outcomes are the same whatever --n: those the store holds are reused, each new one saved at once."""
     scale, clip = strengths(model, guides, capability, index, args)
     print(capability.name, "one-step scale", scale, "DOODL gradient clip", clip, flush=True)
     rng = np.random.default_rng(args.seed + index)
@@ -337,23 +284,23 @@ def run_capability(
     missing: set[str] = set()  # --saved-only: methods not saved for an earlier prompt, left out after it
     for i in range(args.n):
         settings = settings_for(args, capability, index, i, clip)
-        torch.manual_seed(settings.seed)  # anything random in a loss
         task = capability.make_task(guides, rng)  # made even when saved: the next prompt's rng follows it
+        trial = Trial(i, task.prompt, settings.seed)
         matched = i < args.matched_n
         needed = tuple(m for m in (METHODS if matched else METHODS[:3]) if m in args.methods)
         if args.saved_only:
             # Pairs are compared by prompt index, so a method stops at its first unsaved prompt.
-            missing |= set(needed) - raw.partial(i).keys()
+            missing |= set(needed) - store.records_of(trial, needed).keys()
             needed = tuple(m for m in needed if m not in missing)
-        outcomes = raw.outcomes(i, needed)
-        if outcomes is None:
-            outcomes = run_task(model, task, settings, scale, needed, args.start_k, raw.partial(i))
-            raw.save(i, outcomes)
-        elif args.rescore and (again := rescored(task, raw.partial(i), raw.images(i))):
-            raw.save(i, again)
-            outcomes = {m: again.get(m, o) for m, o in outcomes.items()}
+            if args.rescore:
+                rescore(store, trial, task, needed)
+            records = store.records_of(trial, needed)
+        else:
+            contest = Contest(model, task.loss_of, settings, scale, args.start_k)
+            scored = partial(lambda made, task: {"score": task.score(made.image)}, task=task)
+            records = dict(run_trial(contest, trial, needed, store, scored))
         for method in needed:
-            scores[method].append(outcomes[method])
+            scores[method].append(Outcome.of(records[method]))
         print(capability.name, i, task.prompt, {m: s[-1].score for m, s in scores.items() if s}, flush=True)
     s = settings_for(args, capability, index, 0, clip)
     crops = EMBEDDED_PRESETS[capability.name].cutouts
@@ -363,85 +310,14 @@ def run_capability(
     )
 
 
-@dataclass
-class RawStore:
-    """A capability's saved outcomes, prompt by prompt, in OUT/quality-raw/<capability>.json: an hours-long
-    benchmark on a shared machine resumes after an interruption, a larger --n extends a smaller one's
-    prompts, and capabilities run apart with --only assemble into one report by a last run. A file saved
-    with other settings, presets or model weights is ignored and replaced. Each outcome's final image is
-    saved in OUT/quality-raw/<capability>/<prompt>/<method>.png when it is made, and read back only by
-    `--rescore`: a report of hundreds of saved outcomes opens no image."""
-
-    path: Path
-    key: dict
-    prompts: list[dict[str, dict]]
-
-    @classmethod
-    def open(cls, out: Path, capability: Capability, args) -> RawStore:
-        key = {name: getattr(args, name) for name in RAW_KEYS}
-        # An override joins the key only when given: outcomes saved at the presets' stay reusable.
-        key |= {name: getattr(args, name) for name in OVERRIDES if getattr(args, name) is not None}
-        key["preset"] = measured_preset(capability).key(from_noise=True)  # every prompt starts from noise
-        key["models"] = capability_models_digest(args.assets, capability.name)  # a retrained model or guide
-        path = out / "quality-raw" / f"{capability.name}.json"
-        saved = json.loads(path.read_text()) if path.is_file() else {}
-        prompts = saved.get("prompts", []) if saved.get("key") == key else []
-        print(capability.name, f"{len(prompts)} prompts' outcomes read from {path}", flush=True)
-        return cls(path, key, prompts)
-
-    def outcomes(self, i: int, methods: tuple[str, ...]) -> dict[str, Outcome] | None:
-        """Prompt i's saved outcomes, if they hold every method asked for."""
-        saved = self.partial(i)
-        return saved if set(methods) <= saved.keys() else None
-
-    def partial(self, i: int) -> dict[str, Outcome]:
-        """Whatever prompt i's saved outcomes hold, e.g. the three methods before random search is asked."""
-        if i >= len(self.prompts):
-            return {}
-        return {m: Outcome(**{**o, "curve": tuple(o["curve"])}) for m, o in self.prompts[i].items()}
-
-    def image_path(self, i: int, method: str) -> Path:
-        return self.path.with_suffix("") / str(i) / f"{re.sub('[^A-Za-z0-9]+', '-', method)}.png"
-
-    def images(self, i: int) -> dict[str, Image.Image]:
-        """Prompt i's saved final images, by method; an outcome saved before images were has none."""
-        paths = {m: self.image_path(i, m) for m in self.partial(i)}
-        return {m: Image.open(path).convert("RGB") for m, path in paths.items() if path.is_file()}
-
-    def save(self, i: int, outcomes: dict[str, Outcome]) -> None:
-        """Add prompt i's outcomes to those saved: a run of a few --methods keeps the others' outcomes. Only
-        a new outcome carries its image (saved ones are read without), so only new images are written."""
-        if i > len(self.prompts):
-            raise ValueError(f"prompt {i} saved before prompt {len(self.prompts)}")
-        saved = self.prompts[i] if i < len(self.prompts) else {}
-        fields = ("score", "loss", "calls", "curve")
-        self.prompts[i : i + 1] = [
-            saved | {m: {f: getattr(o, f) for f in fields} for m, o in outcomes.items()}
-        ]
-        for method, o in outcomes.items():
-            if o.image is not None:
-                self.image_path(i, method).parent.mkdir(parents=True, exist_ok=True)
-                o.image.save(self.image_path(i, method))
-        self.path.parent.mkdir(exist_ok=True)
-        temporary = self.path.with_suffix(".tmp")  # a kill mid-write leaves the last whole file
-        temporary.write_text(json.dumps({"key": self.key, "prompts": self.prompts}, indent=1))
-        temporary.replace(self.path)
-
-
 # --- report ---------------------------------------------------------------------------------------
-
-
-def mean_and_error(values: list[float]) -> tuple[float, float]:
-    """The mean and its standard error (0 for a single value)."""
-    error = statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else 0.0
-    return statistics.mean(values), error
 
 
 def summary(outcomes: list[Outcome], field: str = "score") -> str:
     """Mean ± standard error of one field of the outcomes."""
     if not outcomes:
         return "-"
-    mean, error = mean_and_error([getattr(outcome, field) for outcome in outcomes])
+    mean, error = mean_se([getattr(outcome, field) for outcome in outcomes])
     return f"{mean:.3g} ± {error:.2g} (n={len(outcomes)})"
 
 
@@ -454,11 +330,10 @@ def score_row(capability: Capability, scores: dict[str, list[Outcome]]) -> list[
     return [capability.name, capability.evaluator, *(summary(scores[m]) for m in METHODS), calls]
 
 
-def paired(ours: list[Outcome], theirs: list[Outcome], field: str) -> tuple[float, float, int, int]:
-    """(mean difference ours - theirs, its standard error, prompts ours is higher on, lower on), over
-    the prompts both methods ran on."""
-    diffs = [getattr(a, field) - getattr(b, field) for a, b in zip(ours, theirs)]
-    return *mean_and_error(diffs), sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
+def paired_field(ours: list[Outcome], theirs: list[Outcome], field: str) -> Paired:
+    """ours - theirs, over the prompts both methods ran on (the first of each)."""
+    n = min(len(ours), len(theirs))
+    return paired([getattr(o, field) for o in ours[:n]], [getattr(o, field) for o in theirs[:n]])
 
 
 def stability(name: str, outcomes: list[Outcome]) -> list[str]:
@@ -482,19 +357,18 @@ def stability(name: str, outcomes: list[Outcome]) -> list[str]:
 def compared(scores: dict[str, list], ours: str, theirs: str) -> tuple[str, str]:
     """(by the evaluator, by the guidance loss): `ours` against `theirs` on the prompts both ran on. A
     difference within two standard errors is called a tie."""
-    n = min(len(scores[ours]), len(scores[theirs]))
-    diff, error, higher, lower = paired(scores[ours], scores[theirs], "score")
-    word = "beats" if diff > 2 * error else "loses to" if diff < -2 * error else "ties with"
-    said = f"{word} {theirs} ({diff:+.3f} ± {error:.3f}; better on {higher}, worse on {lower} of {n})"
-    diff, error, higher, lower = paired(scores[ours], scores[theirs], "loss")
-    return said, f"{lower} of {n} vs {theirs} ({diff:+.3f} ± {error:.3f})"
+    by = paired_field(scores[ours], scores[theirs], "score")
+    said = f"{by.word} {theirs} ({by.mean:+.3f} ± {by.se:.3f}; "
+    said += f"better on {by.higher}, worse on {by.lower} of {by.n})"
+    loss = paired_field(scores[ours], scores[theirs], "loss")
+    return said, f"{loss.lower} of {loss.n} vs {theirs} ({loss.mean:+.3f} ± {loss.se:.3f})"
 
 
 def verdict(name: str, scores: dict[str, list]) -> str:
     """Plain sentences: does DOODL beat each baseline, by the evaluator, on the prompts both ran on? Does
     it lower its own guidance loss more? Then the same for DOODL from the best of k samples."""
     text = f"- **{name}**:"
-    for ours, others in (("DOODL", ("unguided", "one-step", MATCHED)), (STARTED, METHODS[:4])):
+    for ours, others in (("doodl", METHODS[:2] + METHODS[3:4]), (METHODS[4], METHODS[:4])):
         pairs = [compared(scores, ours, m) for m in others if scores[ours] and scores[m]]
         if pairs:
             said, losses = zip(*pairs)
@@ -509,12 +383,10 @@ def plot(all_scores: dict[str, dict[str, list]]) -> Figure:
     figure = Figure(figsize=(3.6 * len(all_scores), 5.6), layout="constrained")
     axes = np.asarray(figure.subplots(2, len(all_scores), squeeze=False))
     colors = ["grey", "tab:blue", "tab:red", "tab:cyan", "tab:purple"]
-    labels = ["unguided", "one-step", "DOODL", "best of K\nsamples", "best of k\n+ DOODL"]
+    labels = [method.replace("+", "\n+") for method in METHODS]
     for column, (name, scores) in enumerate(all_scores.items()):
         for ax, field in zip(axes[:, column], ("score", "loss")):
-            means, errors = zip(
-                *(mean_and_error([getattr(o, field) for o in scores[m]] or [0.0]) for m in METHODS)
-            )
+            means, errors = zip(*(mean_se([getattr(o, field) for o in scores[m]] or [0.0]) for m in METHODS))
             ax.bar(range(len(METHODS)), means, yerr=errors, color=colors)
             ax.set_xticks(range(len(METHODS)), labels, fontsize=7)
             ax.set_title(f"{name}: {'evaluator score' if field == 'score' else 'guidance loss'}", fontsize=9)
@@ -627,11 +499,11 @@ def report_notes(args: argparse.Namespace, strengths: str) -> str:
         "Embedded model. Settings per capability, the app's presets (doodl/embedded.py; clip and one-step "
         f"scale chosen by `--tune`, quality-tune.md): {strengths}. "
         f"{args.n} seeded prompts per capability; on the first {args.matched_n}, random search by the "
-        f"same guidance loss: *{MATCHED}*, K = DOODL's UNet calls / a sample's unguided samples (the "
-        f"prompt's own seed first; the same UNet calls as DOODL), and *{STARTED}*, DOODL from the best of "
-        f"k = {args.start_k} samples: k samples' calls more than DOODL, so it costs more than the matched "
-        "budget (UNet calls per image in the last table). *DOODL* starts from the prompt's own noise, as "
-        f"the paper's; *{STARTED}* is what the app runs (the presets' `start_samples`: "
+        "same guidance loss: *best-of-k*, K = DOODL's UNet calls / a sample's unguided samples (the "
+        "prompt's own seed first; the same UNet calls as DOODL), and *best-of-k+doodl*, DOODL from the best "
+        f"of k = {args.start_k} samples: k samples' calls more than DOODL, so it costs more than the matched "
+        "budget (UNet calls per image in the last table). *doodl* starts from the prompt's own noise, as "
+        f"the paper's; *best-of-k+doodl* is what the app runs (the presets' `start_samples`: "
         f"{', '.join(f'{n} {p.settings.start_samples}' for n, p in EMBEDDED_PRESETS.items())}). Scores: "
         "mean ± standard error; judge fractions and success rates are 0-1. The pixel beauty estimate "
         f"correlates {beauty_agreement(100):.2f} with the beauty of the true scene on rendered images."
@@ -670,7 +542,7 @@ def write_quality_report(
             "median largest one-iteration rise",
             "curves with a rise larger than their whole drop",
         ],
-        [stability(name, scores["DOODL"]) for name, scores in all_scores.items()],
+        [stability(name, scores["doodl"]) for name, scores in all_scores.items()],
     )
     write_report(
         out,
@@ -694,7 +566,7 @@ def main() -> None:
         write_tuning(out, args, model, guides, chosen)
         return
     runs = {
-        c.name: run_capability(model, guides, c, index, args, RawStore.open(out, c, args))
+        c.name: run_capability(model, guides, c, index, args, store_of(out, c, args))
         for index, c in enumerate(CAPABILITIES)  # the index seeds prompts and latents, whatever --only says
         if c in chosen
     }

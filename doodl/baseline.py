@@ -24,9 +24,6 @@ from doodl.losses import Loss
 from doodl.optimize import DoodlSettings, conditioning, initial_latents
 from doodl.pipeline import LatentDiffusion, to_pil
 
-# The methods an experiment compares, as batch runs and their summaries name them.
-METHODS = ("unguided", "one-step", "doodl", "best-of-n")
-
 
 def one_step_guided(
     eps: NoisePredictor,

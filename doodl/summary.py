@@ -9,7 +9,6 @@ image or only fooled its own guide.
 from __future__ import annotations
 
 import json
-import math
 import statistics
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -19,27 +18,11 @@ import torch
 from matplotlib.figure import Figure
 from PIL import Image
 
-from doodl.baseline import METHODS
 from doodl.capabilities import GUIDE_KINDS, Crops, Target, build_loss, load_guide, loss_kind
+from doodl.experiment import BASELINE, METHODS, OutcomeStore, mean_se, paired
 from doodl.pipeline import to_tensor
 
 Scorer = Callable[[dict[str, Any], Image.Image], float]
-
-
-def load_records(out: Path) -> list[dict[str, Any]]:
-    """Every finished result's record, with the path of its image."""
-    records = []
-    for path in sorted(out.glob("*/*/records/*.json")):
-        record = json.loads(path.read_text())
-        record["image"] = str(path.parent.parent / "samples" / f"{path.stem}.png")
-        records.append(record)
-    return records
-
-
-def mean_se(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and its standard error (0 for a single value)."""
-    mean = statistics.fmean(values)
-    return mean, (statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0)
 
 
 def world_judge(record: dict[str, Any], image: Image.Image) -> float:
@@ -87,20 +70,20 @@ def by_method(records: list[dict[str, Any]]) -> dict[str, dict[tuple[int, int], 
     return table
 
 
-def paired(
+def paired_values(
     table: dict[str, dict[tuple[int, int], dict]], method: str, value: Callable[[dict], float], base: str
 ) -> tuple[float, float, int] | None:
-    """Mean and SE of value(method) - value(base) over the pairs both have."""
+    """Mean, SE and n of value(method) - value(base) over the pairs both have."""
     if base not in table or method == base:
         return None
     shared = sorted(set(table[method]) & set(table[base]))
     if not shared:
         return None
-    diffs = [value(table[method][key]) - value(table[base][key]) for key in shared]
-    return (*mean_se(diffs), len(diffs))
+    difference = paired([value(table[method][k]) for k in shared], [value(table[base][k]) for k in shared])
+    return difference.mean, difference.se, difference.n
 
 
-def statistics_of(records: list[dict[str, Any]], score_names: Sequence[str], base: str = "unguided") -> dict:
+def statistics_of(records: list[dict[str, Any]], score_names: Sequence[str], base: str = BASELINE) -> dict:
     """Per method: n, the guide's loss and each score (mean, SE), their paired differences from `base`,
     and mean seconds and UNet calls."""
     table, methods = by_method(records), {}
@@ -117,12 +100,12 @@ def statistics_of(records: list[dict[str, Any]], score_names: Sequence[str], bas
                 return record["loss"] if name == "loss" else record["scores"][name]
 
             entry[name] = mean_se([value(r) for r in values])
-            entry[f"{name} vs {base}"] = paired(table, method, value, base)
+            entry[f"{name} vs {base}"] = paired_values(table, method, value, base)
         methods[method] = entry
     return methods
 
 
-def markdown(stats: dict, names: dict[str, bool], base: str = "unguided") -> str:
+def markdown(stats: dict, names: dict[str, bool], base: str = BASELINE) -> str:
     def cell(pair: Sequence[float] | None) -> str:
         return (
             "–"
@@ -168,7 +151,7 @@ def plot(stats: dict, names: Sequence[str]) -> Figure:
 
 def summarize(out: Path, score_specs: Sequence[str] = (), device: str = "cpu") -> Path:
     """Score every image with each extra scorer, then write summary.md, summary.png and summary.json."""
-    records = load_records(out)
+    records = OutcomeStore(out).all_records()
     if not records:
         raise ValueError(f"{out} holds no batch results")
     chosen = scorers(score_specs, device)

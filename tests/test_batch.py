@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from doodl.batch import METHODS, main, read_prompts
-from doodl.summary import load_records, mean_se
+from doodl.batch import main, read_prompts
+from doodl.experiment import METHODS, OutcomeStore, mean_se
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -59,12 +59,12 @@ def test_every_result_is_made_once_and_a_rerun_redoes_nothing(tmp_path):
     assert metadata == {"prompt": "a blue square left of a green star"}  # GenEval's per-prompt file
 
 
-def test_best_of_n_spends_doodls_unet_calls_on_samples(tmp_path):
+def test_best_of_k_spends_doodls_unet_calls_on_samples(tmp_path):
     out = tmp_path / "run"
     assert main([str(prompts(tmp_path, "a red circle")), "--out", str(out), *FAST]) == 0
     record = {r["method"]: r for r in map(json.loads, map(Path.read_text, out.glob("*/*/records/*.json")))}
     per_sample = record["unguided"]["unet_calls"]
-    best = record["best-of-n"]
+    best = record["best-of-k"]
     assert best["candidates"] == round(record["doodl"]["unet_calls"] / per_sample) > 1
     assert best["unet_calls"] == best["candidates"] * per_sample
     assert best["loss"] == min(best["candidate_losses"]) <= record["unguided"]["loss"] + 1e-6
@@ -72,6 +72,19 @@ def test_best_of_n_spends_doodls_unet_calls_on_samples(tmp_path):
         record["unguided"]["loss"], abs=1e-6
     )  # its own seed first
     assert record["doodl"]["best_iteration"] in (1, 2) and len(record["doodl"]["curve"]) == 1
+    assert record["doodl"]["start_seed"] == 0  # the paper's start: the pair's own noise
+    # DOODL from the best of 4 samples: those samples' UNet calls on top of DOODL's.
+    started = record["best-of-k+doodl"]
+    assert started["unet_calls"] == 4 * per_sample + record["doodl"]["unet_calls"]
+
+
+def test_a_folder_is_resumed_only_by_a_run_made_alike(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = [str(prompts(tmp_path, "a red circle")), "--out", str(out), "--methods", "unguided", *FAST]
+    assert main(args) == 0
+    assert main([*args, "--guidance-scale", "2"]) == 2
+    assert "holds outcomes made with other settings" in capsys.readouterr().err
+    assert len(results(out)) == 1
 
 
 def test_jsonl_records_carry_their_own_seeds_and_targets(tmp_path):
@@ -137,7 +150,7 @@ def test_the_summary_is_the_records_own_numbers(tmp_path):
     assert main([str(prompts(tmp_path, "a red circle", "a blue star")), "--out", str(out), *FAST]) == 0
     assert main(["--summarize", str(out), "--score", "world-judge"]) == 0
     summary = json.loads((out / "summary.json").read_text())["methods"]
-    records = load_records(out)
+    records = OutcomeStore(out).all_records()
     by = {(r["method"], r["index"], r["seed"]): r for r in records}
     for method in METHODS:
         mine = [r for r in records if r["method"] == method]

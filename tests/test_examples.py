@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks.examples import verdict
 from doodl.embedded import CAPABILITIES, EXAMPLE_NOTES, EXAMPLES, Preset
 from doodl.optimize import DoodlSettings
 from doodl.serving import ModelCache, Serving
 from doodl.showcase import ExampleStore, example_request, final, folder_digest, run
 from doodl.world import shapes
+from doodl.world.evaluators import verdict
 
 
 def test_an_example_run_again_by_todays_code_still_shows_doodl():

@@ -319,7 +319,8 @@ def test_cli_runs_sd3_and_flux(folders, tmp_path, capsys):
 
 
 def test_a_batch_runs_on_flux(folders, tmp_path):
-    from doodl.batch import METHODS, main
+    from doodl.batch import main
+    from doodl.experiment import METHODS
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle\n")

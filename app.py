@@ -353,7 +353,7 @@ class Tab:
     serving: Serving
     preset: Preset
     store: ExampleStore
-    model: gr.Textbox
+    model: gr.Dropdown
 
     def model_field(self, role: str, label: str, info: str) -> gr.Textbox:
         """A model's name: editable when visitors may choose models, else shown read-only."""
@@ -436,6 +436,16 @@ class Tab:
         )
         # Cancelling leaves the last update on screen, and every update carries the best image so far.
         stop.click(None, cancels=[event])
+        # Each generator runs with its own settings (the embedded flow model's, a real model's published).
+        tuned = [name for name in settings if name != "seed"]
+        self.model.change(
+            partial(generator_settings, serving=self.serving, tab=self.name, names=tuned),
+            inputs=[self.model],
+            outputs=[settings[name] for name in tuned],
+            queue=False,
+            show_progress="hidden",
+            api_visibility="private",
+        )
 
 
 def text_guidance_tab(tab: Tab) -> None:
@@ -589,17 +599,38 @@ def build_app(serving: Serving = LOCAL) -> gr.Blocks:
             "against a loss on the final image." + (f"\n\n{EMBEDDED_WORLD}" if serving.embedded() else "")
         )
         with gr.Row():
-            model = gr.Textbox(
-                serving.names.sd,
+            model = gr.Dropdown(
+                list(serving.generators()),
+                value=serving.names.sd,
                 label="Generator",
-                info="A diffusers folder or hub id: SD 1.x / 2.x / XL, SD3 / SD3.5, FLUX.1",
+                info=generator_help(serving),
+                allow_custom_value=True,  # a name it does not serve is refused by the run, in its own words
                 scale=3,
-                interactive=serving.allow_model_choice,
+                interactive=serving.allow_model_choice or len(serving.generators()) > 1,
             )
             gr.Markdown(device_note(serving))
         for name, build in TABS.items():
             build(Tab(name, serving, presets[name], store, model))
     return demo.queue(default_concurrency_limit=1, max_size=serving.queue_size)
+
+
+def generator_help(serving: Serving) -> str:
+    pair = "The embedded world drawn by a UNet (sd) or a flow transformer (flow)"
+    embedded = pair if len(serving.generators()) > 1 else ""
+    if not serving.allow_model_choice:
+        return embedded or "The host's generator"
+    return (
+        f"{embedded}, or a" if embedded else "A"
+    ) + " diffusers folder or hub id: SD 1.x / 2.x / XL, SD3, FLUX.1"
+
+
+def generator_settings(model: str, serving: Serving, tab: str, names: list[str]) -> tuple[Any, ...]:
+    """A tab's settings for the generator just chosen; left as they are for a name that does not load."""
+    try:
+        values = preset_values(serving.presets(model)[tab])
+    except (OSError, ValueError):
+        return tuple(gr.skip() for _ in names)
+    return tuple(values[name] for name in names)
 
 
 def device_note(serving: Serving) -> str:

@@ -37,7 +37,7 @@ from doodl import MODES, edict_denoise, edict_schedule, latent_grad, one_step_gu
 from doodl.capabilities import Crops, build_loss, load_guides
 from doodl.chain import chain_of, decodes_separately, schedule_of
 from doodl.edict import ddim_step
-from doodl.embedded import EMBEDDED_PRESETS, EXAMPLES, SD
+from doodl.embedded import EXAMPLES, ROOT, presets
 from doodl.losses import Loss
 from doodl.optimize import conditioning, final_loss, initial_latents
 from doodl.pipeline import count_unet_calls, load_pipeline
@@ -197,14 +197,14 @@ def ddim_gradient_modes(model, prompt: str, loss: Loss, settings, repeats: int) 
     return interleaved_medians(runs, repeats)
 
 
-def default_runs(quick: bool, overrides: dict) -> tuple[list[str], dict[str, float]]:
+def default_runs(quick: bool, overrides: dict, generator: str = "sd") -> tuple[list[str], dict[str, float]]:
     """Tables: where one default iteration's time goes, the seconds of each tab's whole default run (DOODL
-    and the side-by-side one-step image), and, on a DDIM chain, an iteration in either gradient mode;
-    `overrides` replace the presets' settings (a lever's)."""
-    model = load_pipeline(SD)
+    and the side-by-side one-step image), and, on a plain chain, an iteration in either gradient mode;
+    `overrides` replace the presets' settings (a lever's). `generator`: the embedded UNet (sd) or flow."""
+    model = load_pipeline(ROOT / generator)
     runs, parts, modes = [], [], []
     for tab, (prompt, make_loss) in tab_losses().items():
-        preset = EMBEDDED_PRESETS[tab]
+        preset = presets(ROOT / generator)[tab]
         settings = dataclasses.replace(preset.settings, **overrides)
         if quick:
             settings = dataclasses.replace(settings, steps=2, iterations=2)
@@ -278,6 +278,9 @@ def main() -> None:
     p.add_argument("--sampler", choices=SAMPLERS, help="default runs: the chain (default: the presets')")
     p.add_argument("--iterations", type=int, help="default runs: DOODL iterations (default: the presets')")
     p.add_argument("--mode", choices=MODES, help="default runs: the gradient mode (default: the presets')")
+    p.add_argument(
+        "--generator", choices=("sd", "flow"), default="sd", help="default runs: the embedded UNet or flow"
+    )
     args = p.parse_args()
     if args.quick:
         args.steps, args.repeats, args.tiny_size, args.no_embedded = [2, 4], 1, 8, True
@@ -285,7 +288,7 @@ def main() -> None:
     if not args.only_default_runs:
         ratio_report(args, out)
     given = {"sampler": args.sampler, "iterations": args.iterations, "mode": args.mode}
-    default_runs_report(args.quick, out, {k: v for k, v in given.items() if v is not None})
+    default_runs_report(args.quick, out, {k: v for k, v in given.items() if v is not None}, args.generator)
 
 
 def ratio_report(args, out) -> None:
@@ -325,11 +328,12 @@ def ratio_report(args, out) -> None:
     write_report(out, "cost", "Cost of a DOODL iteration", [notes, calls_table, cost_table], plot(results))
 
 
-def default_runs_report(quick: bool, out, overrides: dict) -> None:
-    (parts_table, runs_table, modes_table), totals = default_runs(quick, overrides)
+def default_runs_report(quick: bool, out, overrides: dict, generator: str = "sd") -> None:
+    (parts_table, runs_table, modes_table), totals = default_runs(quick, overrides, generator)
+    drawn = "UNet" if generator == "sd" else "flow transformer"
     notes = (
-        "A visitor's wait on the embedded model: each tab's first example at the tab's settings "
-        "(`doodl.embedded.EMBEDDED_PRESETS`): the start's samples, all DOODL iterations, and the one-step "
+        f"A visitor's wait on the embedded {drawn}: each tab's first example at the tab's settings "
+        "(`doodl.embedded.presets`): the start's samples, all DOODL iterations, and the one-step "
         "image of the side-by-side (the unguided image is DOODL's first iteration). Target: at most "
         f"{DEFAULT_RUN_TARGET:g} s on 2 idle cores (`--threads 2`). Below, one default iteration split into "
         "its parts (seconds): the UNet calls "
@@ -351,7 +355,8 @@ def default_runs_report(quick: bool, out, overrides: dict) -> None:
         modes_table,
     ]
     sections = [notes, parts_table, runs_table, *(modes if modes_table else [])]
-    write_report(out, "default-runs", "Seconds of a default run", sections, figure)
+    name = "default-runs" if generator == "sd" else f"default-runs-{generator}"
+    write_report(out, name, f"Seconds of a default run ({drawn})", sections, figure)
 
 
 if __name__ == "__main__":

@@ -10,12 +10,14 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from doodl.flow import FLOW_MIX
 from doodl.losses import CUTOUTS
 from doodl.optimize import DoodlSettings
 from doodl.pipeline import published_settings
 
 ROOT = Path(__file__).resolve().parent.parent / "assets" / "embedded"
 SD = ROOT / "sd"
+FLOW = ROOT / "flow"  # the same world drawn by SD3's transformer (`python -m doodl.world.train --stage flow`)
 CLIP = ROOT / "clip"
 CLASSIFIER = ROOT / "classifier"
 AESTHETIC_HEAD = ROOT / "aesthetic" / "aesthetic_head.safetensors"
@@ -75,6 +77,15 @@ EMBEDDED_PRESETS = {
     "aesthetic": Preset(replace(_EMBEDDED_BASE, grad_clip=0.03), one_step_scale=1.0),
 }
 
+# The flow generator runs each tab as the UNet does (plain chain, 20 steps, 20 iterations, the same views and
+# clips), at the CFG its evaluation chose (doodl.world.evaluate), with the flows' mixing weight for photos.
+EMBEDDED_FLOW_GUIDANCE = 4.0
+EMBEDDED_FLOW_PRESETS = {
+    name: replace(
+        preset, settings=replace(preset.settings, guidance_scale=EMBEDDED_FLOW_GUIDANCE, p=FLOW_MIX)
+    )
+    for name, preset in EMBEDDED_PRESETS.items()
+}
 
 # Each capability's examples: prompt, the tab's target (a shade, reference images, a photo) if it has one,
 # and seed. The app's (the first is shown on arrival) and the runs the cost benchmark times. Chosen by
@@ -126,13 +137,14 @@ EXAMPLE_NOTES = {
 
 
 def is_embedded(model: str | Path) -> bool:
-    """Whether a Stable Diffusion folder is the embedded one."""
-    return Path(model).expanduser().resolve() == SD.resolve()
+    """Whether a generator folder is one of the embedded ones (the UNet's or the flow transformer's)."""
+    return Path(model).expanduser().resolve() in (SD.resolve(), FLOW.resolve())
 
 
 def presets(model: str | Path) -> dict[str, Preset]:
-    """Each capability's settings for a model: the embedded model's own, else the paper's with the steps
+    """Each capability's settings for a model: the embedded models' own, else the paper's with the steps
     and guidance its makers publish (SD3, FLUX: `LatentDiffusion.published_settings`)."""
     if is_embedded(model):
-        return dict(EMBEDDED_PRESETS)
+        flow = Path(model).expanduser().resolve() == FLOW.resolve()
+        return dict(EMBEDDED_FLOW_PRESETS if flow else EMBEDDED_PRESETS)
     return dict.fromkeys(CAPABILITIES, Preset(replace(PAPER.settings, **published_settings(model))))

@@ -211,6 +211,14 @@ class StableDiffusion3(FlowTransformer):
         return {"steps": 28, "guidance_scale": 7.0}
 
     @property
+    def side_step(self) -> tuple[int, str]:
+        patch = self.transformer.config.patch_size
+        return (
+            patch * self.vae_scale,
+            f"the VAE's downsampling factor times the transformer's {patch}x{patch} patches",
+        )
+
+    @property
     def size_range(self) -> tuple[int, int]:
         """As any model's, and no larger than the transformer's table of patch positions."""
         low, high = super().size_range

@@ -24,7 +24,7 @@ from PIL import Image
 
 from doodl.capabilities import CAPABILITIES, GUIDE_NAMES, LOSSES, LossKind, Target, load_guide
 from doodl.edict import FEW_STEPS
-from doodl.embedded import PAPER, Preset, is_embedded, presets
+from doodl.embedded import FLOW, PAPER, SD, Preset, is_embedded, presets
 from doodl.gradient import MODES
 from doodl.guides import HPS_ARCHITECTURE
 from doodl.pipeline import LatentDiffusion, load_pipeline
@@ -410,6 +410,8 @@ class Serving:
         chosen = self.names.guide(role) if role != "sd" else self.names.sd
         if requested is None or requested.strip() in ("", chosen):
             return chosen
+        if role == "sd" and requested.strip() in self.generators():
+            return requested.strip()
         raise ValueError(
             f"this app serves the {MODEL_KINDS[role]} its host chose, {chosen}; visitors cannot name "
             "another (the host allows it with --allow-model-choice)"
@@ -449,10 +451,18 @@ class Serving:
             preset, settings=settings, cutouts=min(preset.cutouts, self.max_cutouts or preset.cutouts)
         )
 
-    def presets(self) -> dict[str, Preset]:
-        """Each tab's settings: those the quality benchmark chose for the embedded model, else the
-        paper's; cut down to the budget."""
-        return {name: self.within_budget(preset) for name, preset in presets(locate(self.names.sd)).items()}
+    def presets(self, model: str | None = None) -> dict[str, Preset]:
+        """Each tab's settings for a generator (the host's by default): those the quality benchmark chose
+        for the embedded models, else the paper's; cut down to the budget."""
+        chosen = locate(model or self.names.sd)
+        return {name: self.within_budget(preset) for name, preset in presets(chosen).items()}
+
+    def generators(self) -> tuple[str, ...]:
+        """The generators a visitor picks from: the host's, and beside the embedded UNet the embedded flow
+        transformer (both the host's when it serves the embedded world)."""
+        flow = f"{EMBEDDED}/flow"
+        pair = Path(locate(self.names.sd)).resolve() == SD.resolve() and (FLOW / "model_index.json").is_file()
+        return (self.names.sd, flow) if pair else (self.names.sd,)
 
     def embedded(self) -> bool:
         return is_embedded(locate(self.names.sd))

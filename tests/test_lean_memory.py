@@ -18,7 +18,7 @@ from doodl.guides import load_classifier, load_clip
 from doodl.losses import aesthetic_loss, classifier_loss, clip_text_loss, score_views, symmetry_loss
 from doodl.optimize import final_loss
 from doodl.pipeline import decoder_checkpointing
-from doodl.tiny import save_tiny_classifier, save_tiny_clip, save_tiny_pipeline
+from doodl.tiny import save_tiny_classifier, save_tiny_clip, save_tiny_pipeline, seeded_torch
 
 PROMPT = "a red circle above a blue square"
 
@@ -165,10 +165,10 @@ def test_chunked_losses_equal_unchunked_ones(clip, tmp_path, kind, chunk_small_v
 
     if kind == "classifier":
         classifier = load_classifier(save_tiny_classifier(tmp_path / "c", ["a", "b", "c"]))
-    torch.manual_seed(0)
-    head = torch.nn.Linear(32, 1)
+    with seeded_torch(0):  # the head's weights, drawn without touching the process's generator
+        head = torch.nn.Linear(32, 1)
     torch.nn.init.constant_(head.bias, 5.0)  # scores inside the 1-10 range the loss clamps to
-    images = torch.rand(2, 3, 64, 64)
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     value, grad = loss_and_grad(make(None), images)
     value_chunked, grad_chunked = loss_and_grad(make(3), images)  # 16 views: chunks of 3, 3, ..., 1
     assert value_chunked == pytest.approx(value, rel=1e-5)

@@ -2,14 +2,18 @@
 
     python -m doodl.world.evaluate                       # 100 one-object + 100 two-object captions
     python -m doodl.world.evaluate --n 20 --save out/eval.png
+    python -m doodl.world.evaluate --model assets/embedded/flow --chain plain --steps 20 --guidance 4
 
-Plain sampling (DDIM, 50 steps, classifier-free guidance), fresh captions from a seed the training data
-never used, and the judge's verdict per attribute.
+Plain sampling (the pipeline's own: DDIM for the UNet, 50 steps, classifier-free guidance), fresh captions
+from a seed the training data never used, and the judge's verdict per attribute. `--chain plain` or
+`--chain coupled` samples as DOODL does (`doodl.optimize.sample`: the model's plain chain, or EDICT's coupled
+one at the model's mixing weight), for any generator `doodl.load_pipeline` loads, the flow one included.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +38,7 @@ class EvalSettings:
     threads: int = 2
     save: str = ""  # optional path of a grid of the first samples
     references: bool = False  # only print the judge's shape references measured on VAE reconstructions
+    chain: str = "pipeline"  # the diffusers pipeline's own sampler, or DOODL's "plain" or "coupled" chain
 
 
 def load_pipeline(path: str):
@@ -50,8 +55,27 @@ def load_pipeline(path: str):
     return pipeline
 
 
+def doodl_samples(model, captions: list[str], seeds: list[int], s: EvalSettings) -> np.ndarray:
+    """uint8 samples as DOODL's iteration 0 draws them, from the noise of each seed."""
+    from doodl.optimize import DoodlSettings, sample
+    from doodl.pipeline import published_settings
+
+    mixing = {key: value for key, value in published_settings(s.model).items() if key == "p"}
+    base = DoodlSettings(
+        steps=s.steps, guidance_scale=s.guidance, sampler="ddim" if s.chain == "plain" else "edict", **mixing
+    )
+    return np.stack(
+        [
+            np.asarray(sample(model, text, dataclasses.replace(base, seed=seed)))
+            for text, seed in zip(captions, seeds)
+        ]
+    )
+
+
 def generate(pipeline, captions: list[str], seeds: list[int], s: EvalSettings) -> np.ndarray:
     """uint8 N x H x W x 3 samples, one fixed noise seed per caption."""
+    if s.chain != "pipeline":
+        return doodl_samples(pipeline, captions, seeds, s)
     generators = [torch.Generator().manual_seed(seed) for seed in seeds]
     with torch.no_grad():
         images = pipeline(
@@ -135,7 +159,14 @@ def main() -> None:
             parser.add_argument(f"--{name}", type=type(default), default=default)
     s = EvalSettings(**vars(parser.parse_args()))
     torch.set_num_threads(s.threads)
-    pipeline = load_pipeline(s.model)
+    if s.chain not in ("pipeline", "plain", "coupled"):
+        raise SystemExit(f"--chain {s.chain!r}: pipeline, plain or coupled")
+    if s.chain == "pipeline":
+        pipeline = load_pipeline(s.model)
+    else:
+        from doodl.pipeline import load_pipeline as load_generator
+
+        pipeline = load_generator(s.model, "cpu")
     if s.references:
         for key, value in shape_references(pipeline).items():
             print(key, np.round(value, 3))
@@ -143,7 +174,8 @@ def main() -> None:
     timing = seconds_per_sample(pipeline, s)
     captions1, images1, verdicts1 = evaluate_kind(pipeline, 1, s)
     captions2, images2, verdicts2 = evaluate_kind(pipeline, 2, s)
-    print(f"model {s.model}, {s.steps} DDIM steps, guidance {s.guidance}, seed {s.seed}")
+    chain = {"pipeline": "the pipeline's", "plain": "DOODL's plain", "coupled": "DOODL's coupled"}[s.chain]
+    print(f"model {s.model}, {s.steps} steps of {chain} chain, guidance {s.guidance}, seed {s.seed}")
     print(
         f"one object  ({s.n}): color {percent([v.color_ok for v in verdicts1])}  "
         f"shape {percent([v.shape_ok for v in verdicts1])}  both {percent([v.ok for v in verdicts1])}"

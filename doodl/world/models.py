@@ -6,13 +6,22 @@ under two seconds on two cores, and the whole set of weights must ship in a few 
 
 from __future__ import annotations
 
-from diffusers import AutoencoderKL, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, ResNetConfig, ResNetForImageClassification
+from diffusers import AutoencoderKL, SD3Transformer2DModel, UNet2DConditionModel
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    ResNetConfig,
+    ResNetForImageClassification,
+)
 
 from doodl.world.shapes import IMAGE_SIZE, SHADE_NAMES
 
 LATENT_SIZE = IMAGE_SIZE // 8  # SD's 8x VAE downsampling
 TEXT_WIDTH = 64  # hidden size of the generator's text encoder = the UNet's cross-attention width
+# The world's captions are at most 11 CLIP tokens: the flow generator reads 16, so its joint attention spends
+# little on padding (the causal text tower gives the first tokens the same states at any length).
+FLOW_TEXT_TOKENS = 16
 CLIP_EMBED_DIM = 64
 CLASSIFIER_COLOR = "red"  # the fine-grained classifier tells apart the shades of this color
 # ... and names every other color as one more class: without it, any color is one of the shades, and DOODL
@@ -51,8 +60,8 @@ def tiny_unet() -> UNet2DConditionModel:
     )
 
 
-def tiny_text_encoder() -> CLIPTextModel:
-    config = CLIPTextConfig(
+def text_config() -> CLIPTextConfig:
+    return CLIPTextConfig(
         vocab_size=49408,
         hidden_size=TEXT_WIDTH,
         intermediate_size=4 * TEXT_WIDTH,
@@ -64,7 +73,35 @@ def tiny_text_encoder() -> CLIPTextModel:
         eos_token_id=49407,
         pad_token_id=49407,
     )
-    return CLIPTextModel(config)
+
+
+def tiny_text_encoder() -> CLIPTextModel:
+    return CLIPTextModel(text_config())
+
+
+def flow_text_encoder() -> CLIPTextModelWithProjection:
+    """The flow generator's text tower: the UNet's, with the projection SD3 pools its prompt through."""
+    return CLIPTextModelWithProjection(text_config())
+
+
+def flow_transformer() -> SD3Transformer2DModel:
+    """SD3.5's MMDiT (joint attention over text and image tokens, QK norm), shrunk to the world: one token
+    per latent pixel (patch 1; at SD3's patch 2 an 8x8 latent is 16 tokens), reading the two CLIP towers'
+    features side by side, as SD3 reads CLIP-L's and CLIP-G's."""
+    return SD3Transformer2DModel(
+        sample_size=LATENT_SIZE,
+        patch_size=1,
+        in_channels=4,
+        out_channels=4,
+        num_layers=6,
+        attention_head_dim=32,
+        num_attention_heads=4,
+        joint_attention_dim=2 * TEXT_WIDTH,
+        caption_projection_dim=128,
+        pooled_projection_dim=2 * TEXT_WIDTH,
+        pos_embed_max_size=LATENT_SIZE,
+        qk_norm="rms_norm",
+    )
 
 
 def clip_config() -> dict:

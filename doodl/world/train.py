@@ -75,6 +75,12 @@ class TrainSettings:
     ema_decay: float = 0.998
     unet_minutes: float = 35.0
     unet_init: str = ""  # a saved Stable Diffusion folder to continue training from
+    # Flow generator (SD3's transformer), rectified flow on the shipped VAE's latents; its text tower starts
+    # from the shipped UNet's.
+    flow_steps: int = 6000
+    flow_batch: int = 64
+    flow_lr: float = 5e-4
+    flow_minutes: float = 50.0
     # CLIP, contrastive on (image, caption or partial caption).
     clip_steps: int = 4000
     clip_batch: int = 128
@@ -490,6 +496,118 @@ def stage_unet(s: TrainSettings, log: Log) -> None:
     log(f"unet: {step} steps in {progress.elapsed() / 60:.1f} min; saved {Path(s.out) / 'sd'}")
 
 
+# --- flow generator ----------------------------------------------------------------------------------
+
+
+def flow_prompt_embeds(text_encoder: torch.nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hidden, pooled) of token ids as `StableDiffusion3Pipeline.encode_prompt` makes them when both CLIP
+    towers are this one and T5 is absent: the penultimate layer's states side by side, then as many zero
+    tokens (T5's place), and the projected pooled outputs side by side."""
+    out = text_encoder(ids, output_hidden_states=True)
+    clip = torch.cat([out.hidden_states[-2]] * 2, dim=-1)
+    return torch.cat([clip, torch.zeros_like(clip)], dim=1), torch.cat([out.text_embeds] * 2, dim=-1)
+
+
+def flow_latents(s: TrainSettings, vae) -> torch.Tensor:
+    """The training set encoded once by the shipped VAE (posterior means, scaled), cached with the images."""
+    path = Path(s.cache) / "flow-latents.pt"
+    if not path.is_file():
+        images, _ = load_data(s)
+        with torch.no_grad():
+            means = [
+                vae.encode(to_tensor(images[i : i + 500])).latent_dist.mean
+                for i in range(0, len(images), 500)
+            ]
+        torch.save(torch.cat(means), path)
+    return torch.load(path) * vae.config.scaling_factor
+
+
+def save_flow_generator(folder: Path, vae, text_encoder, transformer) -> None:
+    """An ordinary SD3 pipeline folder without T5; both CLIP towers are the one trained. T5's tokenizer stays:
+    its length is that of the zeros the pipeline reads in T5's place, as in training. Weights in float16 to
+    fit the size budget (`doodl.load_pipeline` loads them in the dtype it is asked for)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+    from doodl.tokenizer import clip_tokenizer, t5_tokenizer
+
+    vae.register_to_config(shift_factor=0.0)  # SD3's decode reads it; this VAE's latents are centred
+    pipeline = StableDiffusion3Pipeline(
+        transformer=transformer.half(),
+        vae=vae,
+        text_encoder=text_encoder.half(),
+        tokenizer=clip_tokenizer(models.FLOW_TEXT_TOKENS),
+        text_encoder_2=text_encoder,
+        tokenizer_2=clip_tokenizer(models.FLOW_TEXT_TOKENS),
+        text_encoder_3=None,
+        tokenizer_3=t5_tokenizer(max_length=models.FLOW_TEXT_TOKENS),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0),  # 64 latent pixels: no shift towards noise
+    )
+    pipeline.save_pretrained(folder, safe_serialization=True)
+    transformer.float()
+    text_encoder.float()
+
+
+@seeded_stage
+def stage_flow(s: TrainSettings, log: Log) -> None:
+    """Rectified flow (x_s = (1 - s) x0 + s noise, the transformer predicts noise - x0 at timestep 1000 s, s
+    drawn logit-normal as SD3 draws it), the text tower trained with it from the shipped UNet's."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextModel
+
+    shipped = Path(s.out) / "sd"
+    vae = AutoencoderKL.from_pretrained(shipped / "vae").eval()
+    latents = flow_latents(s, vae)
+    _, captions = load_data(s)
+    tokens = caption_tokens(captions)
+    tokens = tokens._replace(
+        tokens=tokens.tokens[:, : models.FLOW_TEXT_TOKENS], empty=tokens.empty[: models.FLOW_TEXT_TOKENS]
+    )
+    transformer, text_encoder = models.flow_transformer(), models.flow_text_encoder()
+    unet_text = CLIPTextModel.from_pretrained(shipped / "text_encoder", dtype=torch.float32).state_dict()
+    text_encoder.load_state_dict(unet_text, strict=False)  # all but the projection, which starts random
+    ema_transformer, ema_text = models.flow_transformer(), models.flow_text_encoder()
+    ema_transformer.load_state_dict(transformer.state_dict())
+    ema_text.load_state_dict(text_encoder.state_dict())
+    params = list(transformer.parameters()) + list(text_encoder.parameters())
+    optimizer = torch.optim.AdamW(params, lr=s.flow_lr, weight_decay=0.01)
+    generator = torch.Generator().manual_seed(s.seed + 7)
+
+    def step_loss() -> StepLoss:
+        idx = torch.randint(len(latents), (s.flow_batch,), generator=generator)
+        x0 = latents[idx]
+        hidden, pooled = flow_prompt_embeds(text_encoder, training_captions(tokens, idx, s, generator))
+        sigma = torch.sigmoid(torch.randn(s.flow_batch, generator=generator))
+        noise = torch.randn(x0.shape, generator=generator)
+        noisy = (1 - sigma.view(-1, 1, 1, 1)) * x0 + sigma.view(-1, 1, 1, 1) * noise
+        velocity = transformer(
+            hidden_states=noisy,
+            timestep=sigma * 1000,
+            encoder_hidden_states=hidden,
+            pooled_projections=pooled,
+        ).sample
+        loss = F.mse_loss(velocity, noise - x0)
+        return StepLoss(loss, loss)
+
+    def update_averages(step: int) -> None:
+        decay = min(s.ema_decay, (1 + step) / (10 + step))
+        ema_update(ema_transformer, transformer, decay)
+        ema_update(ema_text, text_encoder, decay)
+
+    progress = Progress(s.flow_steps, s.flow_minutes)
+    step = fit(
+        optimizer,
+        step_loss,
+        progress,
+        lr=s.flow_lr,
+        warmup=s.warmup_steps,
+        logging=StepLog(log, "flow"),
+        max_grad_norm=1.0,
+        after_step=update_averages,
+    )
+    save_flow_generator(Path(s.out) / "flow", vae, ema_text, ema_transformer)
+    log(f"flow: {step} steps in {progress.elapsed() / 60:.1f} min; saved {Path(s.out) / 'flow'}")
+
+
 # --- CLIP ------------------------------------------------------------------------------------------
 
 
@@ -880,6 +998,7 @@ STAGES: dict[str, Stage] = {
     "latents": stage_latents,
     "decoder": stage_decoder,
     "unet": stage_unet,
+    "flow": stage_flow,
     "clip": stage_clip,
     "classifier": stage_classifier,
     "robust_clip": stage_robust_clip,

@@ -392,26 +392,35 @@ class Tab:
         if self.serving.embedded():  # what the notes say was measured on the embedded models only
             gr.Markdown(example_notes(self.name), elem_classes="example-notes")
         # Page events only, not API endpoints: the runs themselves are the API.
+        # The stored runs are the host's generator's: with another chosen, a click only fills the inputs.
         shown = examples.dataset.click(
-            self.stored, [examples.dataset], outputs.components, queue=False, api_visibility="private"
+            self.stored,
+            [examples.dataset, self.model],
+            outputs.components,
+            queue=False,
+            api_visibility="private",
         )
         if not self.store.complete():
             shown.then(
                 gpu(self.run_missing, duration=gpu_seconds(**preset_values(self.preset))),
-                [examples.dataset],
+                [examples.dataset, self.model],
                 outputs.components,
                 concurrency_id="device",
                 show_progress_on=[outputs.status],
                 api_visibility="private",
             )
 
-    def stored(self, example: tuple[int, Any]) -> Update:
-        shown = self.store.load(self.name, example[0])
+    def stored(self, example: tuple[int, Any], model: str) -> Update:
+        shown = self.store.load(self.name, example[0]) if self.hosts(model) else None
         return update(shown) if shown is not None else (gr.skip(),) * 5
 
-    def run_missing(self, example: tuple[int, Any]) -> Iterator[Update]:
+    def hosts(self, model: str | None) -> bool:
+        """Whether the generator chosen is the host's, whose examples' runs are stored."""
+        return (model or "").strip() in ("", self.serving.names.sd)
+
+    def run_missing(self, example: tuple[int, Any], model: str) -> Iterator[Update]:
         index = example[0]
-        if self.store.load(self.name, index) is not None:
+        if not self.hosts(model) or self.store.load(self.name, index) is not None:
             yield (gr.skip(),) * 5
             return
         with user_errors():

@@ -22,7 +22,7 @@ from PIL import Image
 
 from doodl.baseline import one_step_guidance
 from doodl.capabilities import Crops, build_loss, load_guides
-from doodl.embedded import EXAMPLE_NOTES, EXAMPLES, Preset
+from doodl.embedded import EXAMPLE_NOTES, EXAMPLES, FLOW, SD, Preset
 from doodl.optimize import Result, Step, doodl, invert_image, result_of
 from doodl.serving import ROOT, ModelCache, Request, Serving, locate, preset_values, request
 
@@ -178,7 +178,11 @@ LOOK_AT = {
 def example_notes(tab: str) -> str:
     """What each of a tab's examples shows, as `benchmarks/examples.py` judged its stored run."""
     notes = "\n".join(f"{i}. {note}" for i, note in enumerate(EXAMPLE_NOTES[tab], 1))
-    return f"What the examples show (judged from the pixels: benchmarks/results/examples.md):\n\n{notes}"
+    said = (
+        "What the examples show, drawn by the embedded UNet (judged from the pixels: "
+        "benchmarks/results/examples.md)"
+    )
+    return f"{said}:\n\n{notes}"
 
 
 def example_request(serving: Serving, tab: str, row: Sequence[Any], preset: Preset) -> Request:
@@ -203,14 +207,22 @@ def models_digest(serving: Serving) -> str:
     """The embedded models' content, for the store's key; other models are known by their names only."""
     if not serving.embedded():
         return ""
-    return folder_digest(Path(locate(serving.names.sd)).parent)
+    generator = Path(locate(serving.names.sd))
+    others = [path.name for path in (SD, FLOW) if path.resolve() != generator.resolve()]
+    return folder_digest(generator.parent, skip=others)  # the other generator changes none of its runs
 
 
-def folder_digest(folder: Path) -> str:
-    """A hash of every file's path and bytes under `folder`, its training logs (.txt) aside: they change no
-    output. Linked folders are followed, so a folder of links to the models hashes as the models do."""
-    digest = hashlib.sha256()
-    files = [Path(root) / name for root, _, names in os.walk(folder, followlinks=True) for name in names]
+def folder_digest(folder: Path, skip: Sequence[str] = ()) -> str:
+    """A hash of every file's path and bytes under `folder` but its subfolders named in `skip`, its training
+    logs (.txt) aside: they change no output. Linked folders are followed, so a folder of links to the models
+    hashes as the models do."""
+    digest, skipped = hashlib.sha256(), set(skip)
+    files = [
+        Path(root) / name
+        for root, _, names in os.walk(folder, followlinks=True)
+        if not skipped & set(Path(root).relative_to(folder).parts[:1])
+        for name in names
+    ]
     for path in sorted(files):
         if path.suffix != ".txt":
             digest.update(path.relative_to(folder).as_posix().encode() + path.read_bytes())

@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from doodl.embedded import EXAMPLES
-from doodl.serving import Serving
+from doodl.flow import FLOW_MIX
+from doodl.serving import EMBEDDED, Serving
 from tests.test_app import prepare_models, serve
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -145,10 +146,11 @@ def test_every_example_shows_its_run(page, tab):
         playwright.expect(panel.get_by_text(first[0]).first).to_be_visible(timeout=WAIT)
 
 
-def settings(panel, steps: int, iterations: int) -> None:
-    """Open the settings and type the steps and iterations, until the page holds them: on a busy machine a
-    field filled before the accordion's content has settled was reset to its default."""
-    panel.get_by_text("Settings").first.click()
+def settings(panel, steps: int, iterations: int, opened: bool = False) -> None:
+    """Open the settings (unless `opened`) and type the steps and iterations, until the page holds them: on
+    a busy machine a field filled before the accordion's content has settled was reset to its default."""
+    if not opened:
+        panel.get_by_text("Settings").first.click()
     fields = {"Sampling steps": str(steps), "Optimization iterations": str(iterations)}
     for _ in range(5):
         for label, value in fields.items():
@@ -186,3 +188,18 @@ def test_stop_ends_a_run_and_keeps_the_best_image(page):
     best = panel.locator(".best img")
     playwright.expect(best).to_be_visible()
     assert best.get_attribute("src")
+
+
+def test_a_visitor_picks_the_flow_generator_and_its_settings_follow(page):
+    """The embedded world drawn by SD3's transformer is one choice away; its own settings come with it."""
+    generator = page.get_by_label("Generator")
+    generator.click()
+    page.get_by_role("option", name=f"{EMBEDDED}/flow").click()
+    panel = open_tab(page, "text")
+    panel.get_by_text("Settings").first.click()
+    mixing = panel.get_by_label("EDICT mixing weight p", exact=False).first
+    playwright.expect(mixing).to_have_value(str(FLOW_MIX), timeout=WAIT)
+    panel.get_by_label("Prompt").fill("a red circle")
+    settings(panel, steps=2, iterations=2, opened=True)
+    panel.get_by_role("button", name="Run", exact=True).click()
+    expect_run_shown(panel, done="Done: iteration 2 of 2")

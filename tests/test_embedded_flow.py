@@ -13,6 +13,7 @@ from doodl.embedded import EMBEDDED_FLOW_PRESETS, EMBEDDED_PRESETS, FLOW, SD, pr
 from doodl.flow import FLOW_MIX, StableDiffusion3
 from doodl.pipeline import load_pipeline
 from doodl.serving import EMBEDDED, ModelNames, Serving
+from doodl.showcase import folder_digest
 from doodl.world import models, train
 
 
@@ -87,3 +88,17 @@ def test_a_public_app_of_the_embedded_world_offers_both_generators_and_nothing_e
     with pytest.raises(ValueError, match="visitors cannot name another"):
         hosted.model("sd", f"{EMBEDDED}/flow")
     assert public.presets(f"{EMBEDDED}/flow")["text"].settings.p == FLOW_MIX
+
+
+def test_the_other_generator_changes_no_stored_examples_key(tmp_path):
+    """The UNet's stored example runs stay valid when the flow generator is added or retrained."""
+    for part in ("sd", "clip", "flow"):
+        (tmp_path / part).mkdir()
+        (tmp_path / part / "weights.bin").write_bytes(part.encode())
+    before = folder_digest(tmp_path, skip=["flow"])
+    (tmp_path / "flow" / "weights.bin").write_bytes(b"retrained")
+    (tmp_path / "flow" / "more.bin").write_bytes(b"added")
+    assert folder_digest(tmp_path, skip=["flow"]) == before
+    assert folder_digest(tmp_path) != before
+    (tmp_path / "clip" / "weights.bin").write_bytes(b"retrained")  # a guide both generators use
+    assert folder_digest(tmp_path, skip=["flow"]) != before

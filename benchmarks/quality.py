@@ -8,7 +8,7 @@ embedded model.
     python -m benchmarks.quality --quick             # 1 prompt each, a few steps
     python -m benchmarks.quality --saved-only --rescore   # the evaluator again on the saved final images
 
-By default every setting is the app's for that capability (`doodl.embedded.EMBEDDED_PRESETS`: steps,
+By default every setting is the app's for that capability (`doodl.embedded.presets`: steps,
 iterations, CFG, gradient clip, crops, one-step scale), so the figures describe what a visitor sees.
 
 Per prompt, the methods of `doodl.experiment` (the runner `python -m doodl batch` uses), from the same
@@ -49,7 +49,7 @@ from benchmarks.common import (
     write_report,
 )
 from doodl import DoodlSettings, capabilities, load_pipeline, one_step_guidance, optimize
-from doodl.embedded import EMBEDDED_PRESETS, Preset
+from doodl.embedded import Preset, presets
 from doodl.experiment import METHODS, Contest, OutcomeStore, Paired, Trial, mean_se, paired, run_trial
 from doodl.losses import Loss
 from doodl.pipeline import LatentDiffusion
@@ -65,7 +65,7 @@ SEED = 2024  # the tasks' generator: capability k's prompts are drawn from SEED 
 # Of the presets', to measure a lever.
 OVERRIDES = ("clip", "guidance_scale", "normalized", "learning_rate", "sampler")
 
-ASSETS = ("sd/model_index.json", "clip", "classifier", "aesthetic/aesthetic_head.safetensors")
+ASSETS = ("clip", "classifier", "aesthetic/aesthetic_head.safetensors")  # and the generator's folder
 
 
 @dataclass(frozen=True)
@@ -93,43 +93,41 @@ class Outcome:
 class Capability:
     name: str
     evaluator: str
-    make_task: Callable[[dict, np.random.Generator], Task]  # (guides, rng) -> one task
+    make_task: Callable[[dict, np.random.Generator, int], Task]  # (guides, rng, views) -> one task
 
 
 # --- the four capabilities -----------------------------------------------------------------------
 
 
-def guided(guides: dict, capability: str, target: capabilities.Target) -> Callable[[int], Loss]:
+def guided(guides: dict, capability: str, target: capabilities.Target, cutouts: int) -> Callable[[int], Loss]:
     """seed -> the capability's loss, built as the app builds it, with its preset's number of views drawn
     from that seed (as the app draws a run's views from its seed)."""
     loss = capabilities.CAPABILITIES[capability].losses[0]
 
     def loss_of(seed: int) -> Loss:
-        crops = capabilities.Crops(
-            EMBEDDED_PRESETS[capability].cutouts, generator=torch.Generator().manual_seed(seed)
-        )
+        crops = capabilities.Crops(cutouts, generator=torch.Generator().manual_seed(seed))
         return capabilities.build_loss(loss, guides, target, crops)
 
     return loss_of
 
 
-def text_task(guides: dict, rng: np.random.Generator) -> Task:
+def text_task(guides: dict, rng: np.random.Generator, cutouts: int) -> Task:
     """A two-object caption (the compositional kind text models get wrong), guided by CLIP text."""
     caption = shapes.caption(shapes.random_scene(rng, 2))
     return Task(
         caption,
-        guided(guides, "text", capabilities.Target(text=caption)),
+        guided(guides, "text", capabilities.Target(text=caption), cutouts),
         lambda image: judge.fraction_right(judge.judge(image, caption)),
     )
 
 
-def vocabulary_task(guides: dict, rng: np.random.Generator) -> Task:
+def vocabulary_task(guides: dict, rng: np.random.Generator, cutouts: int) -> Task:
     """A shade no caption names, reached by the shade classifier from 'a red <shape>'."""
     shade = int(rng.integers(4))
     label = shapes.SHADE_NAMES["red"][shade]
     return Task(
         f"a red {rng.choice(shapes.SHAPES)}",
-        guided(guides, "vocabulary", capabilities.Target(target_class=label)),
+        guided(guides, "vocabulary", capabilities.Target(target_class=label), cutouts),
         lambda image: float(measured_shade(image, "red") == shade),
         label,
     )
@@ -148,22 +146,23 @@ def reference_renders(rng: np.random.Generator, entity: shapes.Object, n: int = 
     return references
 
 
-def personalization_task(guides: dict, rng: np.random.Generator) -> Task:
+def personalization_task(guides: dict, rng: np.random.Generator, cutouts: int) -> Task:
     """The prompt names the shape only; three renders of one object give its color and shade (identity)."""
     entity = shapes.random_scene(rng, 1).objects[0]
     references = reference_renders(rng, entity)
     target = shapes.Description((shapes.ObjectSpec(entity.color, entity.shape),))
     return Task(
         f"a {entity.shape}",
-        guided(guides, "personalization", capabilities.Target(references=tuple(references))),
+        guided(guides, "personalization", capabilities.Target(references=tuple(references)), cutouts),
         lambda image: judge.fraction_right(judge.judge_description(image, target)),
     )
 
 
-def aesthetic_task(guides: dict, rng: np.random.Generator) -> Task:
+def aesthetic_task(guides: dict, rng: np.random.Generator, cutouts: int) -> Task:
     """A one-object caption, guided by the aesthetic head; rated by the beauty rule on the pixels."""
     caption = shapes.caption(shapes.random_scene(rng, 1))
-    return Task(caption, guided(guides, "aesthetic", capabilities.Target(text=caption)), pixel_beauty)
+    target = capabilities.Target(text=caption)
+    return Task(caption, guided(guides, "aesthetic", target, cutouts), pixel_beauty)
 
 
 CAPABILITIES = (
@@ -190,11 +189,16 @@ def doodl_image(model: LatentDiffusion, task: Task, settings: DoodlSettings) -> 
     return optimize(model, task.prompt, task.loss_of(settings.seed), settings).image
 
 
-def measured_preset(capability: Capability) -> Preset:
+def preset_of(args, capability: Capability) -> Preset:
+    """The app's preset of the capability for the embedded generator measured (--generator)."""
+    return presets(args.assets / args.generator)[capability.name]
+
+
+def measured_preset(args, capability: Capability) -> Preset:
     """The capability's preset as every method here starts from it: the prompt's own noise. Each method
     sets its own start (DOODL the paper's, best-of-k+doodl --start-k samples'), so the app's `start_samples`
     is not one of the outcomes' inputs."""
-    preset = EMBEDDED_PRESETS[capability.name]
+    preset = preset_of(args, capability)
     return dataclasses.replace(preset, settings=dataclasses.replace(preset.settings, start_samples=1))
 
 
@@ -203,7 +207,7 @@ def settings_for(
 ) -> DoodlSettings:
     """Settings of prompt i of capability `index`: the capability's preset, with its own initial latents
     and what the command line overrides."""
-    settings = dataclasses.replace(measured_preset(capability).settings, seed=1000 * index + i)
+    settings = dataclasses.replace(measured_preset(args, capability).settings, seed=1000 * index + i)
     given = {
         "steps": args.steps,
         "iterations": args.iterations,
@@ -232,13 +236,13 @@ def tune(values: list[float], image_of: Callable, pilots: list) -> float:
 def strengths(model, guides, capability: Capability, index: int, args) -> tuple[float, float]:
     """(one-step scale, DOODL gradient clip): the preset's, or with --tune each chosen by its method's own
     guidance loss on pilot prompts not used for scoring, never by the evaluator."""
-    preset: Preset = EMBEDDED_PRESETS[capability.name]
+    preset = preset_of(args, capability)
     if not args.tune:
         return preset.one_step_scale, args.clip or settings_for(args, capability, index, 0).grad_clip
     print(capability.name, "tuning on", args.pilot, "pilot prompts", flush=True)
     rng = np.random.default_rng(args.seed + 100 + index)
     pilots = [
-        (capability.make_task(guides, rng), settings_for(args, capability, index, 500 + i))
+        (capability.make_task(guides, rng, preset.cutouts), settings_for(args, capability, index, 500 + i))
         for i in range(args.pilot)
     ]
     scale = tune(args.scales, lambda task, settings, v: one_step(model, task, settings, v), pilots)
@@ -259,9 +263,14 @@ def store_of(out: Path, capability: Capability, args) -> OutcomeStore:
     key = {name: getattr(args, name) for name in RAW_KEYS}
     # An override joins the key only when given: outcomes saved at the presets' stay reusable.
     key |= {name: getattr(args, name) for name in OVERRIDES if getattr(args, name) is not None}
-    key["preset"] = measured_preset(capability).key(from_noise=True)  # every prompt starts from noise
-    key["models"] = capability_models_digest(args.assets, capability.name)  # a retrained model or guide
-    return OutcomeStore.open(out / "quality-raw" / capability.name, key, replace_other=True)
+    key["preset"] = measured_preset(args, capability).key(from_noise=True)  # every prompt starts from noise
+    key["models"] = capability_models_digest(args.assets, args.generator, capability.name)  # retrained?
+    return OutcomeStore.open(out / raw_folder(args) / capability.name, key, replace_other=True)
+
+
+def raw_folder(args) -> str:
+    """Each generator's outcomes apart: quality-raw (the UNet's), quality-raw-flow."""
+    return "quality-raw" + ("" if args.generator == "sd" else f"-{args.generator}")
 
 
 def rescore(store: OutcomeStore, trial: Trial, task: Task, methods: tuple[str, ...]) -> None:
@@ -284,7 +293,8 @@ def run_capability(
     missing: set[str] = set()  # --saved-only: methods not saved for an earlier prompt, left out after it
     for i in range(args.n):
         settings = settings_for(args, capability, index, i, clip)
-        task = capability.make_task(guides, rng)  # made even when saved: the next prompt's rng follows it
+        # Made even when saved: the next prompt's rng follows it.
+        task = capability.make_task(guides, rng, preset_of(args, capability).cutouts)
         trial = Trial(i, task.prompt, settings.seed)
         matched = i < args.matched_n
         needed = tuple(m for m in (METHODS if matched else METHODS[:3]) if m in args.methods)
@@ -303,7 +313,7 @@ def run_capability(
             scores[method].append(Outcome.of(records[method]))
         print(capability.name, i, task.prompt, {m: s[-1].score for m, s in scores.items() if s}, flush=True)
     s = settings_for(args, capability, index, 0, clip)
-    crops = EMBEDDED_PRESETS[capability.name].cutouts
+    crops = preset_of(args, capability).cutouts
     return scores, (
         f"{capability.name}: {s.steps} steps, {s.iterations} iterations, CFG {s.guidance_scale:g}, "
         f"clip {clip:g}, momentum {s.momentum:g}, {crops} crops, one-step scale {scale:g}"
@@ -410,7 +420,8 @@ def write_tuning(out: Path, args, model, guides, chosen: list[Capability]) -> No
         scale, clip = strengths(model, guides, capability, index, args)
         lines.append(f"- {capability.name}: one-step scale {scale:g}, gradient clip {clip:g}")
         print(lines[-1], flush=True)
-    name = "quality-tune" + ("" if args.only is None else "-" + "-".join(c.name for c in chosen))
+    name = "quality-tune" + ("" if args.generator == "sd" else f"-{args.generator}")
+    name += "" if args.only is None else "-" + "-".join(c.name for c in chosen)
     (out / f"{name}.md").write_text("\n".join(lines) + "\n")
 
 
@@ -431,11 +442,11 @@ def load_guides(assets: Path, device: str) -> dict:
     return capabilities.load_guides(losses, models, partial(capabilities.load_guide, device=device))
 
 
-def capability_models_digest(assets: Path, capability: str) -> str:
+def capability_models_digest(assets: Path, generator: str, capability: str) -> str:
     """The generator's and the capability's own guides' content: retraining one guide leaves the saved
     outcomes of capabilities that do not use it valid."""
     roles = capabilities.loss_kind(capabilities.CAPABILITIES[capability].losses[0]).guides
-    paths = dict.fromkeys([assets / "sd", *(guide_paths(assets)[role] for role in roles)])
+    paths = dict.fromkeys([assets / generator, *(guide_paths(assets)[role] for role in roles)])
     return hashlib.sha256(
         "".join(folder_digest(path if path.is_dir() else path.parent) for path in paths).encode()
     ).hexdigest()[:16]
@@ -484,7 +495,10 @@ def arguments() -> argparse.Namespace:
     p.add_argument("--only", nargs="+", choices=[c.name for c in CAPABILITIES], help="capabilities to run")
     p.add_argument("--device", default="cpu")
     p.add_argument(
-        "--assets", type=Path, default=EMBEDDED, help="folder of sd/, clip/, classifier/, aesthetic/"
+        "--assets", type=Path, default=EMBEDDED, help="folder of sd/, flow/, clip/, classifier/, aesthetic/"
+    )
+    p.add_argument(
+        "--generator", choices=("sd", "flow"), default="sd", help="the embedded UNet (sd) or flow transformer"
     )
     args = p.parse_args()
     if args.quick:
@@ -495,8 +509,11 @@ def arguments() -> argparse.Namespace:
 
 def report_notes(args: argparse.Namespace, strengths: str) -> str:
     """What the report's reader needs to know of how its outcomes were made."""
+    drawn = "UNet" if args.generator == "sd" else "flow transformer"
+    starts = ", ".join(f"{c.name} {preset_of(args, c).settings.start_samples}" for c in CAPABILITIES)
     notes = (
-        "Embedded model. Settings per capability, the app's presets (doodl/embedded.py; clip and one-step "
+        f"Embedded {drawn} ({args.generator}/). Settings per capability, the app's presets "
+        "(doodl/embedded.py; clip and one-step "
         f"scale chosen by `--tune`, quality-tune.md): {strengths}. "
         f"{args.n} seeded prompts per capability; on the first {args.matched_n}, random search by the "
         "same guidance loss: *best-of-k*, K = DOODL's UNet calls / a sample's unguided samples (the "
@@ -504,7 +521,7 @@ def report_notes(args: argparse.Namespace, strengths: str) -> str:
         f"of k = {args.start_k} samples: k samples' calls more than DOODL, so it costs more than the matched "
         "budget (UNet calls per image in the last table). *doodl* starts from the prompt's own noise, as "
         f"the paper's; *best-of-k+doodl* is what the app runs (the presets' `start_samples`: "
-        f"{', '.join(f'{n} {p.settings.start_samples}' for n, p in EMBEDDED_PRESETS.items())}). Scores: "
+        f"{starts}). Scores: "
         "mean ± standard error; judge fractions and success rates are 0-1. The pixel beauty estimate "
         f"correlates {beauty_agreement(100):.2f} with the beauty of the true scene on rendered images."
     )
@@ -544,10 +561,11 @@ def write_quality_report(
         ],
         [stability(name, scores["doodl"]) for name, scores in all_scores.items()],
     )
+    flow = args.generator != "sd"
     write_report(
         out,
-        "quality",
-        "Quality: DOODL vs one-step guidance and random search",
+        "quality" + (f"-{args.generator}" if flow else ""),
+        "Quality: DOODL vs one-step guidance and random search" + (" (the flow generator)" if flow else ""),
         [report_notes(args, strengths), verdicts, curves, losses, table],
         plot(all_scores),
     )
@@ -555,11 +573,11 @@ def write_quality_report(
 
 def main() -> None:
     args = arguments()
-    missing = [a for a in ASSETS if not (args.assets / a).exists()]
+    missing = [a for a in (f"{args.generator}/model_index.json", *ASSETS) if not (args.assets / a).exists()]
     if missing:
         raise SystemExit(f"quality needs the embedded models; missing under {args.assets}: {missing}")
     out = start(args)
-    model = load_pipeline(args.assets / "sd", args.device)
+    model = load_pipeline(args.assets / args.generator, args.device)
     guides = load_guides(args.assets, args.device)
     chosen = [c for c in CAPABILITIES if args.only is None or c.name in args.only]
     if args.tune:

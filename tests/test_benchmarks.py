@@ -28,7 +28,7 @@ SCRIPTS = (
     "flow_mixing",
 )
 NEEDS_EMBEDDED = ("quality", "examples")
-MISSING = [a for a in ASSETS if not (EMBEDDED / a).exists()]
+MISSING = [a for a in ("sd/model_index.json", *ASSETS) if not (EMBEDDED / a).exists()]
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +164,9 @@ def test_quality_outcomes_are_reused_only_with_the_same_settings_and_models(tmp_
         (assets / part).mkdir(parents=True)
         (assets / part / "weights.bin").write_bytes(b"one")
     overrides = dict.fromkeys(OVERRIDES)
-    args = SimpleNamespace(steps=None, iterations=None, seed=2024, start_k=4, assets=assets, **overrides)
+    args = SimpleNamespace(
+        steps=None, iterations=None, seed=2024, start_k=4, assets=assets, generator="sd", **overrides
+    )
     capability = CAPABILITIES[2]
     trial = Trial(0, "a circle", 2000)
     record = {"score": 0.5, "loss": 0.25, "unet_calls": 40, "curve": [0.3, 0.25]}

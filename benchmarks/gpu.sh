@@ -5,11 +5,15 @@
 #          steps, float16: 5.5 minutes on one H200 (2026-12-04) with the weights built, about 2 more to build;
 #   flux   FLUX.1-dev at 1024 px, 28 steps (reversible), and FLUX.1-schnell, 4 steps (its plain chain),
 #          bfloat16: not run yet (its budget: 9 minutes, the 12-billion-parameter weights built on the GPU).
+#   speed  SD 1.5 at 512 px, float16: ms per UNet call of diffusers' own (the UNet alone, its pipeline)
+#          against DOODL's (a sample, an iteration), eager and compiled (CUDA graphs), in one process, and
+#          a profile of one step (benchmarks/speed.py): not run yet (its budget: 9.5 minutes, the weights
+#          built in about one).
 # A device session has 15 minutes: run one part per call.
 #
 #   benchmarks/gpu.sh --pack               # here, once: pack the pure-Python packages the GPU image lacks
-#   benchmarks/gpu.sh [PART] [RESULTS]     # on the GPU machine: PART sd (default) or flux; results to
-#                                          # RESULTS (default benchmarks/results)
+#   benchmarks/gpu.sh [PART] [RESULTS]     # on the GPU machine: PART sd (default), flux or speed;
+#                                          # results to RESULTS (default benchmarks/results)
 #   benchmarks/gpu.sh --dry-run            # here, on the CPU: the same paths with tiny models, in seconds
 #
 # The GPU machine's image has torch, transformers and accelerate but neither diffusers nor open_clip, and
@@ -38,13 +42,16 @@ case "${1:-}" in
         "$PY" -m benchmarks.memory --arch "$arch" --timing --device cpu --steps 3 --modes reversible \
             --tiny-size 8 --out "$out"
     done
+    for arch in tiny tiny-sdxl; do
+        "$PY" -m benchmarks.speed --quick --arch "$arch" --out "$out"
+    done
     ls "$out"
     exit 0
     ;;
 esac
 
 part=sd
-if [[ "${1:-}" == sd || "${1:-}" == flux ]]; then part=$1; shift; fi
+if [[ "${1:-}" == sd || "${1:-}" == flux || "${1:-}" == speed ]]; then part=$1; shift; fi
 results=${1:-benchmarks/results}
 mkdir -p "$results"
 if [[ -f .whl/gpu-deps.tar.gz ]] && ! "$PY" -c 'import diffusers, open_clip' 2>/dev/null; then
@@ -63,6 +70,9 @@ if [[ $part == sd ]]; then
         --models "$models" --out "$results" || echo "sd15: exit $?"
     timeout 330 "$PY" -m benchmarks.memory --arch sdxl --device cuda --size 1024 --steps 50 --modes reversible \
         --threads 16 --models "$models" --out "$results" || echo "sdxl: exit $?"
+elif [[ $part == speed ]]; then
+    timeout 570 "$PY" -m benchmarks.speed --arch sd15 --device cuda --steps 10 --threads 16 \
+        --models "$models" --out "$results" || echo "speed: exit $?"
 else
     timeout 390 "$PY" -m benchmarks.memory --arch flux --device cuda --size 1024 --steps 28 --modes reversible \
         --threads 16 --models "$models" --out "$results" || echo "flux: exit $?"

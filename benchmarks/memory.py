@@ -539,7 +539,7 @@ def time_iteration(
             model.decode(chain.denoise(eps, x, y, schedule_of(settings, model))[0])
 
     def iteration(schedule_steps: int) -> None:
-        schedule = model.schedule(schedule_steps, settings.p, settings.leapfrog, x.shape)
+        schedule = model.schedule(schedule_steps, settings.p, settings.leapfrog, x.shape).on(model.device)
         with checkpointing(model, settings):
             latent_grad(eps, x, y, schedule, loss, chain.mode, chain.step)
 

@@ -43,6 +43,7 @@ from doodl.losses import Loss
 from doodl.optimize import DoodlSettings
 from doodl.pipeline import ModelLoadError, load_pipeline
 from doodl.serving import locate
+from doodl.settings import SPEED_SETTINGS
 from doodl.summary import summarize
 
 
@@ -132,7 +133,11 @@ def run_key(args: argparse.Namespace, settings: DoodlSettings, cutouts: int, sca
     return {
         "models": asdict(model_names(args)),
         "losses": loss_terms(args),
-        "settings": asdict(replace(settings, seed=0)),
+        "settings": {
+            name: value
+            for name, value in asdict(replace(settings, seed=0)).items()
+            if name not in SPEED_SETTINGS
+        },
         "cutouts": cutouts,
         "cut_power": args.cut_power,
         "one_step_scale": scale,

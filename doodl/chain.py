@@ -48,10 +48,10 @@ class Chain:
 
 
 def schedule_of(settings: DoodlSettings, model: LatentDiffusion, from_photo: bool = False) -> EdictSchedule:
-    """The chain's steps for the settings' image size; from a photo, the last `photo_strength` of them (at
-    least one)."""
+    """The chain's steps for the settings' image size, their timesteps on the model's device; from a photo,
+    the last `photo_strength` of them (at least one)."""
     shape = model.latent_shape(settings.height, settings.width)
-    schedule = model.schedule(settings.steps, settings.p, settings.leapfrog, shape)
+    schedule = model.schedule(settings.steps, settings.p, settings.leapfrog, shape).on(model.device)
     if not from_photo:
         return schedule
     return schedule.last(max(1, round(settings.photo_strength * settings.steps)))

@@ -238,6 +238,12 @@ def add_serving_arguments(parser: argparse.ArgumentParser) -> None:
     serve.add_argument("--port", type=int, default=int(port))
     serve.add_argument("--share", action="store_true", help="also serve on a public gradio.live link")
     serve.add_argument(
+        "--compile",
+        action="store_true",
+        help="run the generator through torch.compile (CUDA graphs on a GPU): faster once the first run "
+        "has compiled, which takes minutes",
+    )
+    serve.add_argument(
         "--allow-model-choice",
         action="store_true",
         help="let visitors name other models (always allowed when only this machine can reach the app)",
@@ -263,5 +269,7 @@ def serving_of(args: argparse.Namespace) -> Serving:
     names = model_names(args)
     limits = {name: getattr(args, name) for name in (*BUDGETS, "max_file_size")}
     if reachable_by_others(args.host, args.share):
-        return Serving.public(names, allow_model_choice=args.allow_model_choice or None, **limits)
-    return Serving(names, allow_model_choice=True, **limits)
+        return Serving.public(
+            names, allow_model_choice=args.allow_model_choice or None, compile=args.compile, **limits
+        )
+    return Serving(names, allow_model_choice=True, compile=args.compile, **limits)

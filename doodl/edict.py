@@ -12,13 +12,14 @@ a = 1 and b = sigma_next - sigma (`flow_schedule`), run through the same functio
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import torch
 from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 
-# A model's timestep: an integer of a DDIM schedule, or a flow's noise level times its training timesteps.
-Timestep = int | float
+# A model's timestep: an integer of a DDIM schedule, or a flow's noise level times its training timesteps;
+# handed to a predictor as a 0-dim tensor on the model's device once the schedule is `on` it.
+Timestep = int | float | torch.Tensor
 # eps(latents, t) -> the model's prediction (noise, or a flow's velocity), in the latents' dtype. The
 # sampler is written against this callable alone, so that it never depends on how a model is loaded
 # (doodl.pipeline and doodl.flow build one).
@@ -30,14 +31,27 @@ Pair = tuple[torch.Tensor, torch.Tensor]
 class EdictSchedule:
     """Timesteps and the coefficients a_t, b_t of every step's half-steps `a x + b f(y, t)`, computed once."""
 
-    timesteps: tuple[Timestep, ...]  # descending: the order of denoising
+    timesteps: tuple[int | float, ...]  # descending: the order of denoising
     a: tuple[float, ...]  # DDIM: sqrt(abar_prev / abar_t); flow: 1
     b: tuple[float, ...]  # DDIM: sqrt(1 - abar_prev) - sqrt(abar_prev (1 - abar_t) / abar_t); flow: ds
     p: float  # mixing weight
     leapfrog: bool  # alternate which latent of the pair is updated first
+    # The timesteps as 0-dim tensors on the model's device (`on`), what the predictor is handed; empty:
+    # the numbers themselves.
+    tensors: tuple[torch.Tensor, ...] = field(default=(), compare=False, repr=False)
 
     def __len__(self) -> int:
         return len(self.timesteps)
+
+    def timestep(self, i: int) -> Timestep:
+        """What the predictor is handed at step i: the device tensor of `on`, else the number."""
+        return self.tensors[i] if self.tensors else self.timesteps[i]
+
+    def on(self, device: str | torch.device) -> EdictSchedule:
+        """This schedule with its timesteps also as tensors on `device`, made in one copy. A denoiser handed
+        a Python number makes a device tensor of it at every call: a synchronous host-to-device copy, and,
+        compiled, a graph per timestep."""
+        return replace(self, tensors=torch.tensor(self.timesteps).to(device).unbind())
 
     def swapped(self, i: int) -> bool:
         """Whether step i updates y before x (the official EDICT code alternates on odd steps)."""
@@ -49,7 +63,9 @@ class EdictSchedule:
         if not 1 <= n <= len(self):
             raise ValueError(f"a schedule of {len(self)} steps has no last {n} steps")
         k = len(self) - n
-        return EdictSchedule(self.timesteps[k:], self.a[k:], self.b[k:], self.p, self.leapfrog)
+        return EdictSchedule(
+            self.timesteps[k:], self.a[k:], self.b[k:], self.p, self.leapfrog, self.tensors[k:]
+        )
 
 
 def edict_schedule(
@@ -146,7 +162,7 @@ def unmix(x: torch.Tensor, y: torch.Tensor, p: float) -> Pair:
 
 def edict_step(eps: NoisePredictor, x: torch.Tensor, y: torch.Tensor, s: EdictSchedule, i: int) -> Pair:
     """Denoise step i of the schedule (Eq. 5): two coupling half-steps, then mixing."""
-    t, a, b = s.timesteps[i], s.a[i], s.b[i]
+    t, a, b = s.timestep(i), s.a[i], s.b[i]
     first, second = (y, x) if s.swapped(i) else (x, y)
     first = a * first + b * eps(second, t)
     second = a * second + b * eps(first, t)
@@ -156,7 +172,7 @@ def edict_step(eps: NoisePredictor, x: torch.Tensor, y: torch.Tensor, s: EdictSc
 
 def edict_unstep(eps: NoisePredictor, x: torch.Tensor, y: torch.Tensor, s: EdictSchedule, i: int) -> Pair:
     """The exact inverse of `edict_step` (Eq. 6): unmix, then undo the half-steps in reverse order."""
-    t, a, b = s.timesteps[i], s.a[i], s.b[i]
+    t, a, b = s.timestep(i), s.a[i], s.b[i]
     x, y = unmix(x, y, s.p)
     first, second = (y, x) if s.swapped(i) else (x, y)
     second = (second - b * eps(first, t)) / a
@@ -192,7 +208,7 @@ def ddim_step(eps: NoisePredictor, x: torch.Tensor, y: torch.Tensor, s: EdictSch
     """Step i of the model's plain chain on x, with EDICT's coefficients: x' = a x + b eps(x), DDIM (eta 0)
     on a noise predictor, Euler on a flow's velocity. The pair's second latent is x' too, so that a chain
     of pairs carries one sample."""
-    x = s.a[i] * x + s.b[i] * eps(x, s.timesteps[i])
+    x = s.a[i] * x + s.b[i] * eps(x, s.timestep(i))
     return x, x
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from doodl.edict import EdictSchedule, NoisePredictor, Pair, edict_step, unmix
+from doodl.edict import EdictSchedule, NoisePredictor, Pair, Timestep, edict_step, unmix
 
 MODES = ("reversible", "checkpoint", "autograd")
 
@@ -107,7 +107,7 @@ def reversible_unstep(
     i: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """From step i's outputs and their gradients, rebuild its inputs and their gradients."""
-    p, t, a, b = s.p, s.timesteps[i], s.a[i], s.b[i]
+    p, t, a, b = s.p, s.timestep(i), s.a[i], s.b[i]
     # Mixing is linear: x' = p x + (1 - p) y, then y' = p y + (1 - p) x'.
     x, y = unmix(x, y, p)
     gx = gx + (1 - p) * gy
@@ -128,7 +128,7 @@ def reversible_unstep(
 
 
 def _eps_and_vjp(
-    eps: NoisePredictor, latents: torch.Tensor, t: int, cotangent: torch.Tensor
+    eps: NoisePredictor, latents: torch.Tensor, t: Timestep, cotangent: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """eps(latents, t) and the product of its Jacobian's transpose with `cotangent`, from one call."""
     with torch.enable_grad():

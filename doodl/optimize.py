@@ -42,10 +42,12 @@ class Result:
 
 
 def conditioning(model: LatentDiffusion, prompt: str, settings: DoodlSettings) -> NoisePredictor:
-    """The guided noise predictor for a prompt; an empty prompt is refused (it would be unguided)."""
+    """The guided noise predictor for a prompt, of the compiled denoiser if the settings ask; an empty prompt
+    is refused (it would be unguided)."""
     if not prompt or not prompt.strip():
         raise ValueError("the prompt is empty: describe the image to generate")
-    return model.noise_predictor(model.encode_prompt(prompt), settings.guidance_scale)
+    predicting = model.compiled if settings.compile else model
+    return predicting.noise_predictor(model.encode_prompt(prompt), settings.guidance_scale)
 
 
 def initial_latents(model: LatentDiffusion, settings: DoodlSettings) -> Pair:

@@ -12,7 +12,8 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -105,6 +106,18 @@ class LatentDiffusion(ABC):
     @abstractmethod
     def denoiser(self) -> torch.nn.Module:
         """The network the chain calls (UNet or transformer): what `count_unet_calls` counts."""
+
+    @cached_property
+    def compiled(self) -> LatentDiffusion:
+        """This model with its denoiser compiled (`compiled_denoiser`): what `DoodlSettings.compile` samples
+        with. Made once per model, on first use."""
+        return self.with_denoiser(compiled_denoiser(self.denoiser))
+
+    def with_denoiser(self, denoiser: torch.nn.Module) -> LatentDiffusion:
+        """This model calling `denoiser` (a compiled one) instead of its own, its other parts shared (each
+        family is a dataclass, one field of which holds the denoiser)."""
+        name = next(f.name for f in fields(self) if getattr(self, f.name) is self.denoiser)
+        return replace(self, **{name: denoiser})
 
     @property
     def device(self) -> torch.device:
@@ -377,25 +390,43 @@ class StableDiffusion(LatentDiffusion):
         guidance off costs half. Few-step models distilled to sample without guidance (SD-Turbo) want 1;
         note that diffusers' pipelines read any scale <= 1 as "off" (conditional), here 0 ignores the prompt.
         """
-        alphas_cumprod = self.scheduler.alphas_cumprod.double()
-        v_prediction = self.scheduler.config.prediction_type == "v_prediction"
         halves = guidance_halves(prompt_embeds, guidance_scale)
+        device, dtype = self.device, self.dtype  # once: each walks the UNet's parameters
+        # Indexed on the device by the timestep tensor: a host index would copy to the device at every call.
+        alphas_cumprod = None
+        if self.scheduler.config.prediction_type == "v_prediction":
+            alphas_cumprod = self.scheduler.alphas_cumprod.to(device, torch.float64)
+        # The context and SDXL's added conditions of each batch size (and latent size), made at the first
+        # call: SDXL's image-size ids are a host-to-device copy.
+        contexts: dict[int, torch.Tensor] = {}
+        added: dict[tuple[int, ...], dict[str, torch.Tensor]] = {}
 
-        def eps(latents: torch.Tensor, t: int) -> torch.Tensor:
-            n = latents.shape[0]
+        def context_of(n: int) -> torch.Tensor:
+            if n not in contexts:
+                contexts[n] = torch.cat([half.hidden.expand(n, -1, -1) for half in halves]).to(dtype)
+            return contexts[n]
+
+        def added_of(latents: torch.Tensor) -> dict[str, torch.Tensor] | None:
+            if not self.xl:
+                return None
+            n, shape = latents.shape[0], tuple(latents.shape)
+            if shape not in added:
+                pooled = torch.cat([half.pooled.expand(n, -1) for half in halves])
+                added[shape] = self.added_conditions(pooled, latents)
+            return added[shape]
+
+        def eps(latents: torch.Tensor, t: Timestep) -> torch.Tensor:
+            t = timestep_tensor(t, device)
             unet_in = latents.repeat(len(halves), 1, 1, 1)
-            context = torch.cat([half.hidden.expand(n, -1, -1) for half in halves]).to(self.dtype)
-            added = None
-            if self.xl:
-                added = self.added_conditions(
-                    torch.cat([half.pooled.expand(n, -1) for half in halves]), latents
-                )
             out = self.unet(
-                unet_in.to(self.dtype), t, encoder_hidden_states=context, added_cond_kwargs=added
+                unet_in.to(dtype),
+                t,
+                encoder_hidden_states=context_of(latents.shape[0]),
+                added_cond_kwargs=added_of(latents),
             ).sample
             out = out.to(latents.dtype)
-            if v_prediction:  # SD 2.x predicts v = sqrt(abar) eps - sqrt(1 - abar) x; EDICT needs eps.
-                abar = alphas_cumprod[t].to(latents.dtype)
+            if alphas_cumprod is not None:  # SD 2.x predicts v = sqrt(abar) eps - sqrt(1 - abar) x: eps.
+                abar = alphas_cumprod.index_select(0, t.reshape(1)).to(latents.dtype)
                 out = abar.sqrt() * out + (1 - abar).sqrt() * unet_in
             if len(halves) == 1:
                 return out
@@ -403,6 +434,12 @@ class StableDiffusion(LatentDiffusion):
             return out_uncond + guidance_scale * (out_cond - out_uncond)
 
         return eps
+
+
+def timestep_tensor(t: Timestep, device: torch.device) -> torch.Tensor:
+    """A timestep as the denoiser takes it: the schedule's device tensor (`EdictSchedule.on`) as it is, a
+    number as a tensor (a compiled denoiser would otherwise make a graph per timestep)."""
+    return t if isinstance(t, torch.Tensor) else torch.tensor(t, device=device)
 
 
 def guidance_halves(prompt_embeds: PromptEmbeds, guidance_scale: float) -> tuple[PromptEmbeds, ...]:
@@ -443,6 +480,20 @@ def gradient_checkpointing(
     finally:
         if not before:
             model.disable_gradient_checkpointing()
+
+
+def compiled_denoiser(denoiser: torch.nn.Module, backend: str | Callable = "inductor") -> torch.nn.Module:
+    """`denoiser` through torch.compile, each call one captured graph: shapes static (another image size
+    compiles anew), its hooks (`count_unet_calls`) run as before. On CUDA with inductor, replayed as CUDA
+    graphs, which launch a call's hundreds of kernels at once, and its weights in place as channels_last,
+    the layout the GPU's convolutions prefer. The forward and its backward (the VJPs of the gradient) are
+    compiled alike; the first calls pay the compile (`backend`: torch.compile's, e.g. "aot_eager" to
+    check the capture without inductor's minutes of code generation on a CPU)."""
+    cuda = denoiser.device.type == "cuda"
+    if cuda:
+        denoiser.to(memory_format=torch.channels_last)
+    mode = "reduce-overhead" if cuda and backend == "inductor" else None
+    return torch.compile(denoiser, dynamic=False, backend=backend, mode=mode)
 
 
 def decoder_checkpointing(vae: torch.nn.Module, enabled: bool) -> AbstractContextManager[None]:

@@ -376,6 +376,7 @@ class Serving:
     max_start_samples: int | None = None
     queue_size: int | None = None  # runs waiting for the device beyond the one running
     max_file_size: str | None = None  # of an upload, in gradio's notation ("8mb"); checked before saving
+    compile: bool = False  # every run's denoiser through torch.compile (`DoodlSettings.compile`)
 
     @classmethod
     def public(cls, names: ModelNames = ModelNames(), **overrides: Any) -> Serving:
@@ -436,6 +437,10 @@ class Serving:
                 raise ValueError(
                     f"{name}={value} is over this app's limit of {limit} per run (set by the host: {flag})"
                 )
+
+    def hosted(self, options: RunOptions) -> RunOptions:
+        """A visitor's run as the host runs it: how the calls run is the host's choice, not a setting."""
+        return replace(options, settings=replace(options.settings, compile=self.compile))
 
     def within_budget(self, preset: Preset) -> Preset:
         """A tab's preset, cut down to the budget so that its defaults always run."""
@@ -500,7 +505,7 @@ def request(
 
     `guides` holds the models the visitor may name, by role; the rest are the host's."""
     prompt = required(prompt, "prompt", "describe the image to generate")
-    options = run_options(**settings)
+    options = serving.hosted(run_options(**settings))
     offered = serving.names.offered(capability)
     labels = [kind.label for kind in offered]
     chosen = offered[0] if guide is None else next((k for k in offered if k.label == guide), None)

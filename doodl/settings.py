@@ -14,6 +14,9 @@ DECODER_CHECKPOINTING = ("auto", "on", "off")
 SAMPLERS = ("auto", "edict", "ddim")
 # What only a run from given latents (a photo's) reads: a run from noise is the same whatever they are.
 PHOTO_SETTINGS = ("fidelity", "photo_weight", "photo_strength")
+# How a run's calls are computed, not what it makes (the same images to float rounding): stored runs made
+# either way are alike.
+SPEED_SETTINGS = ("compile",)
 
 
 @dataclass(frozen=True)
@@ -95,6 +98,11 @@ class DoodlSettings:
     # of 4 was ahead of DOODL from the seed in the mean on every tab with EDICT's chain
     # (benchmarks/results/edict/quality.md).
     start_samples: int = 1
+    # --- how the calls run (last: stored runs' keys follow the fields' order) ------------------------
+    # Run the denoiser through torch.compile (`doodl.pipeline.compiled_denoiser`; on CUDA with CUDA graphs
+    # and channels_last): the same images to float rounding, faster once the first calls have compiled
+    # (minutes). Off: eager, no compile to wait for.
+    compile: bool = False
 
     def __post_init__(self) -> None:
         check = {
@@ -129,8 +137,9 @@ class DoodlSettings:
 
     def changed(self, from_noise: bool = False) -> dict[str, Any]:
         """The settings that differ from the defaults: what keys of stored runs hold, so that a new setting
-        at its default leaves them valid. `from_noise`: without those only a run from a photo reads."""
-        skip = PHOTO_SETTINGS if from_noise else ()
+        at its default leaves them valid, and how the calls run (SPEED_SETTINGS) is not said. `from_noise`:
+        without those only a run from a photo reads."""
+        skip = (*SPEED_SETTINGS, *(PHOTO_SETTINGS if from_noise else ()))
         return {
             f.name: getattr(self, f.name)
             for f in fields(self)

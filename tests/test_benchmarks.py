@@ -26,6 +26,7 @@ SCRIPTS = (
     "examples",
     "unet_call",
     "flow_mixing",
+    "speed",
 )
 NEEDS_EMBEDDED = ("quality", "examples")
 MISSING = [a for a in ("sd/model_index.json", *ASSETS) if not (EMBEDDED / a).exists()]

@@ -175,29 +175,31 @@ def doodl_runs(
 
 def step_profile(
     eps: NoisePredictor, x: torch.Tensor, y: torch.Tensor, schedule, device: str
-) -> tuple[str, int]:
-    """The profiler's table of one EDICT step (its top ops), and the host synchronisations in it: the
-    profiler's sync events, and on CUDA those torch's sync debug mode warns of."""
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+) -> tuple[str, str]:
+    """The profiler's tables of one EDICT step (its top ops), and its host synchronisations: the profiler's
+    sync events, and on CUDA the warnings of torch's sync debug mode (one sync may be in both)."""
+    cuda = device == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with torch.no_grad():
         edict_step(eps, x, y, schedule, 0)  # warm
-        if device == "cuda":
+        if cuda:
             torch.cuda.synchronize()
         with profile(activities=activities) as prof, warnings.catch_warnings(record=True) as warned:
             warnings.simplefilter("always")
-            if device == "cuda":
+            if cuda:
                 torch.cuda.set_sync_debug_mode("warn")
             try:
                 edict_step(eps, x, y, schedule, 0)
             finally:
-                if device == "cuda":
+                if cuda:
                     torch.cuda.set_sync_debug_mode(0)
-                    torch.cuda.synchronize()
-    syncs = sum(event.name in SYNC_EVENTS for event in prof.events())
-    syncs += sum("synchroniz" in str(w.message) for w in warned)
+    events = sum(event.name in SYNC_EVENTS for event in prof.events())
+    syncs = f"{events} sync events"
+    if cuda:
+        syncs += f", {sum('synchroniz' in str(w.message) for w in warned)} sync debug warnings"
     averages = prof.key_averages()
     tables = [averages.table(sort_by="self_cpu_time_total", row_limit=12)]
-    if device == "cuda":
+    if cuda:
         tables.insert(0, averages.table(sort_by="self_cuda_time_total", row_limit=12))
     return "\n".join(tables), syncs
 
@@ -259,7 +261,7 @@ def measure(
         seconds_of[f"DOODL: {name}, per UNet pass"] = {"eager": median_seconds(work, device, repeats)}
     eager_profile, eager_syncs = step_profile(eps, x, y, schedule, device)
     print("eager, ms per call:", {k: round(1000 * v["eager"] / per[k], 2) for k, v in seconds_of.items()})
-    print(f"eager step: {eager_syncs} host synchronisations", flush=True)
+    print(f"eager step, host synchronisations: {eager_syncs}", flush=True)
 
     # diffusers compiled as its documentation does it.
     mode = "reduce-overhead" if device == "cuda" and args.backend == "inductor" else None
@@ -313,9 +315,9 @@ def measure(
         "its compile included."
     )
     profiles = (
-        f"One EDICT step (two UNet calls): {eager_syncs} host synchronisations eager, {compiled_syncs} "
-        f"compiled (profiler sync events; on CUDA, also torch's sync debug mode).\n\nEager:\n\n"
-        f"```\n{eager_profile}\n```\n\nCompiled:\n\n```\n{compiled_profile}\n```"
+        f"One EDICT step (two UNet calls), host synchronisations: eager {eager_syncs}; compiled "
+        f"{compiled_syncs} (sync events: {', '.join(SYNC_EVENTS)}).\n\nEager:\n\n```\n{eager_profile}"
+        f"\n```\n\nCompiled:\n\n```\n{compiled_profile}\n```"
     )
     headers = [
         "run",

@@ -208,11 +208,11 @@ def default_runs(quick: bool, overrides: dict, generator: str = "sd") -> tuple[l
         settings = dataclasses.replace(preset.settings, **overrides)
         if quick:
             settings = dataclasses.replace(settings, steps=2, iterations=2)
-        generator = torch.Generator().manual_seed(settings.seed)
-        doodl_seconds = timed(functools.partial(optimize, model, prompt, make_loss(generator), settings))
+        crops = torch.Generator().manual_seed(settings.seed)
+        doodl_seconds = timed(functools.partial(optimize, model, prompt, make_loss(crops), settings))
         one_step = timed(
             functools.partial(
-                one_step_guidance, model, prompt, make_loss(generator), preset.one_step_scale, settings
+                one_step_guidance, model, prompt, make_loss(crops), preset.one_step_scale, settings
             )
         )
         total = doodl_seconds + one_step
@@ -231,10 +231,10 @@ def default_runs(quick: bool, overrides: dict, generator: str = "sd") -> tuple[l
             ]
         )
         print(runs[-1], flush=True)
-        seconds = iteration_parts(model, prompt, make_loss(generator), settings)
+        seconds = iteration_parts(model, prompt, make_loss(crops), settings)
         parts.append([tab, *(f"{v:.2f}" for v in seconds.values())])
         if chain_of(settings, model).few_steps:
-            medians = ddim_gradient_modes(model, prompt, make_loss(generator), settings, 1 if quick else 5)
+            medians = ddim_gradient_modes(model, prompt, make_loss(crops), settings, 1 if quick else 5)
             saved = 1 - medians["autograd"] / medians["checkpoint"]
             modes.append([tab, *(f"{medians[m]:.2f}" for m in DDIM_MODES), f"{saved:.0%}"])
     runs_table = markdown_table(

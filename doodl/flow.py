@@ -30,7 +30,14 @@ from diffusers import (
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
 from doodl.edict import EdictSchedule, NoisePredictor, Timestep, flow_schedule
-from doodl.pipeline import LatentDiffusion, ModelLoadError, PromptEmbeds, cached_first, guidance_halves
+from doodl.pipeline import (
+    LatentDiffusion,
+    ModelLoadError,
+    PromptEmbeds,
+    cached_first,
+    guidance_halves,
+    timestep_tensor,
+)
 
 # EDICT's mixing weight on flow models (DDIM's: the paper's 0.93). From 28 steps the coupled sample is as
 # close to plain Euler at any p from 0.8 to 1 (1.1-1.4 %, a quarter of Euler's own error), while the round
@@ -247,7 +254,7 @@ class StableDiffusion3(FlowTransformer):
             rows = len(halves) * n
             out = self.transformer(
                 hidden_states=latents.repeat(len(halves), 1, 1, 1).to(self.dtype),
-                timestep=torch.full((rows,), float(t), device=self.device),
+                timestep=timestep_tensor(t, self.device).to(torch.float32).expand(rows),
                 encoder_hidden_states=torch.cat([h.hidden.expand(n, -1, -1) for h in halves]).to(self.dtype),
                 pooled_projections=torch.cat([h.pooled.expand(n, -1) for h in halves]).to(self.dtype),
                 return_dict=False,
@@ -334,21 +341,23 @@ class Flux(FlowTransformer):
         hidden, pooled = cond.hidden.to(self.dtype), cond.pooled.to(self.dtype)
         text_ids = torch.zeros(hidden.shape[1], 3, device=self.device, dtype=self.dtype)
         guidance = torch.full([1], guidance_scale, device=self.device, dtype=torch.float32)
+        image_ids: dict[tuple[int, int], torch.Tensor] = {}  # made on the host: once per size, not per call
 
         def velocity(latents: torch.Tensor, t: Timestep) -> torch.Tensor:
             n, channels, height, width = latents.shape
             packed = FluxPipeline._pack_latents(latents.to(self.dtype), n, channels, height, width)
-            image_ids = FluxPipeline._prepare_latent_image_ids(
-                n, height // 2, width // 2, self.device, self.dtype
-            )
+            if (height, width) not in image_ids:
+                image_ids[height, width] = FluxPipeline._prepare_latent_image_ids(
+                    n, height // 2, width // 2, self.device, self.dtype
+                )
             out = self.transformer(
                 hidden_states=packed,
-                timestep=torch.full((n,), float(t), device=self.device, dtype=self.dtype) / 1000,
+                timestep=timestep_tensor(t, self.device).to(self.dtype).expand(n) / 1000,
                 guidance=guidance.expand(n) if self.guidance_distilled else None,
                 pooled_projections=pooled.expand(n, -1),
                 encoder_hidden_states=hidden.expand(n, -1, -1),
                 txt_ids=text_ids,
-                img_ids=image_ids,
+                img_ids=image_ids[height, width],
                 return_dict=False,
             )[0]
             pixels = (height * self.vae_scale, width * self.vae_scale)

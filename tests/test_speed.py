@@ -27,7 +27,12 @@ from doodl.optimize import conditioning, initial_latents
 from doodl.pipeline import count_unet_calls
 from doodl.serving import Serving, preset_values, request
 from doodl.settings import DoodlSettings
-from doodl.tiny import save_tiny_sdxl_pipeline, save_tiny_turbo_pipeline
+from doodl.tiny import (
+    save_tiny_flux_pipeline,
+    save_tiny_sd3_pipeline,
+    save_tiny_sdxl_pipeline,
+    save_tiny_turbo_pipeline,
+)
 
 PROMPT = "a red circle"
 # Tensor methods and functions that read a tensor on the host, or copy host data to a device.
@@ -58,12 +63,15 @@ def host_syncs(run, *args) -> list[str]:
 
 @pytest.fixture(scope="module")
 def models(tiny, tmp_path_factory):
-    """SD (noise prediction), SD-Turbo's kind (v-prediction, converted to noise on the device) and SDXL
-    (its added conditions: the image size, made on the device once)."""
+    """SD (noise prediction), SD-Turbo's kind (v-prediction, converted to noise on the device), SDXL
+    (its added conditions: the image size, made on the device once), SD3 and FLUX (velocities; FLUX's
+    position ids made once per size)."""
     return {
         "sd": tiny,
         "v-prediction": load_pipeline(save_tiny_turbo_pipeline(tmp_path_factory.mktemp("turbo"))),
         "sdxl": load_pipeline(save_tiny_sdxl_pipeline(tmp_path_factory.mktemp("xl"))),
+        "sd3": load_pipeline(save_tiny_sd3_pipeline(tmp_path_factory.mktemp("sd3"))),
+        "flux": load_pipeline(save_tiny_flux_pipeline(tmp_path_factory.mktemp("flux"))),
     }
 
 
@@ -89,13 +97,13 @@ def chain_runs(model, steps: int) -> dict[str, object]:
     return runs
 
 
-@pytest.mark.parametrize("family", ["sd", "v-prediction", "sdxl"])
+@pytest.mark.parametrize("family", ["sd", "v-prediction", "sdxl", "sd3", "flux"])
 def test_no_host_sync_inside_a_step(one_thread, models, family):
     """Each run records the same at 2 and 4 steps: nothing per step. The chains record nothing but SDXL's
     image-size ids, copied to the device at a predictor's first call; a gradient adds the final loss's
     value, read once per latent judged."""
     model = models[family]
-    first_call = ["tensor"] if family == "sdxl" else []
+    first_call = ["tensor"] if family == "sdxl" else []  # SDXL's image-size ids
     two, four = chain_runs(model, 2), chain_runs(model, 4)
 
     def eps():

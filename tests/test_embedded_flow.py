@@ -76,7 +76,6 @@ def test_the_flow_generator_has_the_unets_presets_at_its_own_guidance_and_mixing
         )
 
 
-@pytest.mark.skipif(not (FLOW / "model_index.json").is_file(), reason="the flow generator is not shipped")
 def test_a_public_app_of_the_embedded_world_offers_both_generators_and_nothing_else():
     public = Serving.public()
     assert public.generators() == (f"{EMBEDDED}/sd", f"{EMBEDDED}/flow")

@@ -81,6 +81,7 @@ class TrainSettings:
     flow_batch: int = 64
     flow_lr: float = 5e-4
     flow_minutes: float = 50.0
+    flow_init: str = ""  # a saved flow folder to continue training from
     # CLIP, contrastive on (image, caption or partial caption).
     clip_steps: int = 4000
     clip_batch: int = 128
@@ -551,8 +552,8 @@ def save_flow_generator(folder: Path, vae, text_encoder, transformer) -> None:
 def stage_flow(s: TrainSettings, log: Log) -> None:
     """Rectified flow (x_s = (1 - s) x0 + s noise, the transformer predicts noise - x0 at timestep 1000 s, s
     drawn logit-normal as SD3 draws it), the text tower trained with it from the shipped UNet's."""
-    from diffusers import AutoencoderKL
-    from transformers import CLIPTextModel
+    from diffusers import AutoencoderKL, SD3Transformer2DModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     shipped = Path(s.out) / "sd"
     vae = AutoencoderKL.from_pretrained(shipped / "vae").eval()
@@ -563,8 +564,19 @@ def stage_flow(s: TrainSettings, log: Log) -> None:
         tokens=tokens.tokens[:, : models.FLOW_TEXT_TOKENS], empty=tokens.empty[: models.FLOW_TEXT_TOKENS]
     )
     transformer, text_encoder = models.flow_transformer(), models.flow_text_encoder()
-    unet_text = CLIPTextModel.from_pretrained(shipped / "text_encoder", dtype=torch.float32).state_dict()
-    text_encoder.load_state_dict(unet_text, strict=False)  # all but the projection, which starts random
+    if s.flow_init:  # continue from a saved flow generator (same architecture)
+        saved = Path(s.flow_init)
+        transformer.load_state_dict(
+            SD3Transformer2DModel.from_pretrained(saved / "transformer", dtype=torch.float32).state_dict()
+        )
+        text_encoder.load_state_dict(
+            CLIPTextModelWithProjection.from_pretrained(
+                saved / "text_encoder", dtype=torch.float32
+            ).state_dict()
+        )
+    else:
+        unet_text = CLIPTextModel.from_pretrained(shipped / "text_encoder", dtype=torch.float32).state_dict()
+        text_encoder.load_state_dict(unet_text, strict=False)  # all but the projection, which starts random
     ema_transformer, ema_text = models.flow_transformer(), models.flow_text_encoder()
     ema_transformer.load_state_dict(transformer.state_dict())
     ema_text.load_state_dict(text_encoder.state_dict())

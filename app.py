@@ -26,7 +26,7 @@ from huggingface_hub import constants as hf_constants
 from doodl.capabilities import CAPABILITIES
 from doodl.chain import plain_chain
 from doodl.cli import add_model_arguments, add_serving_arguments, serving_of
-from doodl.embedded import EXAMPLE_IMAGES, EXAMPLES, Preset
+from doodl.embedded import EXAMPLE_IMAGES, EXAMPLES, FLOW_CAVEAT, Preset
 from doodl.guides import GuideNotFoundError
 from doodl.optimize import DoodlSettings
 from doodl.pipeline import ModelLoadError
@@ -624,7 +624,7 @@ def build_app(serving: Serving = LOCAL) -> gr.Blocks:
 
 
 def generator_help(serving: Serving) -> str:
-    pair = "The embedded world drawn by a UNet (sd) or a flow transformer (flow)"
+    pair = f"The embedded world drawn by a UNet (sd) or a flow transformer (flow); {FLOW_CAVEAT}"
     embedded = pair if len(serving.generators()) > 1 else ""
     if not serving.allow_model_choice:
         return embedded or "The host's generator"

@@ -77,6 +77,13 @@ EMBEDDED_PRESETS = {
     "aesthetic": Preset(replace(_EMBEDDED_BASE, grad_clip=0.03), one_step_scale=1.0),
 }
 
+# What a visitor is told of the flow generator beside the UNet, as its evaluation found it.
+FLOW_CAVEAT = (
+    "the flow transformer, trained for less than two hours on two CPU cores, draws the world worse than the "
+    "UNet: its colors are right about as often, its shapes far less often (benchmarks/results/"
+    "flow-generator.md)"
+)
+
 # The flow generator runs each tab as the UNet does (plain chain, 20 steps, 20 iterations, the same views and
 # clips), at the CFG its evaluation chose (doodl.world.evaluate), with the flows' mixing weight for photos.
 EMBEDDED_FLOW_GUIDANCE = 4.0

@@ -9,7 +9,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from doodl.embedded import EMBEDDED_FLOW_PRESETS, EMBEDDED_PRESETS, FLOW, SD, presets
+from doodl.embedded import EMBEDDED_FLOW_PRESETS, EMBEDDED_PRESETS, FLOW, FLOW_CAVEAT, SD, presets
 from doodl.flow import FLOW_MIX, StableDiffusion3
 from doodl.pipeline import load_pipeline
 from doodl.serving import EMBEDDED, ModelNames, Serving
@@ -101,3 +101,14 @@ def test_the_other_generator_changes_no_stored_examples_key(tmp_path):
     assert folder_digest(tmp_path) != before
     (tmp_path / "clip" / "weights.bin").write_bytes(b"retrained")  # a guide both generators use
     assert folder_digest(tmp_path, skip=["flow"]) != before
+
+
+def test_the_page_offers_the_flow_generator_and_says_it_draws_worse():
+    import gradio as gr
+
+    import app
+
+    demo = app.build_app(Serving())
+    (generator,) = [c for c in demo.blocks.values() if isinstance(c, gr.Dropdown) and c.label == "Generator"]
+    assert [value for _, value in generator.choices] == [f"{EMBEDDED}/sd", f"{EMBEDDED}/flow"]
+    assert FLOW_CAVEAT in generator.info

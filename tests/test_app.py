@@ -504,14 +504,19 @@ def test_an_example_not_stored_is_run_at_its_first_click_then_shown_from_the_sto
     preset = Preset(DoodlSettings(steps=2, iterations=2), cutouts=2)
     store = ExampleStore(tmp_path / "store")
     tab = app.Tab("vocabulary", Serving(names), preset, store, model=None)
-    assert tab.stored((0, None)) == (gr.skip(),) * 5  # nothing to show yet: the inputs are filled only
-    updates = list(tab.run_missing((0, None)))
+    host = names.sd
+    assert tab.stored((0, None), host) == (gr.skip(),) * 5  # nothing to show yet: the inputs are filled only
+    updates = list(tab.run_missing((0, None), host))
     assert updates[0][1].startswith("Loading models") and updates[-1][1].startswith("Done: iteration 2 of 2")
     shown = store.load("vocabulary", 0)
     assert shown.status == updates[-1][1] and len(shown.gallery) == 3
     assert all(Path(image).is_file() for image, _ in shown.gallery)
-    assert tab.stored((0, None))[1] == shown.status
-    assert list(tab.run_missing((0, None))) == [(gr.skip(),) * 5]  # stored: never run twice
+    assert tab.stored((0, None), host)[1] == shown.status
+    assert list(tab.run_missing((0, None), host)) == [(gr.skip(),) * 5]  # stored: never run twice
+    # The stored runs are the host generator's: with another chosen, a click fills the inputs only.
+    assert tab.stored((0, None), "another/generator") == (gr.skip(),) * 5
+    assert list(tab.run_missing((1, None), "another/generator")) == [(gr.skip(),) * 5]
+    assert store.load("vocabulary", 1) is None
 
 
 def test_zerogpu_duration_follows_the_chain():

@@ -8,11 +8,12 @@
 
 Stages: data (render the cached training set), vae, latents (encode the set once, fix the scaling
 factor), decoder (tune the decoder alone on those fixed latents), unet (UNet and text encoder together,
-then save the Stable Diffusion folder), clip, classifier, robust_classifier and robust_clip (adversarial
-fine-tuning of the saved guides, `doodl.world.robust`), aesthetic (fitted on the CLIP as saved). The
-unet stage saves whatever decoder is in the cache when it ends, so decoder and unet may also run side by
-side. Each stage stops at a
-wall-clock cap as well as a step count; its learning-rate schedule follows whichever runs out first, so
+then save the Stable Diffusion folder), flow (SD3's transformer by rectified flow on the shipped VAE's
+latents, saved as an SD3 folder in flow/; needs data and the shipped sd/), clip, classifier,
+robust_classifier and robust_clip (adversarial fine-tuning of the saved guides, `doodl.world.robust`),
+aesthetic (fitted on the CLIP as saved). The unet stage saves whatever decoder is in the cache when it
+ends, so decoder and unet may also run side by side. Each stage stops at a wall-clock cap as well as a step
+count; its learning-rate schedule follows whichever runs out first, so
 a capped run still ends on a decayed learning rate.
 
 The shipped generator continued the one trained from scratch on the same latents with a quarter of its

@@ -83,6 +83,17 @@ def write_report(out: Path, name: str, title: str, sections: Sequence[str], figu
     print(f"\nwrote {out / name}.md and .png\n\n{text}")
 
 
+def device_seconds(work: Callable[[], object], device: str) -> float:
+    """Wall seconds of `work`, the device's queue drained before and after (CUDA runs asynchronously)."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+    begin = time.perf_counter()
+    work()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - begin
+
+
 # --- models ---------------------------------------------------------------------------------------
 
 

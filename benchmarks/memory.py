@@ -37,7 +37,6 @@ import resource
 import shutil
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
@@ -57,6 +56,7 @@ from benchmarks.architectures import (
 from benchmarks.common import (
     GUIDANCE,
     PROMPT,
+    device_seconds,
     markdown_table,
     parser,
     problem,
@@ -545,26 +545,16 @@ def time_iteration(
 
     sample()  # warm-up: kernels chosen, caches filled
     iteration(1)  # and the backward's
-    result: dict[str, float | bool] = {"sample_s": _seconds(sample, device), "weights": weights}
+    result: dict[str, float | bool] = {"sample_s": device_seconds(sample, device), "weights": weights}
     gc.collect()
     reset_peak(device)
     result["before"] = current(device)
     try:
-        result["iteration_s"] = _seconds(lambda: iteration(steps), device)
+        result["iteration_s"] = device_seconds(lambda: iteration(steps), device)
     except torch.OutOfMemoryError:
         result["oom"] = True
     result["peak"] = peak(device)
     return result
-
-
-def _seconds(work: Callable[[], None], device: str) -> float:
-    if device == "cuda":
-        torch.cuda.synchronize()
-    begin = time.perf_counter()
-    work()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - begin
 
 
 def timing_rows(

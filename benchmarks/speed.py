@@ -24,7 +24,6 @@ import shutil
 import statistics
 import sys
 import tempfile
-import time
 import warnings
 from collections.abc import Callable
 from dataclasses import replace
@@ -36,7 +35,16 @@ from matplotlib.figure import Figure
 from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.architectures import SD_ARCHITECTURES, save_random_sd
-from benchmarks.common import GUIDANCE, PROMPT, markdown_table, parser, start, tiny_folder, write_report
+from benchmarks.common import (
+    GUIDANCE,
+    PROMPT,
+    device_seconds,
+    markdown_table,
+    parser,
+    start,
+    tiny_folder,
+    write_report,
+)
 from benchmarks.memory import tiny_arch_folder
 from doodl import DoodlSettings, LatentDiffusion, initial_latents, latent_grad, load_pipeline
 from doodl.chain import schedule_of
@@ -67,20 +75,10 @@ def model_folder(arch: str, models: Path | None, tiny_size: int) -> Path:
     return folder
 
 
-def seconds(work: Callable[[], object], device: str) -> float:
-    if device == "cuda":
-        torch.cuda.synchronize()
-    begin = time.perf_counter()
-    work()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - begin
-
-
 def median_seconds(work: Callable[[], object], device: str, repeats: int) -> float:
     for _ in range(2):
         work()
-    return statistics.median(seconds(work, device) for _ in range(repeats))
+    return statistics.median(device_seconds(work, device) for _ in range(repeats))
 
 
 def recorded_call(model: LatentDiffusion, eps: NoisePredictor, latents: torch.Tensor, t: torch.Tensor):
@@ -168,7 +166,7 @@ def doodl_runs(
     runs = {}
     for name, work in (("sample", sample), ("iteration", iteration)):
         with count_unet_calls(model.denoiser) as calls:
-            first = seconds(work, device)
+            first = device_seconds(work, device)
         runs[name] = (work, calls.passes, first)
     return runs
 
@@ -272,7 +270,7 @@ def measure(
         ("diffusers: pipeline, per step", pipeline),
     ):
         seconds_of[label] |= {
-            "compile": seconds(work, device),
+            "compile": device_seconds(work, device),
             "compiled": median_seconds(work, device, repeats),
         }
     # DOODL's, by its setting (another backend than inductor: the same function, told the backend).

@@ -420,6 +420,36 @@ def ema_update(average: torch.nn.Module, model: torch.nn.Module, decay: float) -
         a.lerp_(p, 1 - decay)
 
 
+def fit_averaged(
+    optimizer: torch.optim.Optimizer,
+    step_loss: Callable[[], StepLoss],
+    progress: Progress,
+    pairs: list[tuple[torch.nn.Module, torch.nn.Module]],
+    s: TrainSettings,
+    *,
+    lr: float,
+    logging: StepLog,
+) -> int:
+    """`fit` a generator (gradients clipped to norm 1) with a moving average of each (average, model) pair
+    after every step, warmed up quickly so that a short run's early steps do not dominate it."""
+
+    def update_averages(step: int) -> None:
+        decay = min(s.ema_decay, (1 + step) / (10 + step))
+        for average, model in pairs:
+            ema_update(average, model, decay)
+
+    return fit(
+        optimizer,
+        step_loss,
+        progress,
+        lr=lr,
+        warmup=s.warmup_steps,
+        logging=logging,
+        max_grad_norm=1.0,
+        after_step=update_averages,
+    )
+
+
 def save_generator(folder: Path, vae, text_encoder, unet) -> None:
     """Save a full Stable Diffusion folder. The UNet is stored in fp16 to fit the size budget: diffusers
     loads it back as float32 by default, and the text encoder stays float32 because transformers would not."""
@@ -476,23 +506,9 @@ def stage_unet(s: TrainSettings, log: Log) -> None:
         loss = F.mse_loss(prediction, noise)
         return StepLoss(loss, loss)
 
-    def update_averages(step: int) -> None:
-        # Short runs: warm the average up quickly so early steps do not dominate it.
-        decay = min(s.ema_decay, (1 + step) / (10 + step))
-        ema_update(ema_unet, unet, decay)
-        ema_update(ema_text, text_encoder, decay)
-
     progress = Progress(s.unet_steps, s.unet_minutes)
-    step = fit(
-        optimizer,
-        step_loss,
-        progress,
-        lr=s.unet_lr,
-        warmup=s.warmup_steps,
-        logging=StepLog(log, "unet"),
-        max_grad_norm=1.0,
-        after_step=update_averages,
-    )
+    pairs = [(ema_unet, unet), (ema_text, text_encoder)]
+    step = fit_averaged(optimizer, step_loss, progress, pairs, s, lr=s.unet_lr, logging=StepLog(log, "unet"))
     vae = AutoencoderKL.from_pretrained(Path(s.cache) / "vae")  # the decoder may have been tuned meanwhile
     save_generator(Path(s.out) / "sd", vae, ema_text, ema_unet)
     log(f"unet: {step} steps in {progress.elapsed() / 60:.1f} min; saved {Path(s.out) / 'sd'}")
@@ -601,22 +617,9 @@ def stage_flow(s: TrainSettings, log: Log) -> None:
         loss = F.mse_loss(velocity, noise - x0)
         return StepLoss(loss, loss)
 
-    def update_averages(step: int) -> None:
-        decay = min(s.ema_decay, (1 + step) / (10 + step))
-        ema_update(ema_transformer, transformer, decay)
-        ema_update(ema_text, text_encoder, decay)
-
     progress = Progress(s.flow_steps, s.flow_minutes)
-    step = fit(
-        optimizer,
-        step_loss,
-        progress,
-        lr=s.flow_lr,
-        warmup=s.warmup_steps,
-        logging=StepLog(log, "flow"),
-        max_grad_norm=1.0,
-        after_step=update_averages,
-    )
+    pairs = [(ema_transformer, transformer), (ema_text, text_encoder)]
+    step = fit_averaged(optimizer, step_loss, progress, pairs, s, lr=s.flow_lr, logging=StepLog(log, "flow"))
     save_flow_generator(Path(s.out) / "flow", vae, ema_text, ema_transformer)
     log(f"flow: {step} steps in {progress.elapsed() / 60:.1f} min; saved {Path(s.out) / 'flow'}")
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import gc
+import math
 import multiprocessing
 import os
 import resource
@@ -448,13 +449,16 @@ def xl_verdicts(cases: list[Case], growth: list[float], call: str = "one UNet ca
         if not unet or not whole:
             continue
         limit, worst = unet[0] * (1 + XL_ITERATION_OVER_UNET), max(whole.values())
-        rise = whole[max(whole)] / whole[min(whole)] - 1
+        # A tiny model's growth can read 0 (or below) on the CPU: no ratio of it, and no rise from it.
+        fewest, most = whole[min(whole)], whole[max(whole)]
+        rise = most / fewest - 1 if fewest > 0 else (0.0 if most <= fewest else math.inf)
+        over = f"{100 * (worst / unet[0] - 1):+.1f}%" if unet[0] > 0 else "no ratio: the call grew 0"
         ok = worst <= limit and rise <= FLAT
         said.append(
             f"**{'PASS' if ok else 'FAIL'}** at {size} px: a whole reversible iteration grows at most "
             f"{worst:.2f} GB over {sorted(whole)} steps, against {unet[0]:.2f} GB for {call} "
             f"(limit +{100 * XL_ITERATION_OVER_UNET:.0f}%: {limit:.2f} GB; "
-            f"{100 * (worst / unet[0] - 1):+.1f}%), {100 * rise:+.1f}% from the fewest to the most steps "
+            f"{over}), {100 * rise:+.1f}% from the fewest to the most steps "
             f"(limit +{100 * FLAT:.0f}%)."
         )
     return said

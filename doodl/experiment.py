@@ -136,12 +136,13 @@ def run_trial(
 ) -> Iterator[tuple[str, dict[str, Any]]]:
     """Each asked method's record, read from the store or made and saved now, in `METHODS` order (DOODL
     before the random search that matches it). `fields` adds to a new record (an evaluator's score)."""
-    before: dict[str, dict[str, Any]] = {}
+    # What sizes best-of-k, even when saved by an earlier run that did not ask for it again.
+    before = store.records_of(trial, ("unguided", "doodl"))
     for method in sorted(set(methods), key=METHODS.index):
-        record = store.record(method, trial)
+        record = before.get(method) or store.record(method, trial)
         if record is None:
             start = time.perf_counter()
-            made = make(method, contest, trial, before | store.records_of(trial, ("unguided", "doodl")))
+            made = make(method, contest, trial, before)
             record = {
                 "prompt": trial.prompt,
                 "index": trial.index,

@@ -116,8 +116,9 @@ PROGRESS = gr.Progress()
 # --- running --------------------------------------------------------------------------------------
 
 # What every run streams, in the order of `Outputs.components`: the current iteration's image, a status
-# line, the loss curve, the best image so far, and the side-by-side comparison.
-Update = tuple[Any, str, Any, Any, Any]
+# line, the loss curve, the best image so far, the side-by-side comparison, and every iteration's image.
+Update = tuple[Any, str, Any, Any, Any, Any]
+UNCHANGED = (gr.skip(),) * 6
 
 
 @contextmanager
@@ -129,15 +130,21 @@ def user_errors() -> Iterator[None]:
         raise gr.Error(str(error), print_exception=False) from error
 
 
-def loss_curve(losses: Sequence[float]) -> pd.DataFrame | None:
-    if not losses:
+def loss_curve(shown: Shown) -> pd.DataFrame | None:
+    """The loss at every iteration, and with a weighted sum of guides each weighted term's beside it."""
+    if not shown.losses:
         return None
-    return pd.DataFrame({"iteration": range(1, len(losses) + 1), "loss": list(losses)})
+    curves = [("loss", shown.losses), *shown.terms]
+    return pd.DataFrame(
+        [(i, value, name) for name, curve in curves for i, value in enumerate(curve, 1)],
+        columns=["iteration", "loss", "curve"],
+    )
 
 
 def update(shown: Shown) -> Update:
     gallery = gr.skip() if shown.gallery is None else list(shown.gallery)
-    return shown.preview, shown.status, loss_curve(shown.losses), shown.best, gallery
+    iterations = list(shown.iterations) or None
+    return shown.preview, shown.status, loss_curve(shown), shown.best, gallery, iterations
 
 
 def run_tab(serving: Serving, capability: str, progress: gr.Progress, **asked: Any) -> Iterator[Update]:
@@ -159,9 +166,10 @@ def text_guidance(
     serving: Serving = LOCAL,
     **settings: Any,
 ) -> Iterator[Update]:
-    """Demonstration 1: steer the image towards the prompt by CLIP similarity, or by a reward model's
-    score of the image for the prompt (PickScore, HPSv2) when the host provides one; from an uploaded
-    photo (EDICT inversion) when one is given."""
+    """Demonstration 1: steer the image towards the prompt by CLIP similarity, by a reward model's score of
+    the image for the prompt (PickScore, HPSv2, ImageReward) when the host provides one, or by a weighted
+    sum of them (`guide`: "CLIP=1, PickScore=0.05"); from an uploaded photo (EDICT inversion) when one is
+    given."""
     yield from run_tab(
         serving,
         "text",
@@ -287,10 +295,11 @@ class Outputs:
     curve: gr.LinePlot
     best: gr.Image
     comparison: gr.Gallery
+    iterations: gr.Gallery
 
     @property
     def components(self) -> list[gr.Component]:
-        return [self.preview, self.status, self.curve, self.best, self.comparison]
+        return [self.preview, self.status, self.curve, self.best, self.comparison, self.iterations]
 
 
 def setting_widget(setting: Setting, value: Any) -> gr.Component:
@@ -321,7 +330,7 @@ def settings_panel(preset: Preset, seed: int) -> dict[str, gr.Component]:
 
 def output_panel(loss_help: str, shown: Shown | None) -> Outputs:
     """The run's outputs; on arrival, the stored run of the tab's first example when there is one."""
-    first = update(shown) if shown is not None else (None, None, None, None, None)
+    first = update(shown) if shown is not None else (None,) * 6
     with gr.Column():
         status = gr.Markdown(
             first[1] or "Press Run: the current iteration and the best image so far update live."
@@ -333,7 +342,9 @@ def output_panel(loss_help: str, shown: Shown | None) -> Outputs:
             best = gr.Image(
                 first[3], label="Best image", height=280, elem_classes=["pixels", "best"], **IMAGE
             )
-        curve = gr.LinePlot(first[2], x="iteration", y="loss", label=f"Loss: {loss_help}", height=220)
+        curve = gr.LinePlot(
+            first[2], x="iteration", y="loss", color="curve", label=f"Loss: {loss_help}", height=220
+        )
         comparison = gr.Gallery(
             first[4],
             label="Side by side, from the same initial noise",
@@ -342,7 +353,15 @@ def output_panel(loss_help: str, shown: Shown | None) -> Outputs:
             format="png",
             elem_classes="pixels",
         )
-    return Outputs(preview, status, curve, best, comparison)
+        iterations = gr.Gallery(
+            first[5],
+            label="Every iteration (1: the start), with its loss",
+            columns=8,
+            height=200,
+            format="png",
+            elem_classes=["pixels", "iterations"],
+        )
+    return Outputs(preview, status, curve, best, comparison, iterations)
 
 
 @dataclass(frozen=True)
@@ -412,7 +431,7 @@ class Tab:
 
     def stored(self, example: tuple[int, Any], model: str) -> Update:
         shown = self.store.load(self.name, example[0]) if self.hosts(model) else None
-        return update(shown) if shown is not None else (gr.skip(),) * 5
+        return update(shown) if shown is not None else UNCHANGED
 
     def hosts(self, model: str | None) -> bool:
         """Whether the generator chosen is the host's, whose examples' runs are stored."""
@@ -421,7 +440,7 @@ class Tab:
     def run_missing(self, example: tuple[int, Any], model: str) -> Iterator[Update]:
         index = example[0]
         if not self.hosts(model) or self.store.load(self.name, index) is not None:
-            yield (gr.skip(),) * 5
+            yield UNCHANGED
             return
         with user_errors():
             asked = example_request(self.serving, self.name, EXAMPLES[self.name][index], self.preset)
@@ -465,11 +484,12 @@ def text_guidance_tab(tab: Tab) -> None:
                 prompt = gr.Textbox(tab.first(0), label="Prompt", info=PHOTO_PROMPT)
                 photo = tab.photo_field()
                 labels = [kind.label for kind in tab.serving.names.offered("text")]
-                guide = gr.Radio(
-                    labels,
-                    value=labels[0],
-                    label="Guide",
-                    info="CLIP similarity, or a reward model's score of the image for the prompt",
+                guide = gr.Textbox(
+                    labels[0],
+                    label="Guides",
+                    info="CLIP similarity, a reward model's score of the image for the prompt, or a weighted "
+                    f"sum of them (each term's curve is drawn), e.g. {labels[0]}=1, {labels[-1]}=0.05. "
+                    f"Served: {', '.join(labels)}",
                     visible=len(labels) > 1,
                 )
                 clip = tab.model_field("clip", "CLIP model", CLIP_HELP)

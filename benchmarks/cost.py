@@ -34,7 +34,7 @@ from benchmarks.common import (
     write_report,
 )
 from doodl import MODES, edict_denoise, edict_schedule, latent_grad, one_step_guidance, optimize
-from doodl.capabilities import Crops, build_loss, load_guides
+from doodl.capabilities import Crops, build_weighted, load_guides
 from doodl.chain import chain_of, decodes_separately, schedule_of
 from doodl.edict import ddim_step
 from doodl.embedded import EXAMPLES, ROOT, presets
@@ -135,12 +135,11 @@ def tab_losses() -> dict[str, tuple[str, Callable[[torch.Generator], Loss]]]:
     serving, models, losses = Serving(), ModelCache("cpu", torch.float32), {}
     for tab, preset in serving.presets().items():
         asked = example_request(serving, tab, EXAMPLES[tab][0], preset)
-        guides = load_guides([asked.loss], asked.guides, models.guide)
+        guides = load_guides([name for name, _ in asked.terms], asked.guides, models.guide)
 
         def make_loss(generator: torch.Generator, asked=asked, guides=guides) -> Loss:
-            return build_loss(
-                asked.loss, guides, asked.target, Crops(asked.options.cutouts, generator=generator)
-            )
+            crops = Crops(asked.options.cutouts, generator=generator)
+            return build_weighted(asked.terms, guides, asked.target, crops)
 
         losses[tab] = (asked.prompt, make_loss)
     return losses

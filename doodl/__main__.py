@@ -53,8 +53,11 @@ UNCONDITIONAL_NOTE = (
 
 
 def report(step: Step, total: int) -> None:
+    """One line per iteration: the loss, each weighted term of a sum of guides, the time so far."""
+    terms = "".join(f"  {name} {value:.5f}" for name, value in step.terms.items())
     print(
-        f"iteration {step.iteration + 1:3d}/{total}  loss {step.loss:.5f}  {step.seconds:7.1f} s", flush=True
+        f"iteration {step.iteration + 1:3d}/{total}  loss {step.loss:.5f}{terms}  {step.seconds:7.1f} s",
+        flush=True,
     )
 
 

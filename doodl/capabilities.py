@@ -8,6 +8,7 @@ model); `load_guide` turns a kind and a name into a guide, in one place. Adding 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,26 +23,30 @@ from PIL import Image
 from doodl.guides import (
     HPS_ARCHITECTURE,
     HPS_CHECKPOINT_URL,
+    IMAGEREWARD_CHECKPOINT_URL,
+    IMAGEREWARD_TOKENIZER,
     GuideNotFoundError,
     check_clip_name,
     load_aesthetic_head,
     load_classifier,
     load_clip,
     load_hps,
+    load_imagereward,
     load_pickscore,
 )
 from doodl.losses import (
     CUT_POWER,
     CUTOUTS,
     Loss,
+    WeightedSum,
     aesthetic_loss,
     classifier_loss,
     clip_image_loss,
     clip_text_loss,
     hps_loss,
+    imagereward_loss,
     pickscore_loss,
     symmetry_loss,
-    weighted_sum,
 )
 
 # --- guides ---------------------------------------------------------------------------------------
@@ -80,6 +85,11 @@ def _hps(name: str, device: str, dtype: torch.dtype) -> Any:
     return load_hps(checkpoint, architecture or HPS_ARCHITECTURE, device, dtype)
 
 
+def _imagereward(name: str, device: str, dtype: torch.dtype) -> Any:
+    checkpoint, tokenizer = split_reference(name)
+    return load_imagereward(checkpoint, tokenizer or IMAGEREWARD_TOKENIZER, device, dtype)
+
+
 # kind -> loader(name, device, dtype); a name may carry a second word (see `split_reference`).
 GUIDE_LOADERS: Mapping[str, Callable[[str, str, torch.dtype], Any]] = MappingProxyType(
     {
@@ -88,6 +98,7 @@ GUIDE_LOADERS: Mapping[str, Callable[[str, str, torch.dtype], Any]] = MappingPro
         "aesthetic_head": _aesthetic_head,
         "pickscore": _pickscore,
         "hps": _hps,
+        "imagereward": _imagereward,
     }
 )
 
@@ -100,6 +111,7 @@ GUIDE_KINDS: Mapping[str, str] = MappingProxyType(
         "aesthetic_head": "aesthetic_head",
         "pickscore": "pickscore",
         "hps": "hps",
+        "imagereward": "imagereward",
     }
 )
 
@@ -112,6 +124,7 @@ GUIDE_NAMES: Mapping[str, str] = MappingProxyType(
         "aesthetic_head": "aesthetic head",
         "pickscore": "PickScore model",
         "hps": f"HPSv2 checkpoint ({HPS_CHECKPOINT_URL})",
+        "imagereward": f"ImageReward checkpoint ({IMAGEREWARD_CHECKPOINT_URL})",
     }
 )
 
@@ -144,6 +157,9 @@ def check_guide_name(kind: str, name: str) -> None:
     elif kind == "hps":  # a checkpoint file not here is `load_hps`'s to explain (where to download it)
         if Path(first).expanduser().is_file():
             check_clip_name(second or HPS_ARCHITECTURE, str(Path(first).expanduser()))
+    elif kind == "imagereward":  # likewise a checkpoint not here; the tokenizer: a folder or a hub id
+        if second:
+            check_folder_or_hub_id(second, "BERT tokenizer of ImageReward")
     elif kind == "pickscore":
         for part in (first, second) if second else (first,):
             check_folder_or_hub_id(part, "PickScore model or processor")
@@ -231,6 +247,10 @@ def _hps(guides: Sequence[Any], target: Target, crops: Crops) -> Loss:
     return hps_loss(guides[0], _needs_text(target, "hps"), **crops.keywords())
 
 
+def _imagereward_target(guides: Sequence[Any], target: Target, crops: Crops) -> Loss:
+    return imagereward_loss(guides[0], _needs_text(target, "imagereward"), **crops.keywords())
+
+
 def _symmetry(guides: Sequence[Any], target: Target, crops: Crops) -> Loss:
     return symmetry_loss()
 
@@ -286,6 +306,13 @@ LOSSES: Mapping[str, LossKind] = MappingProxyType(
                 _pickscore,
             ),
             LossKind("hps", "HPSv2", "minus HPSv2's score for the prompt", ("hps",), _hps),
+            LossKind(
+                "imagereward",
+                "ImageReward",
+                "minus ImageReward's normalized reward for the prompt",
+                ("imagereward",),
+                _imagereward_target,
+            ),
             LossKind("symmetry", "Symmetry", "left-right mirror difference", (), _symmetry),
         )
     }
@@ -328,9 +355,39 @@ def load_guides(
 def build_weighted(
     terms: Sequence[tuple[str, float]], guides: Mapping[str, Any], target: Target, crops: Crops = Crops()
 ) -> Loss:
-    """The sum of weighted losses (e.g. text plus aesthetics); one unweighted term is that loss itself."""
-    losses = [(weight, build_loss(name, guides, target, crops)) for name, weight in terms]
-    return losses[0][1] if len(losses) == 1 and losses[0][0] == 1.0 else weighted_sum(losses)
+    """The sum of weighted losses (e.g. text plus aesthetics), each term named by its loss for its curve;
+    one unweighted term is that loss itself."""
+    if len(terms) == 1 and terms[0][1] == 1.0:
+        return build_loss(terms[0][0], guides, target, crops)
+    return WeightedSum([(name, weight, build_loss(name, guides, target, crops)) for name, weight in terms])
+
+
+def weighted_terms(
+    items: Sequence[str], known: Mapping[str, str] | None = None, refusal: str = "unknown loss {!r}"
+) -> list[tuple[str, float]]:
+    """(loss, weight) of each 'NAME[=WEIGHT]' (weight 1 when left out): the command line's --loss, and the
+    app's guides ('CLIP=1, PickScore=0.05', split at the commas). `known` maps what a caller may write (the
+    page's labels) to loss names; by default the loss names themselves; another name is refused in the words
+    of `refusal`. A name twice, a weight that is not
+    a number or below 0, or no weight above 0, is refused."""
+    known = known if known is not None else {name: name for name in LOSSES}
+    terms: dict[str, float] = {}
+    for item in (item.strip() for item in items if item.strip()):
+        written, _, weight = (part.strip() for part in item.partition("="))
+        if written not in known:
+            raise ValueError(f"{refusal.format(written)}: choose among {', '.join(known)}")
+        try:
+            value = float(weight) if weight else 1.0
+        except ValueError:
+            raise ValueError(f"the weight of {written} is {weight!r}, not a number") from None
+        if not value >= 0 or not math.isfinite(value):
+            raise ValueError(f"the weight of {written} is {weight}: it must be a number of 0 or more")
+        if known[written] in terms:
+            raise ValueError(f"guide {written!r} is named twice: give each guide once, with its weight")
+        terms[known[written]] = value
+    if not any(terms.values()):
+        raise ValueError("no guide has a weight above 0: name at least one, e.g. " + f"{next(iter(known))}=1")
+    return [(name, weight) for name, weight in terms.items() if weight > 0]
 
 
 # --- capabilities ---------------------------------------------------------------------------------
@@ -357,7 +414,7 @@ CAPABILITIES: Mapping[str, Capability] = MappingProxyType(
                 "CLIP similarity to the prompt steers the whole sampling chain towards it; from an "
                 "uploaded photo (exact EDICT inversion), it edits the photo towards the prompt.",
                 ("clip-text",),
-                extra=("pickscore", "hps"),
+                extra=("pickscore", "hps", "imagereward"),
             ),
             Capability(
                 "vocabulary",

@@ -29,7 +29,7 @@ from doodl.capabilities import (
     capability_of,
     load_guide,
     load_guides,
-    loss_kind,
+    weighted_terms,
 )
 from doodl.embedded import presets
 from doodl.guides import PICKSCORE_MODEL
@@ -82,6 +82,12 @@ def add_model_arguments(parser: argparse.ArgumentParser, defaults: ModelNames = 
     models.add_argument(
         "--hps-architecture", default=defaults.hps_architecture, help="open_clip architecture of --hps"
     )
+    models.add_argument(
+        "--imagereward", default=defaults.imagereward, metavar="FILE", help="ImageReward checkpoint file"
+    )
+    models.add_argument(
+        "--imagereward-tokenizer", default=defaults.imagereward_tokenizer, help="its BERT tokenizer"
+    )
 
 
 def with_second_word(name: str, second: str | None, flag: str) -> str:
@@ -113,6 +119,8 @@ def model_names(args: argparse.Namespace) -> ModelNames:
         "pickscore_processor": args.pickscore_processor,
         "hps": args.hps,
         "hps_architecture": args.hps_architecture,
+        "imagereward": args.imagereward,
+        "imagereward_tokenizer": args.imagereward_tokenizer,
     }
     return ModelNames(**{role: name or "" for role, name in given.items()})
 
@@ -188,13 +196,7 @@ def chosen_settings(args: argparse.Namespace) -> tuple[DoodlSettings, int]:
 
 def loss_terms(args: argparse.Namespace) -> list[tuple[str, float]]:
     """(loss, weight) of each --loss; an unknown name fails before any guide loads."""
-    terms = [
-        (name, float(weight or 1.0))
-        for name, _, weight in (t.partition("=") for t in args.loss or ["clip-text"])
-    ]
-    for name, _ in terms:
-        loss_kind(name)
-    return terms
+    return weighted_terms(args.loss or ["clip-text"])
 
 
 def load_cli_guides(args: argparse.Namespace, device: str) -> dict:

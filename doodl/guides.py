@@ -20,6 +20,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import open_clip
 import torch
@@ -421,6 +422,177 @@ def load_hps(
             f"{HPS_CHECKPOINT_URL} and pass its path."
         )
     return load_clip(architecture, str(path), device, dtype)
+
+
+# --- ImageReward ----------------------------------------------------------------------------------
+
+IMAGEREWARD_CHECKPOINT_URL = "https://huggingface.co/THUDM/ImageReward/resolve/main/ImageReward.pt"
+IMAGEREWARD_TOKENIZER = "bert-base-uncased"  # BLIP's, with its two added tokens
+# ImageReward reports (reward - mean) / std, its training pairs' statistics (its `ImageReward` class).
+IMAGEREWARD_MEAN, IMAGEREWARD_STD = 0.16717362830052426, 1.0333394966054072
+IMAGEREWARD_PROMPT_TOKENS = 35
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # BLIP normalizes as OpenAI's CLIP does
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+BLIP_HEAD_WIDTH = 64  # every attention head of BLIP's towers (ViT-B/L, BERT-base) is 64 wide
+# BLIP's ViT names -> transformers' BlipVisionModel names: outside the blocks, and inside each block.
+_VISION_NAMES = {
+    "cls_token": "embeddings.class_embedding",
+    "pos_embed": "embeddings.position_embedding",
+    "patch_embed.proj.weight": "embeddings.patch_embedding.weight",
+    "patch_embed.proj.bias": "embeddings.patch_embedding.bias",
+    "norm.weight": "post_layernorm.weight",
+    "norm.bias": "post_layernorm.bias",
+}
+_BLOCK_NAMES = {"norm1": "layer_norm1", "norm2": "layer_norm2", "attn.qkv": "self_attn.qkv"}
+_BLOCK_NAMES |= {"attn.proj": "self_attn.projection", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"}
+
+
+@dataclass(frozen=True)
+class ImageRewardModel(Guide):
+    """ImageReward (Xu et al. 2023): BLIP's ViT sees the image, BLIP's BERT reads the prompt with
+    cross-attention to it, and an MLP on the first token gives the reward; frozen, differentiable."""
+
+    vision: torch.nn.Module  # transformers BlipVisionModel
+    text: torch.nn.Module  # transformers BlipTextModel, cross-attending to the image
+    head: torch.nn.Sequential
+    tokenizer: Callable[..., dict[str, torch.Tensor]]
+
+    @property
+    def network(self) -> torch.nn.Module:
+        return self.vision
+
+    def rewards(self, images: torch.Tensor, prompt: str) -> torch.Tensor:
+        """The normalized reward (B,) of images (B, 3, H, W) in [0, 1] for one prompt; differentiable."""
+        seen = self.vision(pixel_values=self.preprocess(images)).last_hidden_state
+        tokens = self.tokenizer(
+            [prompt] * len(images),
+            padding="max_length",
+            truncation=True,
+            max_length=IMAGEREWARD_PROMPT_TOKENS,
+            return_tensors="pt",
+        )
+        read = self.text(
+            input_ids=tokens["input_ids"].to(self.device),
+            attention_mask=tokens["attention_mask"].to(self.device),
+            encoder_hidden_states=seen,
+            encoder_attention_mask=torch.ones(seen.shape[:-1], dtype=torch.long, device=self.device),
+        ).last_hidden_state
+        reward = self.head(read[:, 0]).squeeze(-1).float()
+        return (reward - IMAGEREWARD_MEAN) / IMAGEREWARD_STD
+
+
+def imagereward_head(width: int) -> torch.nn.Sequential:
+    """ImageReward's MLP (no activations, as released); its dropouts are identities in evaluation, kept as
+    places so that the checkpoint's layer numbers fit."""
+    linear, gap = torch.nn.Linear, torch.nn.Identity
+    return torch.nn.Sequential(
+        linear(width, 1024),
+        gap(),
+        linear(1024, 128),
+        gap(),
+        linear(128, 64),
+        gap(),
+        linear(64, 16),
+        linear(16, 1),
+    )
+
+
+def _vision_name(key: str) -> str:
+    """A BLIP ViT weight's name in transformers' BlipVisionModel (blocks.3.attn.qkv.weight becomes
+    encoder.layers.3.self_attn.qkv.weight)."""
+    if not key.startswith("blocks."):
+        return _VISION_NAMES.get(key, key)
+    _, block, rest = key.split(".", 2)
+    module, _, kind = rest.rpartition(".")
+    return f"encoder.layers.{block}.{_BLOCK_NAMES.get(module, module)}.{kind}"
+
+
+def _blip_configs(vision: dict[str, torch.Tensor], text: dict[str, torch.Tensor]) -> tuple[Any, Any]:
+    """The towers' transformers configs, read off the weights' shapes."""
+    from transformers import BlipTextConfig, BlipVisionConfig
+
+    width, patch = (
+        vision["embeddings.patch_embedding.weight"].shape[0],
+        vision["embeddings.patch_embedding.weight"].shape[-1],
+    )
+    positions = vision["embeddings.position_embedding"].shape[1] - 1
+    vision_config = BlipVisionConfig(
+        hidden_size=width,
+        intermediate_size=vision["encoder.layers.0.mlp.fc1.weight"].shape[0],
+        num_hidden_layers=1 + max(int(k.split(".")[2]) for k in vision if k.startswith("encoder.layers.")),
+        num_attention_heads=width // BLIP_HEAD_WIDTH,
+        image_size=patch * round(positions**0.5),
+        patch_size=patch,
+        layer_norm_eps=1e-6,  # BLIP's ViT
+    )
+    vocabulary, hidden = text["embeddings.word_embeddings.weight"].shape
+    text_config = BlipTextConfig(
+        vocab_size=vocabulary,
+        hidden_size=hidden,
+        encoder_hidden_size=width,
+        intermediate_size=text["encoder.layer.0.intermediate.dense.weight"].shape[0],
+        num_hidden_layers=1 + max(int(k.split(".")[2]) for k in text if k.startswith("encoder.layer.")),
+        num_attention_heads=hidden // BLIP_HEAD_WIDTH,
+        max_position_embeddings=text["embeddings.position_embeddings.weight"].shape[0],
+    )
+    return vision_config, text_config
+
+
+def load_imagereward(
+    checkpoint: str | Path,
+    tokenizer: str | Path = IMAGEREWARD_TOKENIZER,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> ImageRewardModel:
+    """ImageReward from its released checkpoint (ImageReward.pt: BLIP's ViT and BERT and the MLP, in BLIP's
+    names) on transformers' BLIP towers; the sizes are read off the weights. `tokenizer`: a BERT tokenizer
+    (hub id or folder); BLIP's two tokens ([DEC], [ENC]) are added as ImageReward adds them."""
+    from transformers import BertTokenizer, BlipTextModel, BlipVisionModel
+
+    path = Path(checkpoint).expanduser()
+    if not path.is_file():
+        raise GuideNotFoundError(
+            f"ImageReward checkpoint {path} does not exist: download ImageReward.pt from "
+            f"{IMAGEREWARD_CHECKPOINT_URL} and pass its path."
+        )
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    parts = {
+        prefix: {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        for prefix in ("blip.visual_encoder.", "blip.text_encoder.", "mlp.layers.")
+    }
+    if not all(parts.values()):
+        raise ValueError(
+            f"{path} is not an ImageReward checkpoint: it lacks BLIP's towers or the reward's MLP"
+        )
+    vision_weights = {_vision_name(k): v for k, v in parts["blip.visual_encoder."].items()}
+    text_weights = {k: v for k, v in parts["blip.text_encoder."].items() if k != "embeddings.position_ids"}
+    vision_config, text_config = _blip_configs(vision_weights, text_weights)
+    vision, text = BlipVisionModel(vision_config), BlipTextModel(text_config, add_pooling_layer=False)
+    head = imagereward_head(text_config.hidden_size)
+    for module, weights in ((vision, vision_weights), (text, text_weights), (head, parts["mlp.layers."])):
+        module.load_state_dict(weights, strict=True)
+    try:
+        words = BertTokenizer.from_pretrained(str(tokenizer))
+    except OSError as error:
+        raise GuideNotFoundError(
+            f"BERT tokenizer {tokenizer!r} could not be found locally nor downloaded: connect once, or pass "
+            f"a folder written by `save_pretrained`. Cause: {error}"
+        ) from error
+    words.add_special_tokens({"bos_token": "[DEC]", "additional_special_tokens": ["[ENC]"]})
+    if len(words) > text_config.vocab_size:
+        raise ValueError(
+            f"tokenizer {tokenizer!r} has {len(words)} tokens with BLIP's two, the checkpoint's text tower "
+            f"{text_config.vocab_size}: they do not belong together"
+        )
+    return ImageRewardModel(
+        vision=_freeze(vision, device, dtype),
+        text=_freeze(text, device, dtype),
+        head=_freeze(head, device, dtype),
+        tokenizer=words,
+        image_size=vision_config.image_size,
+        mean=OPENAI_CLIP_MEAN,
+        std=OPENAI_CLIP_STD,
+    )
 
 
 # --- image classifiers ----------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from PIL import Image
 from torch.utils.checkpoint import checkpoint
 from torchvision.transforms.functional import pil_to_tensor
 
-from doodl.guides import Classifier, Clip, TransformersClip, resize_center_crop
+from doodl.guides import Classifier, Clip, ImageRewardModel, TransformersClip, resize_center_crop
 
 # A guidance loss: images (B, 3, H, W) in [0, 1] -> scalar to minimize. What doodl.optimize steers by.
 Loss = Callable[[torch.Tensor], torch.Tensor]
@@ -403,6 +403,35 @@ def hps_loss(
     return _reward_loss(clip, prompt, HPS_SCALE, (cutouts, cut_power, generator), views_per_chunk)
 
 
+def imagereward_loss(
+    guide: ImageRewardModel,
+    prompt: str,
+    *,
+    cutouts: int = CUTOUTS,
+    cut_power: float = CUT_POWER,
+    generator: torch.Generator | None = None,
+    views_per_chunk: int | None = VIEWS_PER_CHUNK,
+) -> Loss:
+    """Minus ImageReward's normalized reward of images in [0, 1] for a prompt (0: its training pairs' mean,
+    1: one standard deviation better), averaged over views."""
+    if not prompt.strip():
+        raise ValueError("a reward loss needs a non-empty prompt")
+    generator = own_generator(generator)
+    flip = not mentions_sides(prompt)
+
+    def loss(images: torch.Tensor) -> torch.Tensor:
+        views = _cutouts(images, cutouts, guide.image_size, cut_power, generator, flip)
+        return -score_views(lambda chunk: guide.rewards(chunk, prompt), views, views_per_chunk).mean()
+
+    return loss
+
+
+@torch.no_grad()
+def imagereward_score(guide: ImageRewardModel, images: torch.Tensor, prompt: str) -> torch.Tensor:
+    """ImageReward's normalized reward (B,) of whole images in [0, 1] for a prompt; no gradient."""
+    return guide.rewards(images, prompt)
+
+
 @torch.no_grad()
 def pickscore(guide: TransformersClip, images: torch.Tensor, texts: Sequence[str]) -> torch.Tensor:
     """PickScore (B, T) of whole images in [0, 1] for texts; no gradient."""
@@ -438,13 +467,32 @@ def distance_to(image: torch.Tensor) -> Loss:
     return loss
 
 
-def weighted_sum(terms: Sequence[tuple[float, Loss]]) -> Loss:
-    """The loss sum(weight * loss(images)) over (weight, loss) terms, e.g. text plus aesthetics."""
-    if len(terms) == 0:
-        raise ValueError("weighted_sum needs at least one (weight, loss) term")
-    terms = list(terms)
+class WeightedSum:
+    """The loss sum(weight * loss(images)) over named (name, weight, loss) terms, e.g. text plus aesthetics.
+    Each call's weighted terms are kept, detached (`take`), for a page that draws each term's curve."""
 
-    def loss(images: torch.Tensor) -> torch.Tensor:
-        return sum(weight * term(images) for weight, term in terms)
+    def __init__(self, terms: Sequence[tuple[str, float, Loss]]) -> None:
+        if len(terms) == 0:
+            raise ValueError("a weighted sum needs at least one (name, weight, loss) term")
+        self.terms = tuple(terms)
+        self.names = tuple(name for name, _, _ in self.terms)
+        self._calls: list[torch.Tensor] = []  # tensors, not floats: reading them waits for the device
 
-    return loss
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        parts = torch.stack([weight * loss(images) for _, weight, loss in self.terms])
+        self._calls.append(parts.detach())
+        return parts.sum()
+
+    def take(self) -> dict[str, float]:
+        """Each weighted term's mean over the calls since the last take (an iteration's: both latents of
+        the pair); then forget them. Empty when there was no call."""
+        if not self._calls:
+            return {}
+        means = torch.stack(self._calls).mean(0).tolist()
+        self._calls.clear()
+        return dict(zip(self.names, means))
+
+
+def weighted_sum(terms: Sequence[tuple[float, Loss]]) -> WeightedSum:
+    """The loss sum(weight * loss(images)) over (weight, loss) terms, named by their place."""
+    return WeightedSum([(f"term {i}", weight, loss) for i, (weight, loss) in enumerate(terms, 1)])

@@ -13,9 +13,10 @@ from PIL import Image
 from doodl.chain import chain_of, checkpointing, decodes_separately, denoise, schedule_of
 from doodl.edict import NoisePredictor, Pair, edict_invert
 from doodl.gradient import BOTH_LATENTS, FIRST_LATENT_ONLY, FinalLoss, PerLatentLoss, latent_grad
-from doodl.losses import Loss, distance_to, weighted_sum  # benchmarks import Loss from here too
+from doodl.losses import Loss, WeightedSum, distance_to  # benchmarks import Loss from here too
 from doodl.pipeline import LatentDiffusion, count_unet_calls, to_pil, to_tensor
 from doodl.settings import DoodlSettings  # the package's callers import it from here too
+from doodl.update import Update
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,7 @@ class Step:
     seconds: float  # since the optimization started, the start's samples included
     latents: Pair  # the (x_T, y_T) that produced this image
     seed: int  # of the run's noise and perturbations: with start_samples > 1, the chosen sample's
+    terms: dict[str, float] = field(default_factory=dict)  # a weighted sum's weighted terms; else empty
 
 
 @dataclass(frozen=True)
@@ -131,31 +133,37 @@ def doodl(
         settings = replace(settings, seed=best.seed, start_samples=1)
     schedule = schedule_of(settings, model, from_photo=init is not None)
     x, y = initial_latents(model, settings) if init is None else (v.to(settings.precision) for v in init)
-    norms = (x.norm(), y.norm())
+    update = Update((x, y), settings, from_photo=init is not None)
     # A trust region around given latents keeps a photo's content (DoodlSettings.fidelity).
     region = None if init is None else TrustRegion.around((x, y), settings)
-    velocity = (torch.zeros_like(x), torch.zeros_like(y))
-    generator = torch.Generator().manual_seed(settings.seed + 1)
 
     decoded: list[torch.Tensor] = []  # x_0's image, kept from the loss's own decoding, not decoded again
     chain = chain_of(settings, model, from_photo=init is not None)
     if init is not None and settings.photo_weight > 0:
         anchor = distance_to(reconstruction(model, eps, x, y, settings))
-        loss = weighted_sum([(1.0, loss), (settings.photo_weight, anchor)])
+        guide = loss.terms if isinstance(loss, WeightedSum) else (("guide", 1.0, loss),)
+        loss = WeightedSum([*guide, ("closeness to the photo", settings.photo_weight, anchor)])
     separately = decodes_separately(settings, model)
     # A DDIM chain carries one sample (x_0 = y_0): judged once.
     loss_of_final = final_loss(model, loss, settings.first_image_only or chain.few_steps, decoded, separately)
 
+    terms_of(loss)  # forget the start's samples' terms
     for iteration in range(settings.iterations):
         with checkpointing(model, settings):
             result = latent_grad(eps, x, y, schedule, loss_of_final, chain.mode, chain.step)
         image = to_pil(decoded[0])[0]
         decoded.clear()
-        yield Step(iteration, result.loss, image, time.perf_counter() - start, (x, y), settings.seed)
+        seconds = time.perf_counter() - start
+        yield Step(iteration, result.loss, image, seconds, (x, y), settings.seed, terms_of(loss))
         if iteration + 1 < settings.iterations:
-            x, y, velocity = _sgd_step((x, y), result.grad, velocity, norms, settings, generator)
+            x, y = update((x, y), result.grad)
             if region is not None:
                 x, y = region.project((x, y))
+
+
+def terms_of(loss: Loss) -> dict[str, float]:
+    """A weighted sum's weighted terms since they were last taken; nothing for another loss."""
+    return loss.take() if isinstance(loss, WeightedSum) else {}
 
 
 def reconstruction(
@@ -165,28 +173,6 @@ def reconstruction(
     with torch.no_grad():
         x0, _ = denoise(settings, eps, x, y, model, from_photo=True)
         return model.decode(x0)
-
-
-def _sgd_step(
-    latents: Pair, grad: Pair, velocity: Pair, norms: Pair, s: DoodlSettings, generator: torch.Generator
-) -> tuple[torch.Tensor, torch.Tensor, Pair]:
-    """SGD with momentum on clipped gradients, a small perturbation, then renormalizing.
-
-    Tied, both latents take the same step (their mean gradient, the same noise): a pair that starts equal,
-    from noise, stays equal, as the paper's averaging keeps it; a pair that does not, a photo's inversion
-    (x_T != y_T), keeps the difference EDICT needs to regenerate the photo, which averaging would erase."""
-    if s.tied:
-        grad = ((grad[0] + grad[1]) / 2,) * 2
-    noise = torch.randn(latents[0].shape, generator=generator, dtype=torch.float64)
-    noise = s.perturbation * noise.to(latents[0])
-    if s.normalized:
-        grad = [g * (s.grad_clip / g.square().mean().sqrt().clamp_min(1e-30)) for g in grad]
-    step = [(-s.learning_rate * g).clamp(-s.grad_clip, s.grad_clip) for g in grad]
-    velocity = tuple(s.momentum * v + d for v, d in zip(velocity, step))
-    new = [z + v + noise for z, v in zip(latents, velocity)]
-    if s.renormalize:
-        new = [z * norm / z.norm() for z, norm in zip(new, norms)]
-    return new[0], new[1], velocity
 
 
 @dataclass(frozen=True)

@@ -22,13 +22,21 @@ import torch
 from huggingface_hub import constants as hf_constants
 from PIL import Image
 
-from doodl.capabilities import CAPABILITIES, GUIDE_NAMES, LOSSES, LossKind, Target, load_guide
+from doodl.capabilities import (
+    CAPABILITIES,
+    GUIDE_NAMES,
+    LOSSES,
+    LossKind,
+    Target,
+    load_guide,
+    weighted_terms,
+)
 from doodl.edict import FEW_STEPS
 from doodl.embedded import FLOW, PAPER, SD, Preset, is_embedded, presets
 from doodl.gradient import MODES
-from doodl.guides import HPS_ARCHITECTURE
+from doodl.guides import HPS_ARCHITECTURE, IMAGEREWARD_TOKENIZER
 from doodl.pipeline import LatentDiffusion, load_pipeline
-from doodl.settings import SAMPLERS, DoodlSettings
+from doodl.settings import REGULARIZERS, SAMPLERS, STEP_RULES, DoodlSettings
 
 ROOT = Path(__file__).resolve().parent.parent  # the app's folder: default model paths are relative to it
 EMBEDDED = "assets/embedded"  # relative to ROOT, as shown on the page
@@ -71,6 +79,8 @@ class ModelNames:
     pickscore_processor: str = ""  # its CLIP processor; blank: the model's own
     hps: str = ""  # an HPSv2 checkpoint file
     hps_architecture: str = HPS_ARCHITECTURE
+    imagereward: str = ""  # an ImageReward checkpoint file (ImageReward.pt)
+    imagereward_tokenizer: str = IMAGEREWARD_TOKENIZER  # its BERT tokenizer: a hub id or folder
     # Replaces the VAE of the host's generator (e.g. SDXL's fixed for float16); blank: its own.
     vae: str = ""
 
@@ -80,6 +90,8 @@ class ModelNames:
             return f"{self.pickscore} {self.pickscore_processor}".strip() if self.pickscore else ""
         if role == "hps":
             return f"{self.hps} {self.hps_architecture}".strip() if self.hps else ""
+        if role == "imagereward":
+            return f"{self.imagereward} {self.imagereward_tokenizer}".strip() if self.imagereward else ""
         return getattr(self, role)
 
     def offered(self, capability: str) -> list[LossKind]:
@@ -274,6 +286,35 @@ SETTINGS: tuple[Setting, ...] = (
         "from a photo: the fraction of the chain it is inverted through and edited; 1: all of it (paper)",
         row=4,
         slider=(0.05, 1.0, 0.05),
+    ),
+    Setting(
+        "step_rule",
+        "Step rule",
+        str,
+        lambda p: p.settings.step_rule,
+        "sgd: the paper's (element-wise clip, momentum); nesterov: ReNO's (norm clip); adam",
+        row=3,
+        choices=STEP_RULES,
+    ),
+    Setting(
+        "regularizer",
+        "Keep the noise Gaussian by",
+        str,
+        lambda p: p.settings.regularizer,
+        "renormalize: the paper's (its norm kept); norm: ReNO's penalty; white: a projection onto white "
+        "noise's statistics and spectrum; from a photo: renormalize",
+        row=3,
+        choices=REGULARIZERS,
+    ),
+    Setting(
+        "regularizer_weight",
+        "Norm penalty weight",
+        float,
+        lambda p: p.settings.regularizer_weight,
+        "of the norm regularizer; ReNO: 0.01",
+        row=3,
+        minimum=0,
+        range_note="it must be 0 or more",
     ),
     Setting("height", "Height", int, lambda p: p.settings.height or 0, _SIZE, row=5),
     Setting("width", "Width", int, lambda p: p.settings.width or 0, _SIZE, row=5),
@@ -478,7 +519,7 @@ class Request:
     """A run a visitor asked for, checked: every model is one the host serves, every setting in range."""
 
     capability: str
-    loss: str  # a `doodl.capabilities.LOSSES` name
+    terms: tuple[tuple[str, float], ...]  # (`doodl.capabilities.LOSSES` name, weight): the guide's loss
     model: str
     prompt: str
     guides: Mapping[str, str]  # role -> model name
@@ -501,23 +542,23 @@ def request(
     photo: str | None = None,
 ) -> Request:
     """Check a visitor's run of `capability` before anything loads: the prompt, the settings and the budget,
-    the guide chosen (by its label: CLIP, PickScore...), the models, the uploaded images.
+    the guides chosen (their labels, weighted: 'CLIP=1, PickScore=0.05'; one label alone weighs 1), the
+    models, the uploaded images.
 
     `guides` holds the models the visitor may name, by role; the rest are the host's."""
     prompt = required(prompt, "prompt", "describe the image to generate")
     options = serving.hosted(run_options(**settings))
-    offered = serving.names.offered(capability)
-    labels = [kind.label for kind in offered]
-    chosen = offered[0] if guide is None else next((k for k in offered if k.label == guide), None)
-    if chosen is None:
-        raise ValueError(f"guide {guide!r} is not served here: choose one of {', '.join(labels)}")
+    offered = {kind.label: kind.name for kind in serving.names.offered(capability)}
+    written = (guide or next(iter(offered))).split(",")
+    terms = weighted_terms(written, offered, refusal="guide {!r} is not served here")
     if capability == "personalization" and not references:
         raise ValueError("no reference image: upload at least one image of the entity to draw")
     serving.check(options, references=len(references or ()))
     model = serving.model("sd", model)
+    roles = dict.fromkeys(role for name, _ in terms for role in LOSSES[name].guides)
     names = {
         role: serving.model(role, guides[role]) if role in guides else serving.names.guide(role)
-        for role in chosen.guides
+        for role in roles
     }
     if capability == "vocabulary":
         target_class = required(target_class, "target class")
@@ -528,7 +569,7 @@ def request(
     )
     image = read_image(photo, "photo") if photo else None
     vae = serving.names.vae if model == serving.names.sd else ""
-    return Request(capability, chosen.name, model, prompt, names, target, options, image, vae)
+    return Request(capability, tuple(terms), model, prompt, names, target, options, image, vae)
 
 
 # --- who can reach the app, and the hub ------------------------------------------------------------

@@ -12,6 +12,9 @@ from doodl.gradient import MODES
 
 DECODER_CHECKPOINTING = ("auto", "on", "off")
 SAMPLERS = ("auto", "edict", "ddim")
+# How a gradient becomes a step, and what keeps the noise Gaussian: `doodl.update.Update`.
+STEP_RULES = ("sgd", "nesterov", "adam")
+REGULARIZERS = ("renormalize", "norm", "white", "none")
 # What only a run from given latents (a photo's) reads: a run from noise is the same whatever they are.
 PHOTO_SETTINGS = ("fidelity", "photo_weight", "photo_strength")
 # How a run's calls are computed, not what it makes (the same images to float rounding): stored runs made
@@ -28,7 +31,7 @@ class DoodlSettings:
     steps: int = 50  # DDIM / EDICT steps (paper: 50)
     iterations: int = 50  # optimization steps (official: num_traversal_steps=50)
     learning_rate: float = 1.0  # loss multiplier before clipping (official: grad_scale=1)
-    momentum: float = 0.9  # SGD momentum; Nesterov did not help (paper)
+    momentum: float = 0.9  # SGD momentum (Adam: its first moment's decay); Nesterov did not help (paper)
     grad_clip: float = 1e-3  # element-wise gradient clip (official: clip_grad_val)
     # Scale each gradient to an RMS element of grad_clip before the rate and the clip, so that the step no
     # longer depends on the loss's scale, which varies by prompt: on the embedded guides 0 to 82 % of the
@@ -39,7 +42,14 @@ class DoodlSettings:
     p: float = 0.93  # EDICT mixing weight (paper)
     guidance_scale: float = 7.5  # classifier-free guidance (official: sd_guidance_scale)
     leapfrog: bool = True  # alternate the update order of the pair (official EDICT)
-    renormalize: bool = True  # keep the latent's norm, on the Gaussian shell (paper)
+    # The step rule: "sgd", the paper's (element-wise clip, momentum); "nesterov", ReNO's (norm clip,
+    # Nesterov momentum); "adam". Each steps about grad_clip per element at most (`doodl.update.Update`).
+    step_rule: str = "sgd"
+    # What keeps the noise a likely draw of N(0, I): "renormalize", the paper's (each latent keeps its
+    # start's norm); "norm", ReNO's penalty on an unlikely norm, of weight regularizer_weight (ReNO: 0.01);
+    # "white", a projection onto white noise's per-channel mean, variance and spectrum; "none".
+    regularizer: str = "renormalize"
+    regularizer_weight: float = 0.01
     tied: bool = True  # average x_T and y_T into one latent after each step (paper)
     # --- the run: its noise, its size, its chain and gradient, its memory -----------------------------
     # How the gradient is computed: reversible, checkpoint or autograd (a plain chain, which has no exact
@@ -110,6 +120,7 @@ class DoodlSettings:
             "iterations": self.iterations >= 1,
             "learning_rate": self.learning_rate > 0,
             "momentum": 0 <= self.momentum < 1,
+            "regularizer_weight": self.regularizer_weight >= 0,
             "grad_clip": self.grad_clip > 0,
             "perturbation": self.perturbation >= 0,
             "p": 0 < self.p <= 1,
@@ -127,8 +138,13 @@ class DoodlSettings:
                 raise ValueError(f"setting {name}={getattr(self, name)!r} is out of range")
         if self.mode not in MODES:
             raise ValueError(f"unknown gradient mode {self.mode!r}: choose one of {', '.join(MODES)}")
-        if self.sampler not in SAMPLERS:
-            raise ValueError(f"setting sampler={self.sampler!r} is not one of {', '.join(SAMPLERS)}")
+        for name, choices in (
+            ("sampler", SAMPLERS),
+            ("step_rule", STEP_RULES),
+            ("regularizer", REGULARIZERS),
+        ):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"setting {name}={getattr(self, name)!r} is not one of {', '.join(choices)}")
         for name in ("decoder_checkpointing", "separate_decoding"):
             if getattr(self, name) not in DECODER_CHECKPOINTING:
                 raise ValueError(

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from doodl.baseline import one_step_guidance
-from doodl.capabilities import Crops, build_loss, load_guides
+from doodl.capabilities import Crops, build_weighted, load_guides
 from doodl.embedded import EXAMPLE_NOTES, EXAMPLES, FLOW, SD, Preset
 from doodl.optimize import Result, Step, doodl, invert_image, result_of
 from doodl.serving import ROOT, ModelCache, Request, Serving, locate, preset_values, request
@@ -42,6 +42,9 @@ class Shown:
     losses: tuple[float, ...]
     best: str | None
     gallery: tuple[tuple[str, str], ...] | None  # (image, caption); None: unchanged since the last update
+    # A weighted sum of guides: each weighted term's value at every iteration (they add up to `losses`).
+    terms: tuple[tuple[str, tuple[float, ...]], ...] = ()
+    iterations: tuple[tuple[str, str], ...] = ()  # every iteration's image so far, with its caption
 
 
 STARTING = Shown(None, "Loading models and starting...", (), None, ())
@@ -108,11 +111,12 @@ def run(asked: Request, models: ModelCache, progress: Progress = quiet) -> Itera
     carries the best image so far, so a stopped run keeps it."""
     yield STARTING
     progress(0, desc="loading models")
-    guides = load_guides([asked.loss], asked.guides, models.guide)
+    guides = load_guides([name for name, _ in asked.terms], asked.guides, models.guide)
     options = asked.options
 
     def make_loss(generator: torch.Generator):
-        return build_loss(asked.loss, guides, asked.target, Crops(options.cutouts, generator=generator))
+        crops = Crops(options.cutouts, generator=generator)
+        return build_weighted(asked.terms, guides, asked.target, crops)
 
     # Built before the generator loads: a bad target (an unknown class) fails now. The loss's crops are
     # drawn from a generator seeded by the run's seed: same seed, same run.
@@ -129,9 +133,10 @@ def run(asked: Request, models: ModelCache, progress: Progress = quiet) -> Itera
     for step in doodl(model, asked.prompt, loss, options.settings, init):
         steps.append(step)
         progress(number(step) / total, desc=f"DOODL iteration {number(step)}/{total}")
-        result = result_of(steps)
+        result, (terms, iterations) = result_of(steps), what_happened(steps, files)
         status = status_line(result, total)
-        yield Shown(files.path(step.image), status, tuple(result.losses), files.path(result.image), None)
+        shown = Shown(files.path(step.image), status, tuple(result.losses), files.path(result.image), None)
+        yield replace(shown, terms=terms, iterations=iterations)
     result, gallery = result_of(steps), ()
     if options.compare:
         progress(1.0, desc="one-step guidance, for comparison")
@@ -149,9 +154,20 @@ def run(asked: Request, models: ModelCache, progress: Progress = quiet) -> Itera
             (files.path(result.image), f"DOODL, iteration {number(result.best)}"),
         )
     status = status_line(result, total, done=True)
-    yield Shown(
+    shown = Shown(
         files.path(result.last.image), status, tuple(result.losses), files.path(result.image), gallery
     )
+    yield replace(shown, terms=terms, iterations=iterations)
+
+
+def what_happened(
+    steps: Sequence[Step], files: RunImages
+) -> tuple[tuple[tuple[str, tuple[float, ...]], ...], tuple[tuple[str, str], ...]]:
+    """(each weighted term's curve, every iteration's image with its caption) of the steps so far."""
+    names = list(steps[0].terms)
+    terms = tuple((name, tuple(step.terms[name] for step in steps)) for name in names)
+    iterations = tuple((files.path(step.image), f"{number(step)}: loss {step.loss:.4f}") for step in steps)
+    return terms, iterations
 
 
 def unguided_caption(starts: int, from_photo: bool) -> str:
@@ -200,7 +216,7 @@ def example_request(serving: Serving, tab: str, row: Sequence[Any], preset: Pres
 
 
 # What a stored run holds and how (raise it when that changes).
-STORE_FORMAT = 3
+STORE_FORMAT = 4
 
 
 def models_digest(serving: Serving) -> str:
@@ -274,6 +290,8 @@ class ExampleStore:
             tuple(run["losses"]),
             str(place / run["best"]),
             tuple((str(place / image), caption) for image, caption in run["gallery"]),
+            tuple((name, tuple(curve)) for name, curve in run["terms"]),
+            tuple((str(place / image), caption) for image, caption in run["iterations"]),
         )
 
     def save(self, tab: str, index: int, shown: Shown) -> None:
@@ -284,6 +302,8 @@ class ExampleStore:
         gallery = shown.gallery or ()
         images = {"preview.png": shown.preview, "best.png": shown.best}
         images |= {f"{i}.png": image for i, (image, _) in enumerate(gallery)}
+        steps = [(f"iteration-{i}.png", *item) for i, item in enumerate(shown.iterations, 1)]
+        images |= {name: image for name, image, _ in steps}
         for name, source in images.items():
             shutil.copyfile(source, staging / name)
         run = {
@@ -292,6 +312,8 @@ class ExampleStore:
             "preview": "preview.png",
             "best": "best.png",
             "gallery": [(f"{i}.png", caption) for i, (_, caption) in enumerate(gallery)],
+            "terms": [(name, list(curve)) for name, curve in shown.terms],
+            "iterations": [(name, caption) for name, _, caption in steps],
         }
         (staging / "run.json").write_text(json.dumps(run, indent=1))
         shutil.rmtree(place, ignore_errors=True)

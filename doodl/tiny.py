@@ -276,6 +276,84 @@ def save_tiny_pickscore(folder: str | Path, seed: int = 0) -> Path:
     return Path(folder)
 
 
+# A tiny ImageReward: BLIP's ViT and BERT at 64-wide heads, in the released checkpoint's names and layout.
+TINY_IMAGEREWARD = {"image": 32, "patch": 16, "vision": 64, "text": 64, "layers": 2}
+TINY_BERT_WORDS = ("a", "red", "blue", "green", "circle", "square", "triangle", "star", "of", "photo", "the")
+
+
+def save_tiny_bert_tokenizer(folder: str | Path) -> Path:
+    """A BERT word-piece tokenizer of a few words (what ImageReward's bert-base-uncased is, much smaller)."""
+    from transformers import BertTokenizer
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    vocabulary = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *TINY_BERT_WORDS]
+    (folder / "vocab.txt").write_text("\n".join(vocabulary) + "\n")
+    BertTokenizer(str(folder / "vocab.txt")).save_pretrained(folder)
+    return folder
+
+
+def tiny_imagereward_state(seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random weights of ImageReward.pt's every tensor, named as the released checkpoint names them (BLIP's
+    ViT and BERT, unused projections included, and the reward's MLP)."""
+    size = TINY_IMAGEREWARD
+    d, t, patch = size["vision"], size["text"], size["patch"]
+    vocabulary = 5 + len(TINY_BERT_WORDS) + 2  # with BLIP's [DEC] and [ENC]
+    generator = torch.Generator().manual_seed(seed)
+
+    def tensor(*shape: int, scale: float = 0.2) -> torch.Tensor:
+        return scale * torch.randn(shape, generator=generator)
+
+    def norm(prefix: str, width: int) -> dict[str, torch.Tensor]:
+        return {f"{prefix}.weight": 1 + tensor(width, scale=0.1), f"{prefix}.bias": tensor(width, scale=0.1)}
+
+    def linear(prefix: str, out: int, inp: int) -> dict[str, torch.Tensor]:
+        return {f"{prefix}.weight": tensor(out, inp), f"{prefix}.bias": tensor(out, scale=0.05)}
+
+    v = "blip.visual_encoder"
+    state = {
+        f"{v}.cls_token": tensor(1, 1, d),
+        f"{v}.pos_embed": tensor(1, (size["image"] // patch) ** 2 + 1, d),
+    }
+    state |= {
+        f"{v}.patch_embed.proj.weight": tensor(d, 3, patch, patch),
+        f"{v}.patch_embed.proj.bias": tensor(d),
+    }
+    for i in range(size["layers"]):
+        b = f"{v}.blocks.{i}"
+        state |= norm(f"{b}.norm1", d) | linear(f"{b}.attn.qkv", 3 * d, d) | linear(f"{b}.attn.proj", d, d)
+        state |= norm(f"{b}.norm2", d) | linear(f"{b}.mlp.fc1", 4 * d, d) | linear(f"{b}.mlp.fc2", d, 4 * d)
+    state |= norm(f"{v}.norm", d)
+    e = "blip.text_encoder"
+    state |= {f"{e}.embeddings.word_embeddings.weight": tensor(vocabulary, t)}
+    state |= {f"{e}.embeddings.position_embeddings.weight": tensor(40, t)}
+    state |= {f"{e}.embeddings.position_ids": torch.arange(40)[None]} | norm(f"{e}.embeddings.LayerNorm", t)
+    for i in range(size["layers"]):
+        layer = f"{e}.encoder.layer.{i}"
+        for attention, width in (("attention", t), ("crossattention", d)):
+            state |= linear(f"{layer}.{attention}.self.query", t, t)
+            state |= linear(f"{layer}.{attention}.self.key", t, width)
+            state |= linear(f"{layer}.{attention}.self.value", t, width)
+            state |= linear(f"{layer}.{attention}.output.dense", t, t) | norm(
+                f"{layer}.{attention}.output.LayerNorm", t
+            )
+        state |= linear(f"{layer}.intermediate.dense", 4 * t, t)
+        state |= linear(f"{layer}.output.dense", t, 4 * t) | norm(f"{layer}.output.LayerNorm", t)
+    state |= linear("blip.vision_proj", 16, d) | linear("blip.text_proj", 16, t)
+    widths = (t, 1024, 128, 64, 16, 1)
+    for index, (inp, out) in zip((0, 2, 4, 6, 7), zip(widths, widths[1:])):
+        state |= linear(f"mlp.layers.{index}", out, inp)
+    return state
+
+
+def save_tiny_imagereward(folder: str | Path, seed: int = 0) -> tuple[Path, Path]:
+    """(checkpoint, tokenizer folder) of a tiny ImageReward, as `load_imagereward` takes them."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(tiny_imagereward_state(seed), folder / "ImageReward.pt")
+    return folder / "ImageReward.pt", save_tiny_bert_tokenizer(folder / "tokenizer")
+
+
 def save_tiny_classifier(folder: str | Path, labels: Sequence[str], seed: int = 0) -> Path:
     """Save a random transformers ResNet image classifier, with its image processor, for `load_classifier`."""
     from transformers import ResNetConfig, ResNetForImageClassification, ViTImageProcessor

@@ -7,6 +7,7 @@ kinds; either way with a few steps and iterations, since only the wiring is unde
 from __future__ import annotations
 
 import os
+import re
 import socket
 import time
 from dataclasses import replace
@@ -34,6 +35,7 @@ from doodl.tiny import (
     save_tiny_classifier,
     save_tiny_clip,
     save_tiny_clip_checkpoint,
+    save_tiny_imagereward,
     save_tiny_pickscore,
     save_tiny_pipeline,
 )
@@ -131,7 +133,7 @@ def reference(tmp_path_factory) -> Path:
 
 
 def best_image(result) -> Image.Image:
-    preview, status, curve, best, comparison = result
+    preview, status, curve, best, comparison, iterations = result
     assert status.startswith("Done")
     return Image.open(best)
 
@@ -287,7 +289,7 @@ def test_updates_stream_each_iteration_and_a_stopped_run_keeps_the_best(client, 
         "Iteration 1 of 1000",
         "Iteration 2 of 1000",
     ]
-    preview, status, curve, best, comparison = updates[-1]
+    preview, status, curve, best, comparison, iterations = updates[-1]
     assert Image.open(best).size == Image.open(preview).size
     assert job.status().code == Status.CANCELLED
 
@@ -453,40 +455,57 @@ def test_shipped_examples_are_those_of_this_app():
 
 def test_text_guidance_with_the_reward_models_the_host_names(names, tmp_path_factory):
     folder = tmp_path_factory.mktemp("rewards")
+    imagereward, bert = save_tiny_imagereward(folder / "imagereward")
     rewarded = replace(
         names,
         pickscore=str(save_tiny_pickscore(folder / "pickscore")),
         hps=str(save_tiny_clip_checkpoint(folder / "HPS_v2.1_compressed.pt", "hps")),
         hps_architecture=register_tiny_clip_architecture(folder),
+        imagereward=str(imagereward),
+        imagereward_tokenizer=str(bert),
     )
     demo, url = serve(Serving(rewarded))
     client = Client(url, verbose=False)
+    run = {
+        "model": names.sd,
+        "prompt": "a red circle",
+        "clip": names.clip,
+        **FAST,
+        "api_name": "/text_guidance",
+    }
     try:
-        for guide in ("PickScore", "HPSv2"):
-            result = client.predict(
-                model=names.sd,
-                prompt="a red circle",
-                clip=names.clip,
-                guide=guide,
-                **FAST,
-                api_name="/text_guidance",
-            )
+        for guide in ("PickScore", "HPSv2", "ImageReward"):
+            result = client.predict(guide=guide, **run)
             assert result[1].startswith("Done")
+            assert curves_of(result[2]) == {"loss"}
         assert {rewarded.pickscore, f"{rewarded.hps} {rewarded.hps_architecture}"} <= loaded_names()
-        with pytest.raises(
-            AppError,
-            match="'ImageReward' .* is not in the list of choices: \\['CLIP', 'PickScore', 'HPSv2'\\]",
+        assert f"{imagereward} {bert}" in loaded_names()
+        # A weighted sum of guides: each weighted term's curve beside the loss, adding up to it.
+        result = client.predict(guide="CLIP=1, ImageReward=0.5", **run)
+        assert result[1].startswith("Done")
+        rows = result[2]["data"]
+        assert curves_of(result[2]) == {"loss", "clip-text", "imagereward"}
+        by = {(curve, i): value for i, value, curve in rows}
+        for i in range(1, FAST["iterations"] + 1):
+            assert by[("loss", i)] == pytest.approx(by[("clip-text", i)] + by[("imagereward", i)], rel=1e-5)
+        assert len(result[5]) == FAST["iterations"]  # every iteration's image, in its gallery
+        for guide, message in (
+            (
+                "Aesthetic",
+                "guide 'Aesthetic' is not served here: choose among CLIP, PickScore, HPSv2, ImageReward",
+            ),
+            ("CLIP=-1", "the weight of CLIP is -1: it must be a number of 0 or more"),
+            ("CLIP=0", "no guide has a weight above 0"),
         ):
-            client.predict(
-                model=names.sd,
-                prompt="a red circle",
-                clip=names.clip,
-                guide="ImageReward",
-                **FAST,
-                api_name="/text_guidance",
-            )
+            with pytest.raises(AppError, match=re.escape(message)):
+                client.predict(guide=guide, **run)
     finally:
         demo.close()
+
+
+def curves_of(plot: dict) -> set[str]:
+    """The curves a LinePlot's value draws."""
+    return {row[2] for row in plot["data"]}
 
 
 def test_image_size_is_a_setting(client, names, side):
@@ -505,17 +524,17 @@ def test_an_example_not_stored_is_run_at_its_first_click_then_shown_from_the_sto
     store = ExampleStore(tmp_path / "store")
     tab = app.Tab("vocabulary", Serving(names), preset, store, model=None)
     host = names.sd
-    assert tab.stored((0, None), host) == (gr.skip(),) * 5  # nothing to show yet: the inputs are filled only
+    assert tab.stored((0, None), host) == app.UNCHANGED  # nothing to show yet: the inputs are filled only
     updates = list(tab.run_missing((0, None), host))
     assert updates[0][1].startswith("Loading models") and updates[-1][1].startswith("Done: iteration 2 of 2")
     shown = store.load("vocabulary", 0)
     assert shown.status == updates[-1][1] and len(shown.gallery) == 3
     assert all(Path(image).is_file() for image, _ in shown.gallery)
     assert tab.stored((0, None), host)[1] == shown.status
-    assert list(tab.run_missing((0, None), host)) == [(gr.skip(),) * 5]  # stored: never run twice
+    assert list(tab.run_missing((0, None), host)) == [app.UNCHANGED]  # stored: never run twice
     # The stored runs are the host generator's: with another chosen, a click fills the inputs only.
-    assert tab.stored((0, None), "another/generator") == (gr.skip(),) * 5
-    assert list(tab.run_missing((1, None), "another/generator")) == [(gr.skip(),) * 5]
+    assert tab.stored((0, None), "another/generator") == app.UNCHANGED
+    assert list(tab.run_missing((1, None), "another/generator")) == [app.UNCHANGED]
     assert store.load("vocabulary", 1) is None
 
 

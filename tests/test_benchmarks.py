@@ -12,8 +12,10 @@ import torch
 from PIL import Image
 
 from benchmarks.common import EMBEDDED
+from benchmarks.optimizers import configured, store
 from benchmarks.quality import ASSETS, CAPABILITIES, OVERRIDES, Outcome, store_of, verdict
 from doodl.experiment import METHODS, Trial
+from doodl.settings import DoodlSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = (
@@ -27,8 +29,9 @@ SCRIPTS = (
     "unet_call",
     "flow_mixing",
     "speed",
+    "optimizers",
 )
-NEEDS_EMBEDDED = ("quality", "examples")
+NEEDS_EMBEDDED = ("quality", "examples", "optimizers")
 REPORTS = {"speed": "speed-tiny-cpu"}  # a report named by what it ran on
 MISSING = [a for a in ("sd/model_index.json", *ASSETS) if not (EMBEDDED / a).exists()]
 
@@ -342,3 +345,19 @@ def test_sdxl_verdict_holds_a_whole_iteration_to_one_unet_vjp_plus_ten_percent(t
     said = xl_extrapolation(cases, [2.0, 2.1, 1.5, 1.0, 2.2], tmp_path, tmp_path / "guide")
     assert "UNet VJP 4.00 GB, decode (float32) 6.00 GB, guide 0.50 GB" in said
     assert "1.10x its largest piece" in said and "about 6.6 GB above" in said
+
+
+def test_optimizer_outcomes_of_every_prompt_share_one_store(tmp_path):
+    """Each prompt has its own seed: the store's key leaves it out, or each prompt would wipe the last's."""
+    if MISSING:
+        pytest.skip(f"optimizers needs the embedded models, not trained yet: {MISSING}")
+    args = SimpleNamespace(seed=1, assets=EMBEDDED, generator="sd")
+    first, second = (DoodlSettings(seed=seed, steps=3) for seed in (0, 1))
+    trial = Trial(0, "a red circle", 0)
+    store(tmp_path, CAPABILITIES[0], args, "reference", first).save("doodl", trial, {"score": 1.0}, None)
+    again = store(tmp_path, CAPABILITIES[0], args, "reference", second)
+    assert again.record("doodl", trial) == {"score": 1.0}
+    # Another configuration keeps its outcomes apart.
+    adam = configured(second, "adam/white@0.03")
+    assert (adam.step_rule, adam.regularizer, adam.grad_clip) == ("adam", "white", 0.03)
+    assert store(tmp_path, CAPABILITIES[0], args, "adam/white@0.03", adam).record("doodl", trial) is None

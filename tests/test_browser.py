@@ -86,12 +86,16 @@ def open_tab(page, tab: str):
 
 
 def expect_run_shown(panel, done: str = "Done: iteration") -> None:
-    """The side by side with its captions, a drawn loss curve, and the status line of a finished run."""
+    """The side by side with its captions, every iteration's image, a drawn loss curve, and the status line
+    of a finished run."""
     playwright.expect(panel.get_by_text(done).first).to_be_visible(timeout=RUN_WAIT)
     gallery = panel.locator(".gallery-container, [data-testid='gallery']").first
     for caption in CAPTIONS:
         playwright.expect(panel.get_by_text(caption).first).to_be_visible(timeout=WAIT)
     playwright.expect(gallery.locator("img").first).to_be_visible(timeout=WAIT)
+    # Every iteration's image, the first the unguided start, each captioned with its loss.
+    playwright.expect(panel.locator(".iterations img").first).to_be_visible(timeout=WAIT)
+    playwright.expect(panel.locator(".iterations").get_by_text("1: loss").first).to_be_attached(timeout=WAIT)
     plot = panel.locator(".vega-embed").first
     playwright.expect(plot).to_be_visible(timeout=WAIT)
     playwright.expect(plot.locator("canvas, svg").first).to_be_visible(timeout=WAIT)

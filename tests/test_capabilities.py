@@ -21,14 +21,16 @@ from doodl.capabilities import (
     load_guide,
     load_guides,
     split_reference,
+    weighted_terms,
 )
-from doodl.guides import Classifier, Clip, TransformersClip
+from doodl.guides import Classifier, Clip, ImageRewardModel, TransformersClip
 from doodl.tiny import (
     TINY_CLIP,
     register_tiny_clip_architecture,
     save_tiny_classifier,
     save_tiny_clip,
     save_tiny_clip_checkpoint,
+    save_tiny_imagereward,
     save_tiny_pickscore,
 )
 
@@ -51,6 +53,7 @@ def models(tmp_path_factory) -> dict[str, str]:
     )
     architecture = register_tiny_clip_architecture(folder / "arch")
     hps = save_tiny_clip_checkpoint(folder / "HPS_v2.1_compressed.pt", "hps")
+    imagereward, bert = save_tiny_imagereward(folder / "imagereward")
     return {
         "clip": clip,
         "classifier": str(save_tiny_classifier(folder / "classifier", ("maroon", "rose"))),
@@ -58,6 +61,7 @@ def models(tmp_path_factory) -> dict[str, str]:
         "aesthetic_head": str(head),
         "pickscore": str(save_tiny_pickscore(folder / "pickscore")),
         "hps": f"{hps} {architecture}",
+        "imagereward": f"{imagereward} {bert}",
     }
 
 
@@ -83,8 +87,9 @@ def test_load_guide_gives_each_kind_its_guide(models):
     assert isinstance(load_guide("aesthetic_head", models["aesthetic_head"]), torch.nn.Linear)
     assert isinstance(load_guide("pickscore", models["pickscore"]), TransformersClip)
     assert isinstance(load_guide("hps", models["hps"]), Clip)
-    with pytest.raises(ValueError, match="unknown kind of guide 'imagereward'"):
-        load_guide("imagereward", "x")
+    assert isinstance(load_guide("imagereward", models["imagereward"]), ImageRewardModel)
+    with pytest.raises(ValueError, match="unknown kind of guide 'lpips'"):
+        load_guide("lpips", "x")
 
 
 def test_load_guides_loads_each_role_once(models):
@@ -131,8 +136,33 @@ def test_a_weighted_sum_is_the_sum_of_its_terms(guides):
 
     text = build_loss("clip-text", guides, TARGET, crops())(images)
     symmetry = build_loss("symmetry", guides, TARGET, crops())(images)
-    both = build_weighted([("clip-text", 2.0), ("symmetry", 0.5)], guides, TARGET, crops())(images)
-    assert torch.allclose(both, 2.0 * text + 0.5 * symmetry)
+    weighted = build_weighted([("clip-text", 2.0), ("symmetry", 0.5)], guides, TARGET, crops())
+    assert torch.allclose(weighted(images), 2.0 * text + 0.5 * symmetry)
+    terms = weighted.take()  # each weighted term by its loss's name, for its curve
+    assert terms == pytest.approx({"clip-text": 2.0 * float(text), "symmetry": 0.5 * float(symmetry)})
+
+
+def test_weighted_terms_are_read_one_way_for_the_command_line_and_the_page():
+    assert weighted_terms(["clip-text", "symmetry=0.5"]) == [("clip-text", 1.0), ("symmetry", 0.5)]
+    labels = {"CLIP": "clip-text", "ImageReward": "imagereward"}
+    assert weighted_terms([" CLIP = 1 ", " ImageReward=0.25", ""], labels) == [
+        ("clip-text", 1.0),
+        ("imagereward", 0.25),
+    ]
+    assert weighted_terms(["clip-text=1", "symmetry=0"]) == [("clip-text", 1.0)]  # weight 0: left out
+    refused = {
+        "unknown loss 'nope': choose among": ["nope=1"],
+        "the weight of symmetry is 'lots', not a number": ["symmetry=lots"],
+        "the weight of symmetry is -2: it must be a number of 0 or more": ["symmetry=-2"],
+        "the weight of symmetry is nan": ["symmetry=nan"],
+        "'clip-text' is named twice": ["clip-text=1", "clip-text=2"],
+        "no guide has a weight above 0": ["clip-text=0"],
+    }
+    for message, items in refused.items():
+        with pytest.raises(ValueError, match=message):
+            weighted_terms(items)
+    with pytest.raises(ValueError, match="guide 'HPSv2' is not served here: choose among CLIP, ImageReward"):
+        weighted_terms(["HPSv2"], labels, refusal="guide {!r} is not served here")
 
 
 def test_each_capability_runs_with_its_own_losses():

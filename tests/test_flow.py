@@ -367,9 +367,10 @@ def test_every_tab_of_the_app_runs_on_a_flow_model(folders, guides, tmp_path, ki
     }
     for (tab, inputs), photo in itertools.product(tabs.items(), (None, str(reference))):
         click = {"model": model, "prompt": PROMPT, "settings": asked, "photo": photo, **inputs}
-        _, status, curve, best, gallery = list(app.run_tab(serving, tab, lambda *a, **k: None, **click))[-1]
+        run = list(app.run_tab(serving, tab, lambda *a, **k: None, **click))[-1]
+        _, status, curve, best, gallery, iterations = run
         assert status.startswith("Done: iteration 2 of 2"), (tab, status)
-        assert len(curve) == 2 and Image.open(best).size == (64, 64), tab
+        assert len(curve) == len(iterations) == 2 and Image.open(best).size == (64, 64), tab
         assert len(gallery) == (3 if photo is None else 4), tab  # (the photo,) unguided, one-step, DOODL
 
 

@@ -60,10 +60,11 @@ def test_identical_requests_beyond_the_queue_all_get_a_whole_answer(public_url):
     assert len(results) >= QUEUE + 1, f"only {len(results)} of {BURST} accepted: {refusals}"
     assert refusals, "the queue held more than its size"
     first = None
-    for preview, status, curve, best, comparison in results:
+    for preview, status, curve, best, comparison, iterations in results:
         assert status.startswith("Done"), status
-        assert len(curve["data"]) == RUN["iterations"]
-        images = [Image.open(best), Image.open(preview), *(Image.open(item["image"]) for item in comparison)]
+        assert len(curve["data"]) == len(iterations) == RUN["iterations"]
+        shown = [item["image"] for item in (*comparison, *iterations)]
+        images = [Image.open(best), Image.open(preview), *(Image.open(path) for path in shown)]
         for image in images:
             image.load()  # a truncated file fails here
         assert [item["caption"].split(",")[0] for item in comparison] == [
@@ -77,9 +78,9 @@ def test_identical_requests_beyond_the_queue_all_get_a_whole_answer(public_url):
 
 
 def image_paths(update: tuple) -> list[str]:
-    preview, _, _, best, comparison = update
-    gallery = [] if comparison is None or isinstance(comparison, dict) else [path for path, _ in comparison]
-    return [path for path in (preview, best, *gallery) if path is not None]
+    preview, _, _, best, comparison, iterations = update
+    galleries = [g for g in (comparison, iterations) if g is not None and not isinstance(g, dict)]
+    return [path for path in (preview, best, *(path for g in galleries for path, _ in g)) if path is not None]
 
 
 def test_each_run_writes_its_images_once_into_a_folder_of_its_own(public_url):

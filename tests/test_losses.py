@@ -334,6 +334,16 @@ def test_weighted_sum_is_the_weighted_sum(clip, head):
     batch = images()
     expected = 2.0 * text(batch) + 0.1 * aesthetic(batch) + 3.0 * symmetry(batch)
     torch.testing.assert_close(total(batch), expected)
+    # Each weighted term, for its curve: the mean over the calls since the last take, then forgotten.
+    total(batch.flip(-1))
+    terms = total.take()
+    assert list(terms) == ["term 1", "term 2", "term 3"]
+    both = torch.cat([batch, batch.flip(-1)])
+    assert terms["term 3"] == pytest.approx(3.0 * float(symmetry(both)), rel=1e-5)
+    assert terms["term 1"] == pytest.approx(2.0 * float(text(both)), rel=1e-5)
+    assert sum(terms.values()) == pytest.approx(float(expected + total(batch.flip(-1))) / 2, rel=1e-5)
+    assert list(total.take()) == list(terms)  # the call in the line above, alone
+    assert total.take() == {}
 
 
 def test_aesthetic_target_is_a_distance(clip, head):

@@ -9,17 +9,28 @@ from PIL import Image
 from transformers import CLIPModel, CLIPProcessor
 
 from doodl.__main__ import main
-from doodl.guides import GuideNotFoundError, load_clip, load_hps, load_pickscore
-from doodl.losses import hps_loss, hps_score, pickscore, pickscore_loss
+from doodl.guides import (
+    IMAGEREWARD_MEAN,
+    IMAGEREWARD_STD,
+    GuideNotFoundError,
+    load_clip,
+    load_hps,
+    load_imagereward,
+    load_pickscore,
+)
+from doodl.losses import hps_loss, hps_score, imagereward_loss, imagereward_score, pickscore, pickscore_loss
 from doodl.tiny import (
     TINY_CLIP,
+    TINY_IMAGEREWARD,
     register_tiny_clip_architecture,
     save_tiny_clip_checkpoint,
+    save_tiny_imagereward,
     save_tiny_pickscore,
 )
 
 PROMPT = "a red circle above a blue square"
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +42,11 @@ def architecture(tmp_path_factory):
 @pytest.fixture(scope="module")
 def pickscore_folder(tmp_path_factory):
     return save_tiny_pickscore(tmp_path_factory.mktemp("pickscore"))
+
+
+@pytest.fixture(scope="module")
+def imagereward_files(tmp_path_factory):
+    return save_tiny_imagereward(tmp_path_factory.mktemp("imagereward"))
 
 
 @pytest.fixture(scope="module")
@@ -167,6 +183,118 @@ def test_openai_files_get_quickgelu(architecture, tmp_path, layout):
 def test_open_clip_files_keep_their_configured_activation(architecture, tmp_path):
     clip = load_clip(architecture, str(save_tiny_clip_checkpoint(tmp_path / "laion.pt", "open_clip")))
     assert {type(m).__name__ for m in clip.model.modules() if "GELU" in type(m).__name__} == {"GELU"}
+
+
+# --- ImageReward --------------------------------------------------------------------------------------
+
+
+def _layer_norm(x: torch.Tensor, state: dict, name: str, eps: float) -> torch.Tensor:
+    return torch.nn.functional.layer_norm(
+        x, x.shape[-1:], state[f"{name}.weight"], state[f"{name}.bias"], eps
+    )
+
+
+def _linear(x: torch.Tensor, state: dict, name: str) -> torch.Tensor:
+    return x @ state[f"{name}.weight"].T + state[f"{name}.bias"]
+
+
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, mask=None) -> torch.Tensor:
+    split = [t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in (q, k, v)]
+    scores = split[0] @ split[1].transpose(-1, -2) / split[0].shape[-1] ** 0.5
+    if mask is not None:
+        scores = scores + (1.0 - mask[:, None, None, :]) * -10000.0  # BERT's additive mask
+    return (scores.softmax(-1) @ split[2]).transpose(1, 2).flatten(-2)
+
+
+def reference_imagereward(
+    state: dict, pixels: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """ImageReward's forward written from BLIP's ViT and med.py BERT on the checkpoint's own names: BLIP's
+    normalization, pre-norm ViT blocks (LayerNorm eps 1e-6), post-norm BERT layers with cross-attention to
+    every image token, the first token through the MLP, the reward normalized."""
+    gelu, heads = torch.nn.functional.gelu, TINY_IMAGEREWARD["vision"] // 64
+    mean, std = torch.tensor(OPENAI_MEAN)[:, None, None], torch.tensor(OPENAI_STD)[:, None, None]
+    v = {
+        k[len("blip.visual_encoder.") :]: t for k, t in state.items() if k.startswith("blip.visual_encoder.")
+    }
+    patches = torch.nn.functional.conv2d(
+        (pixels - mean) / std, v["patch_embed.proj.weight"], v["patch_embed.proj.bias"], stride=16
+    )
+    x = patches.flatten(2).transpose(1, 2)
+    x = torch.cat([v["cls_token"].expand(len(x), -1, -1), x], 1) + v["pos_embed"]
+    for i in range(TINY_IMAGEREWARD["layers"]):
+        h = _layer_norm(x, v, f"blocks.{i}.norm1", 1e-6)
+        q, k, w = _linear(h, v, f"blocks.{i}.attn.qkv").chunk(3, -1)
+        x = x + _linear(_attention(q, k, w, heads), v, f"blocks.{i}.attn.proj")
+        h = _layer_norm(x, v, f"blocks.{i}.norm2", 1e-6)
+        x = x + _linear(gelu(_linear(h, v, f"blocks.{i}.mlp.fc1")), v, f"blocks.{i}.mlp.fc2")
+    image = _layer_norm(x, v, "norm", 1e-6)
+    t = {k[len("blip.text_encoder.") :]: w for k, w in state.items() if k.startswith("blip.text_encoder.")}
+    e = (
+        t["embeddings.word_embeddings.weight"][ids]
+        + t["embeddings.position_embeddings.weight"][: ids.shape[1]]
+    )
+    h = _layer_norm(e, t, "embeddings.LayerNorm", 1e-12)
+    for i in range(TINY_IMAGEREWARD["layers"]):
+        layer = f"encoder.layer.{i}"
+        for kind, source, attend in (("attention", h, mask), ("crossattention", image, None)):
+            q, k, w = (
+                _linear(x, t, f"{layer}.{kind}.self.{n}")
+                for x, n in ((h, "query"), (source, "key"), (source, "value"))
+            )
+            context = _attention(q, k, w, TINY_IMAGEREWARD["text"] // 64, attend)
+            h = _layer_norm(
+                _linear(context, t, f"{layer}.{kind}.output.dense") + h,
+                t,
+                f"{layer}.{kind}.output.LayerNorm",
+                1e-12,
+            )
+        inner = gelu(_linear(h, t, f"{layer}.intermediate.dense"))
+        h = _layer_norm(_linear(inner, t, f"{layer}.output.dense") + h, t, f"{layer}.output.LayerNorm", 1e-12)
+    r = h[:, 0]
+    for index in (0, 2, 4, 6, 7):
+        r = _linear(r, state, f"mlp.layers.{index}")
+    return (r.squeeze(-1) - IMAGEREWARD_MEAN) / IMAGEREWARD_STD
+
+
+def test_imagereward_is_blips_forward_on_the_released_checkpoints_names(imagereward_files):
+    checkpoint, tokenizer = imagereward_files
+    guide = load_imagereward(checkpoint, tokenizer)
+    assert guide.image_size == TINY_IMAGEREWARD["image"]
+    assert not any(p.requires_grad for m in (guide.vision, guide.text, guide.head) for p in m.parameters())
+    _, pixels = pixel_image(1)
+    pixels = torch.cat([pixels, pixel_image(2)[1]])
+    tokens = guide.tokenizer([PROMPT] * 2, padding="max_length", max_length=35, return_tensors="pt")
+    assert tokens["input_ids"][0, 0] == guide.tokenizer.cls_token_id  # as ImageReward's `score` reads it
+    state = torch.load(checkpoint, weights_only=True)
+    expected = reference_imagereward(state, pixels, tokens["input_ids"], tokens["attention_mask"].float())
+    torch.testing.assert_close(imagereward_score(guide, pixels, PROMPT), expected, rtol=1e-4, atol=1e-5)
+    assert expected[0] != expected[1]  # the image matters
+    assert not torch.allclose(imagereward_score(guide, pixels, "a blue star"), expected)  # so does the prompt
+
+
+def test_imagereward_loss_has_a_descent_direction_in_pixels(imagereward_files):
+    guide = load_imagereward(*imagereward_files)
+    loss = imagereward_loss(guide, PROMPT, cutouts=0)
+    pixels = pixel_image(3)[1].requires_grad_()
+    value = loss(pixels)
+    torch.testing.assert_close(value, -imagereward_score(guide, pixels.detach(), PROMPT).mean())
+    value.backward()
+    step = pixels.detach() - 1e-2 * pixels.grad / pixels.grad.abs().max()
+    assert loss(step) < value
+
+
+def test_imagereward_refuses_what_it_cannot_use(tmp_path, imagereward_files):
+    checkpoint, tokenizer = imagereward_files
+    with pytest.raises(GuideNotFoundError, match="ImageReward.pt from https://huggingface.co/THUDM"):
+        load_imagereward(tmp_path / "missing.pt", tokenizer)
+    state = torch.load(checkpoint, weights_only=True)
+    torch.save({k: v for k, v in state.items() if not k.startswith("mlp.")}, tmp_path / "towers.pt")
+    with pytest.raises(ValueError, match="not an ImageReward checkpoint"):
+        load_imagereward(tmp_path / "towers.pt", tokenizer)
+    torch.save({k: v for k, v in state.items() if "blocks.1.mlp.fc2" not in k}, tmp_path / "cut.pt")
+    with pytest.raises(RuntimeError, match="fc2"):
+        load_imagereward(tmp_path / "cut.pt", tokenizer)
 
 
 # --- registry and command line -----------------------------------------------------------------------

@@ -318,7 +318,7 @@ def test_the_apps_text_tab_runs_on_sdxl(xl_folder, tmp_path):
         )
     )
     assert app.MODELS.pipeline(str(xl_folder)).xl
-    _, status, curve, best, _ = updates[-1]
+    _, status, curve, best, _, _ = updates[-1]
     assert status.startswith("Done: iteration 2 of 2"), status
     assert len(curve) == 2 and Image.open(best).size == (64, 64)
 

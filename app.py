@@ -356,8 +356,8 @@ def output_panel(loss_help: str, shown: Shown | None) -> Outputs:
         iterations = gr.Gallery(
             first[5],
             label="Every iteration (1: the start), with its loss",
-            columns=8,
-            height=200,
+            columns=5,
+            height=240,
             format="png",
             elem_classes=["pixels", "iterations"],
         )

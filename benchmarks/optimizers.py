@@ -24,6 +24,7 @@ from matplotlib.figure import Figure
 from benchmarks.common import EMBEDDED, markdown_table, parser, start, write_report
 from benchmarks.quality import (
     CAPABILITIES,
+    OVERRIDES,
     Capability,
     capability_models_digest,
     load_guides,
@@ -138,7 +139,7 @@ def arguments() -> argparse.Namespace:
     for config in args.configs:
         parse_config(config)
     # What the quality benchmark's settings read: the presets, unchanged.
-    for name in ("steps", "iterations", "guidance_scale", "normalized", "learning_rate", "sampler"):
+    for name in ("steps", "iterations", *OVERRIDES):
         setattr(args, name, None)
     if args.quick:
         args.n, args.steps, args.iterations = 1, 3, 2

@@ -53,7 +53,7 @@ from doodl.embedded import Preset, presets
 from doodl.experiment import METHODS, Contest, OutcomeStore, Paired, Trial, mean_se, paired, run_trial
 from doodl.losses import Loss
 from doodl.pipeline import LatentDiffusion
-from doodl.settings import SAMPLERS
+from doodl.settings import REGULARIZERS, SAMPLERS, STEP_RULES
 from doodl.showcase import folder_digest
 from doodl.world import judge, shapes
 from doodl.world.evaluators import beauty_agreement, measured_shade, pixel_beauty
@@ -63,7 +63,7 @@ from doodl.world.evaluators import beauty_agreement, measured_shade, pixel_beaut
 RAW_KEYS = ("steps", "iterations", "seed", "start_k")
 SEED = 2024  # the tasks' generator: capability k's prompts are drawn from SEED + k
 # Of the presets', to measure a lever.
-OVERRIDES = ("clip", "guidance_scale", "normalized", "learning_rate", "sampler")
+OVERRIDES = ("clip", "guidance_scale", "normalized", "learning_rate", "sampler", "step_rule", "regularizer")
 
 ASSETS = ("clip", "classifier", "aesthetic/aesthetic_head.safetensors")  # and the generator's folder
 
@@ -216,6 +216,8 @@ def settings_for(
         "normalized": args.normalized,
         "learning_rate": args.learning_rate,
         "sampler": args.sampler,
+        "step_rule": args.step_rule,
+        "regularizer": args.regularizer,
     }
     return dataclasses.replace(settings, **{k: v for k, v in given.items() if v is not None})
 
@@ -471,6 +473,10 @@ def arguments() -> argparse.Namespace:
     )
     p.add_argument("--learning-rate", type=float, help="DOODL's rate (default: each capability's preset)")
     p.add_argument("--sampler", choices=SAMPLERS, help="DOODL's chain (default: each capability's preset)")
+    p.add_argument("--step-rule", choices=STEP_RULES, help="DOODL's step rule (default: the paper's sgd)")
+    p.add_argument(
+        "--regularizer", choices=REGULARIZERS, help="what keeps DOODL's noise Gaussian (default: renormalize)"
+    )
     p.add_argument("--tune", action="store_true", help="choose clip and one-step scale on pilot prompts")
     p.add_argument("--scales", type=float, nargs="+", default=[0.1, 0.3, 1, 3, 10], help="one-step strengths")
     # The clip is what is tuned: where a gradient element exceeds it, it sets the step. How many do differs

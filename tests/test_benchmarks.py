@@ -183,7 +183,8 @@ def test_quality_outcomes_are_reused_only_with_the_same_settings_and_models(tmp_
 
     store_of(tmp_path, capability, args).save("doodl", trial, record, Image.new("RGB", (8, 8)))
     assert saved() == record
-    for override in ({"clip": 0.1}, {"guidance_scale": 2.0}, {"normalized": True}, {"sampler": "ddim"}):
+    changes = ({"clip": 0.1}, {"guidance_scale": 2.0}, {"normalized": True}, {"sampler": "ddim"})
+    for override in (*changes, {"step_rule": "adam"}, {"regularizer": "white"}):
         store_of(tmp_path, capability, args).save("doodl", trial, record, None)
         assert saved(**override) is None, override  # another setting: the outcomes are removed
     store_of(tmp_path, capability, args).save("doodl", trial, record, None)

@@ -301,7 +301,7 @@ def test_imagereward_refuses_what_it_cannot_use(tmp_path, imagereward_files):
 
 
 def test_cli_guides_with_pickscore_and_hps(
-    tiny_folder, pickscore_folder, hps_file, architecture, tmp_path, capsys
+    tiny_folder, pickscore_folder, hps_file, imagereward_files, architecture, tmp_path, capsys
 ):
     base = ["--model", str(tiny_folder), "--prompt", PROMPT, "--steps", "2", "--iterations", "2",
             "--cutouts", "2", "--out", str(tmp_path / "reward.png")]  # fmt: skip
@@ -313,3 +313,11 @@ def test_cli_guides_with_pickscore_and_hps(
     assert main(base + rewards) == 0
     assert capsys.readouterr().out.count("iteration  ") == 2
     assert Image.open(tmp_path / "reward.png").size == (64, 64)
+    # ImageReward beside CLIP, with another step rule and regularizer: each iteration prints every term.
+    checkpoint, tokenizer = imagereward_files
+    mixed = ["--loss", "clip-text=1", "--loss", "imagereward=0.5", "--imagereward", str(checkpoint),
+             "--imagereward-tokenizer", str(tokenizer),
+             "--step-rule", "adam", "--regularizer", "white"]  # fmt: skip
+    assert main(base + mixed) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("iteration")]
+    assert len(lines) == 2 and all("clip-text " in line and "imagereward " in line for line in lines)

@@ -12,6 +12,7 @@ from PIL import Image
 
 from doodl import DoodlSettings, edict_denoise
 from doodl.chain import denoise, schedule_of
+from doodl.losses import WeightedSum
 from doodl.optimize import TrustRegion, invert_image, optimize
 from doodl.pipeline import count_unet_calls
 from doodl.serving import SETTING_NAMES, ModelCache, ModelNames, Serving, request, run_options
@@ -107,6 +108,22 @@ def test_the_photo_weight_prices_the_distance_to_the_photos_reconstruction(tiny,
     assert float(((images[0] - reconstruction) ** 2).mean()) > 0  # the term was not zero: it was tested
     # At the reconstruction itself the distance is zero: iteration 1 reports the guide's loss alone.
     assert steps[0].loss == pytest.approx(float(mean_gray_loss(reconstruction)), rel=1e-4)
+    # Each weighted term is reported beside the sum, for its curve: the guide's and the distance's.
+    guide = sum(mean_gray_loss(i) for i in images) / 2
+    assert steps[1].terms == pytest.approx(
+        {"guide": float(guide), "closeness to the photo": float(expected - guide)}, rel=1e-4
+    )
+    assert steps[0].terms["closeness to the photo"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_a_weighted_guide_keeps_its_terms_beside_the_photos(tiny, photo_latents):
+    settings = DoodlSettings(steps=4, iterations=2, fidelity=0, photo_weight=10.0)
+    guide = WeightedSum([("gray", 1.0, mean_gray_loss), ("gray again", 0.5, mean_gray_loss)])
+    result = optimize(tiny, PROMPT, guide, settings, photo_latents)
+    terms = result.last.terms
+    assert list(terms) == ["gray", "gray again", "closeness to the photo"]
+    assert terms["gray again"] == pytest.approx(0.5 * terms["gray"], rel=1e-6)
+    assert sum(terms.values()) == pytest.approx(result.last.loss, rel=1e-5)
 
 
 def test_the_photo_weight_changes_nothing_from_noise(tiny):

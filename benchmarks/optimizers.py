@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import statistics
 from functools import partial
 from pathlib import Path
 
@@ -40,38 +41,62 @@ SEED = 7031
 TODAY = "sgd/renormalize"  # the paper's rule and regularizer, the presets'
 
 
-def parse_config(text: str) -> dict:
-    """'adam/white@0.03' -> {'step_rule': 'adam', 'regularizer': 'white', 'grad_clip': 0.03}."""
-    rule_and_regularizer, _, clip = text.partition("@")
+def parse_config(text: str) -> tuple[dict, int]:
+    """(settings it changes, samples DOODL starts from the best of) of 'RULE/REGULARIZER[@CLIP][,start=K]
+    [,iterations=N]': 'adam/white@0.03' -> ({'step_rule': 'adam', 'regularizer': 'white', 'grad_clip': 0.03},
+    1); ',start=20,iterations=10' searches 20 samples (400 UNet passes at 20 steps) before 10 iterations."""
+    head, *options = text.split(",")
+    rule_and_regularizer, _, clip = head.partition("@")
     rule, _, regularizer = rule_and_regularizer.partition("/")
-    if rule not in STEP_RULES or (regularizer or "renormalize") not in REGULARIZERS:
+    given = dict(option.partition("=")[::2] for option in options)
+    if (
+        rule not in STEP_RULES
+        or (regularizer or "renormalize") not in REGULARIZERS
+        or not set(given) <= {"start", "iterations"}
+        or not all(value.isdigit() and int(value) >= 1 for value in given.values())
+    ):
         raise argparse.ArgumentTypeError(
-            f"{text!r}: expected RULE/REGULARIZER[@CLIP], RULE one of {', '.join(STEP_RULES)}, "
-            f"REGULARIZER one of {', '.join(REGULARIZERS)}"
+            f"{text!r}: expected RULE/REGULARIZER[@CLIP][,start=K][,iterations=N], RULE one of "
+            f"{', '.join(STEP_RULES)}, REGULARIZER one of {', '.join(REGULARIZERS)}"
         )
     config = {"step_rule": rule, "regularizer": regularizer or "renormalize"}
-    return config | ({"grad_clip": float(clip)} if clip else {})
+    config |= {"grad_clip": float(clip)} if clip else {}
+    config |= {"iterations": int(given["iterations"])} if "iterations" in given else {}
+    return config, int(given.get("start", 1))
 
 
-def configured(settings: DoodlSettings, config: str) -> DoodlSettings:
-    return dataclasses.replace(settings, **parse_config(config))
+def configured(settings: DoodlSettings, config: str) -> tuple[DoodlSettings, int]:
+    """The settings a configuration runs with, and the samples its start is the best of."""
+    changes, start = parse_config(config)
+    return dataclasses.replace(settings, **changes), start
 
 
-def store(out: Path, capability: Capability, args, name: str, settings: DoodlSettings) -> OutcomeStore:
+def store(
+    out: Path, capability: Capability, args, name: str, settings: DoodlSettings, start: int = 1
+) -> OutcomeStore:
     key = {
         "seed": args.seed,
         "settings": dataclasses.replace(settings, seed=0).changed(from_noise=True),  # every prompt's seed
+        "start": start,
         "models": capability_models_digest(args.assets, args.generator, capability.name),
     }
-    folder = name.replace("/", "-").replace("@", "-at-")
+    folder = name.replace("/", "-").replace("@", "-at-").replace(",", "-").replace("=", "")
     return OutcomeStore.open(out / "optimizers-raw" / capability.name / folder, key, replace_other=True)
 
 
-def run_capability(model, guides, capability: Capability, index: int, args, out: Path) -> dict[str, list]:
-    """{method or configuration: [score per prompt]}."""
+def run_capability(
+    model, guides, capability: Capability, index: int, args, out: Path
+) -> tuple[dict[str, list], dict[str, list]]:
+    """({method or configuration: [score per prompt]}, {the same: [UNet passes per prompt]})."""
     rng = np.random.default_rng(args.seed + index)
     preset = measured_preset(args, capability)
     scores: dict[str, list] = {name: [] for name in ("unguided", "best-of-k", *args.configs)}
+    passes: dict[str, list] = {name: [] for name in scores}
+
+    def add(name: str, record: dict) -> None:
+        scores[name].append(record["score"])
+        passes[name].append(record["unet_calls"])
+
     for i in range(args.n):
         task = capability.make_task(guides, rng, preset_of(args, capability).cutouts)
         settings = settings_for(args, capability, index, i)
@@ -81,21 +106,25 @@ def run_capability(model, guides, capability: Capability, index: int, args, out:
         contest = Contest(model, task.loss_of, settings, preset.one_step_scale)
         reference = store(out, capability, args, "reference", settings)
         records = dict(run_trial(contest, trial, ("unguided", "doodl", "best-of-k"), reference, scored))
-        scores["unguided"].append(records["unguided"]["score"])
-        scores["best-of-k"].append(records["best-of-k"]["score"])
+        add("unguided", records["unguided"])
+        add("best-of-k", records["best-of-k"])
         for config in args.configs:
-            tried = configured(settings, config)
-            if tried == settings:  # the presets' own: the reference's DOODL
-                scores[config].append(records["doodl"]["score"])
+            tried, start = configured(settings, config)
+            if tried == settings and start == 1:  # the presets' own: the reference's DOODL
+                add(config, records["doodl"])
                 continue
-            contest = Contest(model, task.loss_of, tried, preset.one_step_scale)
-            held = store(out, capability, args, config, tried)
-            scores[config].append(dict(run_trial(contest, trial, ("doodl",), held, scored))["doodl"]["score"])
+            # A search first: DOODL from the best of `start` samples, their passes counted.
+            method = "doodl" if start == 1 else "best-of-k+doodl"
+            contest = Contest(model, task.loss_of, tried, preset.one_step_scale, start_k=start)
+            held = store(out, capability, args, config, tried, start)
+            add(config, dict(run_trial(contest, trial, (method,), held, scored))[method])
         print(capability.name, i, task.prompt, {name: s[-1] for name, s in scores.items()}, flush=True)
-    return scores
+    return scores, passes
 
 
-def rows(capability: str, scores: dict[str, list], configs: list[str]) -> list[list[str]]:
+def rows(
+    capability: str, scores: dict[str, list], passes: dict[str, list], configs: list[str]
+) -> list[list[str]]:
     def mean(values: list) -> str:
         m, se = mean_se(values)
         return f"{m:.2f} ± {se:.2f}"
@@ -104,20 +133,13 @@ def rows(capability: str, scores: dict[str, list], configs: list[str]) -> list[l
         p = paired(scores[config], scores[other])
         return f"{p.mean:+.2f} ± {p.se:.2f} ({p.word}; {p.higher} up, {p.lower} down)"
 
-    out = [[capability, "unguided", mean(scores["unguided"]), "", "", ""]]
-    out.append([capability, "best-of-k", mean(scores["best-of-k"]), "", "", ""])
+    def row(name: str, *comparisons: str) -> list[str]:
+        return [capability, name, mean(scores[name]), f"{statistics.fmean(passes[name]):.0f}", *comparisons]
+
+    out = [row("unguided", "", "", ""), row("best-of-k", "", "", "")]
     for config in configs:
         today = against(config, TODAY) if TODAY in scores and config != TODAY else ""
-        out.append(
-            [
-                capability,
-                config,
-                mean(scores[config]),
-                against(config, "best-of-k"),
-                against(config, "unguided"),
-                today,
-            ]
-        )
+        out.append(row(config, against(config, "best-of-k"), against(config, "unguided"), today))
     return out
 
 
@@ -128,7 +150,7 @@ def arguments() -> argparse.Namespace:
         "--configs",
         nargs="+",
         default=[TODAY, "nesterov/renormalize", "adam/renormalize", "sgd/white", "sgd/norm"],
-        help="RULE/REGULARIZER[@CLIP] of DOODL to compare",
+        help="RULE/REGULARIZER[@CLIP][,start=K][,iterations=N] of DOODL to compare",
     )
     p.add_argument("--seed", type=int, default=SEED)
     p.add_argument("--only", nargs="+", choices=[c.name for c in CAPABILITIES], help="tabs to run")
@@ -166,13 +188,16 @@ def main() -> None:
     table, all_scores = [], {}
     for index, capability in enumerate(CAPABILITIES):  # the index seeds prompts, whatever --only says
         if args.only is None or capability.name in args.only:
-            all_scores[capability.name] = run_capability(model, guides, capability, index, args, out)
-            table += rows(capability.name, all_scores[capability.name], args.configs)
-    headers = ["tab", "method", "evaluator's score", "vs best-of-k", "vs unguided", f"vs {TODAY}"]
+            scores, passes = run_capability(model, guides, capability, index, args, out)
+            all_scores[capability.name] = scores
+            table += rows(capability.name, scores, passes, args.configs)
+    headers = ["tab", "method", "evaluator's score", "UNet passes", "vs best-of-k", "vs unguided"]
+    headers.append(f"vs {TODAY}")
     notes = (
         f"Embedded {args.generator} generator, each tab's preset (doodl/embedded.py) but for the step rule "
         f"and regularizer; {args.n} held-out prompts per tab drawn from seed {args.seed}; DOODL from the "
-        "prompt's own noise; best-of-k at DOODL's UNet passes. Paired differences of the evaluator's "
+        "prompt's own noise, or with start=K from the best of K samples by the guide; best-of-k at the "
+        "UNet passes of the preset's DOODL. Paired differences of the evaluator's "
         "score, mean ± standard error, a tie within 2 SE."
     )
     name = "optimizers" + ("" if args.generator == "sd" else f"-{args.generator}")

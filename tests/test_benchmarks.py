@@ -4,6 +4,7 @@ import json
 import shutil
 import subprocess
 import sys
+from argparse import ArgumentTypeError
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -359,6 +360,12 @@ def test_optimizer_outcomes_of_every_prompt_share_one_store(tmp_path):
     again = store(tmp_path, CAPABILITIES[0], args, "reference", second)
     assert again.record("doodl", trial) == {"score": 1.0}
     # Another configuration keeps its outcomes apart.
-    adam = configured(second, "adam/white@0.03")
-    assert (adam.step_rule, adam.regularizer, adam.grad_clip) == ("adam", "white", 0.03)
+    adam, start = configured(second, "adam/white@0.03")
+    assert (adam.step_rule, adam.regularizer, adam.grad_clip, start) == ("adam", "white", 0.03, 1)
     assert store(tmp_path, CAPABILITIES[0], args, "adam/white@0.03", adam).record("doodl", trial) is None
+    # A search first: the best of 20 samples, then 10 iterations.
+    hybrid, start = configured(second, "sgd/renormalize,start=20,iterations=10")
+    assert (hybrid.step_rule, hybrid.iterations, start) == ("sgd", 10, 20)
+    for bad in ("sgd/white,start=0", "sgd,steps=3", "lion/white"):
+        with pytest.raises(ArgumentTypeError, match="expected RULE/REGULARIZER"):
+            configured(second, bad)

@@ -331,6 +331,11 @@ def build_loss(name: str, guides: Mapping[str, Any], target: Target, crops: Crop
     return kind.build([guides[role] for role in kind.guides], target, crops)
 
 
+def roles_of(names: Sequence[str]) -> list[str]:
+    """The guide roles the losses `names` need, each once, in their order."""
+    return list(dict.fromkeys(role for name in names for role in loss_kind(name).guides))
+
+
 def load_guides(
     names: Sequence[str],
     models: Mapping[str, str],
@@ -340,7 +345,7 @@ def load_guides(
     `load(kind, name)` loads one (by default `load_guide` on the CPU; the app passes its model cache); a
     model named for two roles (the text guide's CLIP and the scorer's) is loaded once."""
     load = load or load_guide
-    roles = dict.fromkeys(role for name in names for role in loss_kind(name).guides)
+    roles = roles_of(names)
     missing = [role for role in roles if not (models.get(role) or "").strip()]
     if missing:
         raise ValueError(f"the {GUIDE_NAMES[missing[0]]} is not given")
@@ -368,8 +373,8 @@ def weighted_terms(
     """(loss, weight) of each 'NAME[=WEIGHT]' (weight 1 when left out): the command line's --loss, and the
     app's guides ('CLIP=1, PickScore=0.05', split at the commas). `known` maps what a caller may write (the
     page's labels) to loss names; by default the loss names themselves; another name is refused in the words
-    of `refusal`. A name twice, a weight that is not
-    a number or below 0, or no weight above 0, is refused."""
+    of `refusal`. A name twice, a weight that is not a number or below 0, or no weight above 0, is
+    refused."""
     known = known if known is not None else {name: name for name in LOSSES}
     terms: dict[str, float] = {}
     for item in (item.strip() for item in items if item.strip()):
@@ -386,7 +391,7 @@ def weighted_terms(
             raise ValueError(f"guide {written!r} is named twice: give each guide once, with its weight")
         terms[known[written]] = value
     if not any(terms.values()):
-        raise ValueError("no guide has a weight above 0: name at least one, e.g. " + f"{next(iter(known))}=1")
+        raise ValueError(f"no guide has a weight above 0: name at least one, e.g. {next(iter(known))}=1")
     return [(name, weight) for name, weight in terms.items() if weight > 0]
 
 

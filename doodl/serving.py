@@ -29,6 +29,7 @@ from doodl.capabilities import (
     LossKind,
     Target,
     load_guide,
+    roles_of,
     weighted_terms,
 )
 from doodl.edict import FEW_STEPS
@@ -555,10 +556,9 @@ def request(
         raise ValueError("no reference image: upload at least one image of the entity to draw")
     serving.check(options, references=len(references or ()))
     model = serving.model("sd", model)
-    roles = dict.fromkeys(role for name, _ in terms for role in LOSSES[name].guides)
     names = {
         role: serving.model(role, guides[role]) if role in guides else serving.names.guide(role)
-        for role in roles
+        for role in roles_of([name for name, _ in terms])
     }
     if capability == "vocabulary":
         target_class = required(target_class, "target class")

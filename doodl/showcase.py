@@ -135,8 +135,8 @@ def run(asked: Request, models: ModelCache, progress: Progress = quiet) -> Itera
         progress(number(step) / total, desc=f"DOODL iteration {number(step)}/{total}")
         result, (terms, iterations) = result_of(steps), what_happened(steps, files)
         status = status_line(result, total)
-        shown = Shown(files.path(step.image), status, tuple(result.losses), files.path(result.image), None)
-        yield replace(shown, terms=terms, iterations=iterations)
+        preview, best = files.path(step.image), files.path(result.image)
+        yield Shown(preview, status, tuple(result.losses), best, None, terms, iterations)
     result, gallery = result_of(steps), ()
     if options.compare:
         progress(1.0, desc="one-step guidance, for comparison")
@@ -154,10 +154,8 @@ def run(asked: Request, models: ModelCache, progress: Progress = quiet) -> Itera
             (files.path(result.image), f"DOODL, iteration {number(result.best)}"),
         )
     status = status_line(result, total, done=True)
-    shown = Shown(
-        files.path(result.last.image), status, tuple(result.losses), files.path(result.image), gallery
-    )
-    yield replace(shown, terms=terms, iterations=iterations)
+    preview, best = files.path(result.last.image), files.path(result.image)
+    yield Shown(preview, status, tuple(result.losses), best, gallery, terms, iterations)
 
 
 def what_happened(

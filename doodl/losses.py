@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -360,16 +361,31 @@ def _reward_loss(
     """Minus `scale` x the cosine similarity of the guide's embeddings of image views and of the prompt."""
     if not prompt.strip():
         raise ValueError("a reward loss needs a non-empty prompt")
-    n, cut_power, given = crops
-    generator = own_generator(given)
     with torch.no_grad():
         target = guide.embed_texts([prompt])
+
+    def rewards(views: torch.Tensor) -> torch.Tensor:
+        return scale * (guide.embed_images(views) @ target.T)
+
+    return _minus_mean_reward(rewards, prompt, guide.image_size, crops, views_per_chunk)
+
+
+def _minus_mean_reward(
+    rewards: Callable[[torch.Tensor], torch.Tensor],
+    prompt: str,
+    size: int,
+    crops: tuple[int, float, torch.Generator | None],
+    views_per_chunk: int | None,
+) -> Loss:
+    """Minus the mean of `rewards` (one per view) over views of `size` px of images in [0, 1], drawn from the
+    crops' generator (mirrored unless the prompt says left or right); what every reward model's loss is."""
+    n, cut_power, given = crops
+    generator = own_generator(given)
     flip = not mentions_sides(prompt)
 
     def loss(images: torch.Tensor) -> torch.Tensor:
-        views = _cutouts(images, n, guide.image_size, cut_power, generator, flip)
-        cosine = score_views(guide.embed_images, views, views_per_chunk) @ target.T
-        return -scale * cosine.mean()
+        views = _cutouts(images, n, size, cut_power, generator, flip)
+        return -score_views(rewards, views, views_per_chunk).mean()
 
     return loss
 
@@ -416,14 +432,8 @@ def imagereward_loss(
     1: one standard deviation better), averaged over views."""
     if not prompt.strip():
         raise ValueError("a reward loss needs a non-empty prompt")
-    generator = own_generator(generator)
-    flip = not mentions_sides(prompt)
-
-    def loss(images: torch.Tensor) -> torch.Tensor:
-        views = _cutouts(images, cutouts, guide.image_size, cut_power, generator, flip)
-        return -score_views(lambda chunk: guide.rewards(chunk, prompt), views, views_per_chunk).mean()
-
-    return loss
+    rewards, crops = partial(guide.rewards, prompt=prompt), (cutouts, cut_power, generator)
+    return _minus_mean_reward(rewards, prompt, guide.image_size, crops, views_per_chunk)
 
 
 @torch.no_grad()

@@ -26,7 +26,7 @@ from huggingface_hub import constants as hf_constants
 from doodl.capabilities import CAPABILITIES
 from doodl.chain import plain_chain
 from doodl.cli import add_model_arguments, add_serving_arguments, serving_of
-from doodl.embedded import EXAMPLE_IMAGES, EXAMPLES, FLOW_CAVEAT, Preset
+from doodl.embedded import EXAMPLE_IMAGES, FLOW_CAVEAT, Preset
 from doodl.guides import GuideNotFoundError
 from doodl.optimize import DoodlSettings
 from doodl.pipeline import ModelLoadError
@@ -43,9 +43,9 @@ from doodl.serving import (
 from doodl.showcase import (
     LOOK_AT,
     ExampleStore,
+    Showcase,
     Shown,
     build_examples,
-    example_notes,
     example_request,
     run,
 )
@@ -371,7 +371,7 @@ class Tab:
     name: str
     serving: Serving
     preset: Preset
-    store: ExampleStore
+    showcase: Showcase
     model: gr.Dropdown
 
     def model_field(self, role: str, label: str, info: str) -> gr.Textbox:
@@ -381,7 +381,7 @@ class Tab:
 
     def first(self, column: int) -> Any:
         """An input's value on arrival: the first example's."""
-        row = EXAMPLES[self.name][0]
+        row = self.serving.examples().rows[self.name][0]
         return row[column] if column < len(row) else None
 
     def photo_field(self, label: str = "Photo to start from (optional: else generate one)") -> gr.File:
@@ -393,25 +393,29 @@ class Tab:
     def outputs(self) -> Outputs:
         offered = self.serving.names.offered(self.name)
         help = offered[0].description + (" (a reward model: minus its score)" if len(offered) > 1 else "")
-        return output_panel(help, self.store.load(self.name, 0))
+        return output_panel(help, self.showcase.stores[0].load(self.name, 0))
 
     def controls(self) -> tuple[dict[str, gr.Component], gr.Button, gr.Button]:
         """Below a tab's own inputs: the settings, Run and Stop."""
-        settings = settings_panel(self.preset, EXAMPLES[self.name][0][-1])
+        settings = settings_panel(self.preset, self.first(-1))
         with gr.Row():
             run, stop = gr.Button("Run", variant="primary"), gr.Button("Stop", variant="stop")
         return settings, run, stop
 
     def examples(self, inputs: list[gr.Component], outputs: Outputs) -> None:
         """The tab's examples under a line saying what to look at: a click fills the inputs and shows the
-        example's stored run; one not stored yet is run on the device, then stored."""
+        example's stored run; one not stored yet is run on the device, then stored. Where the host serves
+        two generators, each example names its own, and a click chooses it."""
+        showcase = self.showcase
         examples = gr.Examples(
-            EXAMPLES[self.name], inputs, label=LOOK_AT[self.name], elem_id=f"{self.name}-examples"
+            showcase.rows(self.name),
+            [self.model, *inputs] if showcase.several() else inputs,
+            label=LOOK_AT[self.name],
+            elem_id=f"{self.name}-examples",
         )
         if self.serving.embedded():  # what the notes say was measured on the embedded models only
-            gr.Markdown(example_notes(self.name), elem_classes="example-notes")
+            gr.Markdown(showcase.notes(self.name), elem_classes="example-notes")
         # Page events only, not API endpoints: the runs themselves are the API.
-        # The stored runs are the host's generator's: with another chosen, a click only fills the inputs.
         shown = examples.dataset.click(
             self.stored,
             [examples.dataset, self.model],
@@ -419,7 +423,7 @@ class Tab:
             queue=False,
             api_visibility="private",
         )
-        if not self.store.complete():
+        if not showcase.complete():
             shown.then(
                 gpu(self.run_missing, duration=gpu_seconds(**preset_values(self.preset))),
                 [examples.dataset, self.model],
@@ -429,24 +433,27 @@ class Tab:
                 api_visibility="private",
             )
 
+    def shows_stored(self, model: str | None) -> bool:
+        """Whether a click shows the example's stored run: always where it chooses the generator, else only
+        with the host's generator chosen (another's click only fills the inputs)."""
+        return self.showcase.several() or (model or "").strip() in ("", self.serving.names.sd)
+
     def stored(self, example: tuple[int, Any], model: str) -> Update:
-        shown = self.store.load(self.name, example[0]) if self.hosts(model) else None
+        _, store, index = self.showcase.find(self.name, example[0])
+        shown = store.load(self.name, index) if self.shows_stored(model) else None
         return update(shown) if shown is not None else UNCHANGED
 
-    def hosts(self, model: str | None) -> bool:
-        """Whether the generator chosen is the host's, whose examples' runs are stored."""
-        return (model or "").strip() in ("", self.serving.names.sd)
-
     def run_missing(self, example: tuple[int, Any], model: str) -> Iterator[Update]:
-        index = example[0]
-        if not self.hosts(model) or self.store.load(self.name, index) is not None:
+        serving, store, index = self.showcase.find(self.name, example[0])
+        if not self.shows_stored(model) or store.load(self.name, index) is not None:
             yield UNCHANGED
             return
         with user_errors():
-            asked = example_request(self.serving, self.name, EXAMPLES[self.name][index], self.preset)
+            row = serving.examples().rows[self.name][index]
+            asked = example_request(serving, self.name, row, serving.presets()[self.name])
             for shown in run(asked, MODELS):
                 yield update(shown)
-        self.store.save(self.name, index, shown)
+        store.save(self.name, index, shown)
 
     def wire(
         self, run: gr.Button, stop: gr.Button, inputs: list[gr.Component], settings: dict, outputs: Outputs
@@ -619,7 +626,7 @@ EMBEDDED_WORLD = (
 def build_app(serving: Serving = LOCAL) -> gr.Blocks:
     """The whole UI, queued so that one job at a time runs on the device. Loads no model but the
     classifier whose labels the vocabulary tab lists."""
-    presets, store = serving.presets(), ExampleStore.of(serving)
+    presets, showcase = serving.presets(), Showcase.of(serving)
     with gr.Blocks(title="DOODL", analytics_enabled=False) as demo:
         gr.Markdown(
             "# DOODL: Direct Optimization Of Diffusion Latents\n"
@@ -639,7 +646,7 @@ def build_app(serving: Serving = LOCAL) -> gr.Blocks:
             )
             gr.Markdown(device_note(serving))
         for name, build in TABS.items():
-            build(Tab(name, serving, presets[name], store, model))
+            build(Tab(name, serving, presets[name], showcase, model))
     return demo.queue(default_concurrency_limit=1, max_size=serving.queue_size)
 
 
@@ -708,7 +715,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--cache-examples",
         action="store_true",
-        help="run every example and store its run in assets/cached_examples, then exit",
+        help="run every example not stored yet and store its run in assets/cached_examples, then exit",
     )
     return parser.parse_args(argv)
 
@@ -730,9 +737,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     except ValueError as error:  # a model named two ways at once: the host's flags, said as argparse does
         raise SystemExit(f"app.py: error: {error}") from None
     if args.cache_examples:
-        store = ExampleStore.shipped(serving)
-        build_examples(serving, store, MODELS)
-        print(f"examples stored in {store.folder}")
+        for generator in Showcase.of(serving).servings:
+            store = ExampleStore.shipped(generator)
+            build_examples(generator, store, MODELS)
+            print(f"examples of {generator.names.sd} stored in {store.folder}")
         return
     demo = build_app(serving)
     launch(demo, args.host, args.port, args.share, max_file_size=serving.max_file_size)

@@ -130,11 +130,12 @@ DDIM_MODES = ("autograd", "checkpoint")
 
 
 def tab_losses() -> dict[str, tuple[str, Callable[[torch.Generator], Loss]]]:
-    """Each tab's first example in the app: (prompt, loss factory over a crop generator), as the app
-    builds it."""
+    """Each tab's first example in the app, the UNet's (the flow generator has no text example, and a run's
+    cost does not depend on its prompt): (prompt, loss factory over a crop generator), as the app builds
+    it."""
     serving, models, losses = Serving(), ModelCache("cpu", torch.float32), {}
     for tab, preset in serving.presets().items():
-        asked = example_request(serving, tab, EXAMPLES[tab][0], preset)
+        asked = example_request(serving, tab, EXAMPLES.rows[tab][0], preset)
         guides = load_guides([name for name, _ in asked.terms], asked.guides, models.guide)
 
         def make_loss(generator: torch.Generator, asked=asked, guides=guides) -> Loss:

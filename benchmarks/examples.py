@@ -1,13 +1,15 @@
 """Which examples show DOODL? Candidate examples of each tab, run exactly as the app runs an example (the
 host's embedded models at the tab's preset, `doodl.showcase.run`), judged from the pixels by the same
 rule-based evaluators as the quality benchmark. A candidate *shows DOODL* when the evaluator says the
-unguided image fails and DOODL's succeeds; the app's examples (`doodl.embedded.EXAMPLES`) are chosen among
-those, and `tests/test_examples.py` checks every shipped example's stored run against the same verdict.
+unguided image fails and DOODL's succeeds; each generator's examples in the app (`doodl.embedded.examples`)
+are chosen among those, and `tests/test_examples.py` checks every shipped example's stored run against the
+same verdict.
 
     python -m benchmarks.examples                                   # every tab, then the report
     python -m benchmarks.examples --tabs text --shard 0/2 --raw /tmp/text-0.jsonl   # one process of two
     python -m benchmarks.examples --report /tmp/*.jsonl             # writes results/examples.md
     python -m benchmarks.examples --quick
+    python -m benchmarks.examples --generator flow                  # the flow transformer's own
 
 Candidates, from a seeded generator (the world's own scenes, `doodl.world.shapes`):
 - text: two-object captions (colors, shapes and a relation to get right);
@@ -37,8 +39,8 @@ from PIL import Image
 
 from benchmarks.common import RESULTS, ROOT, markdown_table, parser, start, write_report
 from benchmarks.quality import reference_renders
-from doodl.embedded import EMBEDDED_PRESETS, EXAMPLES, Preset
-from doodl.serving import ModelCache, Serving
+from doodl.embedded import Preset
+from doodl.serving import EMBEDDED, ModelCache, Serving
 from doodl.showcase import example_request, final, run
 from doodl.world import beauty, shapes
 from doodl.world.evaluators import AESTHETIC_GAIN, EXAMPLE_METHODS, verdict
@@ -58,7 +60,7 @@ def save(image: Image.Image, path: Path) -> str:
 
 
 def candidates(tab: str, n: int, seed: int, images: Path) -> list[list[Any]]:
-    """n candidate rows of `tab`, in `doodl.embedded.EXAMPLES`' format (the seed last); their images saved
+    """n candidate rows of `tab`, in `doodl.embedded.Examples`' format (the seed last); their images saved
     in `images`."""
     rng = np.random.default_rng([seed, list(CANDIDATES).index(tab)])
     seeds = np.random.default_rng([seed, list(CANDIDATES).index(tab), 1]).integers(10_000, size=n)
@@ -93,11 +95,11 @@ QUICK = {"steps": 4, "iterations": 2}
 
 def scan(args: argparse.Namespace, raw: Path) -> None:
     """Run this shard's candidates of every tab asked for; one JSON line per candidate in `raw`."""
-    serving, models = Serving(), ModelCache("cpu", torch.float32)
+    serving, models = generator_serving(args.generator), ModelCache("cpu", torch.float32)
     done = {(r["tab"], r["index"]): r["row"] for r in load(raw)}
     part, parts = (int(v) for v in args.shard.split("/"))
     for tab in args.tabs:
-        preset = EMBEDDED_PRESETS[tab]
+        preset = serving.presets()[tab]
         if args.quick:
             preset = Preset(dataclasses.replace(preset.settings, **QUICK), 2, preset.one_step_scale)
         n = 1 if args.quick else args.candidates or CANDIDATES[tab]
@@ -133,9 +135,14 @@ def names_only(value: Any) -> Any:
     return Path(value).name if isinstance(value, str) and value.endswith(".png") else value
 
 
-def shipped(tab: str, row: list[Any]) -> bool:
-    """Whether a candidate is one of the app's examples."""
-    return names_only(row) in [names_only(r) for r in EXAMPLES[tab]]
+def generator_serving(generator: str) -> Serving:
+    """The app's local serving with an embedded generator (sd, flow) as its own."""
+    return Serving().with_generator(f"{EMBEDDED}/{generator}")
+
+
+def shipped(tab: str, row: list[Any], generator: str) -> bool:
+    """Whether a candidate is one of the generator's examples in the app."""
+    return names_only(row) in [names_only(r) for r in generator_serving(generator).examples().rows[tab]]
 
 
 def shown_row(tab: str, row: list[Any]) -> str:
@@ -150,7 +157,7 @@ def shown_row(tab: str, row: list[Any]) -> str:
     return f"{prompt}, seed {row[-1]}"
 
 
-def table(tab: str, records: list[dict[str, Any]]) -> str:
+def table(tab: str, records: list[dict[str, Any]], generator: str) -> str:
     digits = "{:.1f}" if tab == "aesthetic" else "{:.2f}"
     rows = [
         [
@@ -158,7 +165,7 @@ def table(tab: str, records: list[dict[str, Any]]) -> str:
             shown_row(tab, r["row"]),
             *(digits.format(r["scores"][m]) for m in EXAMPLE_METHODS),
             "**yes**" if r["shows_doodl"] else "no",
-            "shipped" if shipped(tab, r["row"]) else "",
+            "shipped" if shipped(tab, r["row"], generator) else "",
             f"{r['read']['unguided']} → {r['read']['DOODL']}",
         ]
         for r in sorted(records, key=lambda r: r["index"])
@@ -167,27 +174,28 @@ def table(tab: str, records: list[dict[str, Any]]) -> str:
     return markdown_table(headers, rows)
 
 
-def plot(by_tab: dict[str, list[dict[str, Any]]]) -> Figure:
+def plot(by_tab: dict[str, list[dict[str, Any]]], drawn_by: str) -> Figure:
     figure = Figure(figsize=(6, 3))
     ax = figure.subplots()
     tabs = list(by_tab)
     shown = [sum(r["shows_doodl"] for r in by_tab[t]) for t in tabs]
     ax.bar(tabs, [len(by_tab[t]) for t in tabs], color="lightgrey", label="candidates")
     ax.bar(tabs, shown, color="C0", label="show DOODL (unguided fails, DOODL succeeds)")
-    ax.set(ylabel="examples", title="Candidate examples at each tab's preset")
+    ax.set(ylabel="examples", title=f"Candidate examples at each tab's preset, {drawn_by}")
     ax.legend(fontsize=7)
     return figure
 
 
-def report(paths: list[Path], out: Path, command: str) -> None:
+def report(paths: list[Path], out: Path, command: str, generator: str) -> None:
     # A candidate run again (its generator changed) counts by its last record.
     records = list({(r["tab"], r["index"]): r for path in paths for r in load(path)}.values())
     by_tab = {
         t: [r for r in records if r["tab"] == t] for t in CANDIDATES if any(r["tab"] == t for r in records)
     }
+    drawn_by = generator_serving(generator).examples().drawn_by
     sections = [
-        f"`{command}`. Each candidate run as the app runs an example: the embedded models at the tab's "
-        "preset (`doodl.embedded.EMBEDDED_PRESETS`) and the candidate's seed, the side by side of "
+        f"`{command}`. Each candidate run as the app runs an example: {drawn_by} and the embedded guides at "
+        "the tab's preset (`doodl.embedded.presets`) and the candidate's seed, the side by side of "
         "unguided / one-step / DOODL (its lowest-loss iteration). Scores: text and personalization, the "
         "judge's fraction right; vocabulary, 1 if the red object's shade is the target; aesthetic, the "
         "beauty rule (1-10) read from the pixels. *Shows DOODL*: unguided fails and DOODL succeeds "
@@ -196,9 +204,12 @@ def report(paths: list[Path], out: Path, command: str) -> None:
     ]
     for tab, rows in by_tab.items():
         count = sum(r["shows_doodl"] for r in rows)
-        sections.append(f"## {tab}: {count} of {len(rows)} candidates show DOODL\n\n{table(tab, rows)}")
+        sections.append(
+            f"## {tab}: {count} of {len(rows)} candidates show DOODL\n\n{table(tab, rows, generator)}"
+        )
         print(f"{tab}: {count} of {len(rows)} show DOODL")
-    write_report(out, "examples", "Examples chosen by evidence", sections, plot(by_tab))
+    name = "examples" if generator == "sd" else f"examples-{generator}"
+    write_report(out, name, f"Examples chosen by evidence: {drawn_by}", sections, plot(by_tab, drawn_by))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -210,16 +221,24 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--raw", type=Path, help="JSON lines of the candidates' verdicts (resumed if present)")
     p.add_argument("--images", type=Path, default=IMAGES, help="where the candidates' images are saved")
     p.add_argument("--report", type=Path, nargs="+", help="only write the report from these JSON lines")
+    p.add_argument(
+        "--generator", choices=("sd", "flow"), default="sd", help="the embedded UNet (sd) or flow transformer"
+    )
     args = p.parse_args(argv)
     out = start(args)
     if args.quick:
         args.images = out / "examples-images"
+    command = "python -m benchmarks.examples" + (
+        "" if args.generator == "sd" else f" --generator {args.generator}"
+    )
     if args.report:
-        report(args.report, out, "python -m benchmarks.examples --report " + " ".join(map(str, args.report)))
+        report(args.report, out, f"{command} --report " + " ".join(map(str, args.report)), args.generator)
         return
-    raw = args.raw or out / "examples-raw.jsonl"
+    raw = args.raw or out / (
+        "examples-raw.jsonl" if args.generator == "sd" else f"examples-{args.generator}-raw.jsonl"
+    )
     scan(args, raw)
-    report([raw], out, "python -m benchmarks.examples" + (" --quick" if args.quick else ""))
+    report([raw], out, command + (" --quick" if args.quick else ""), args.generator)
 
 
 if __name__ == "__main__":

@@ -405,6 +405,14 @@ def plot(all_scores: dict[str, dict[str, list]]) -> Figure:
     return figure
 
 
+def tuning_command(args: argparse.Namespace) -> str:
+    """The command that chooses the strengths as this run did."""
+    grids = f"--pilot {args.pilot} --clips {' '.join(map(format, args.clips))} --scales "
+    grids += " ".join(map(format, args.scales))
+    generator = "" if args.generator == "sd" else f" --generator {args.generator}"
+    return f"python -m benchmarks.quality --tune {grids}{generator}"
+
+
 def write_tuning(out: Path, args, model, guides, chosen: list[Capability]) -> None:
     """Choose each capability's one-step scale and DOODL clip on pilot prompts; write them down."""
     lines = [
@@ -412,7 +420,7 @@ def write_tuning(out: Path, args, model, guides, chosen: list[Capability]) -> No
         "",
         machine(),
         "",
-        f"`python -m benchmarks.quality --tune`: one-step scales from {args.scales}, DOODL gradient clips "
+        f"`{tuning_command(args)}`: one-step scales from {args.scales}, DOODL gradient clips "
         f"from {args.clips}, each chosen by its own method's mean guidance loss (never the evaluator); "
         "the other settings are the presets'. `doodl/embedded.py` holds the chosen values.",
         "",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from doodl.flow import FLOW_MIX
 from doodl.losses import CUTOUTS
@@ -84,63 +85,127 @@ FLOW_CAVEAT = (
     "flow-generator.md)"
 )
 
-# The flow generator runs each tab as the UNet does (plain chain, 20 steps, 20 iterations, the same views and
-# clips), at the CFG its evaluation chose (doodl.world.evaluate), with the flows' mixing weight for photos.
+# The flow generator runs each tab as the UNet does (plain chain, 20 steps, 20 iterations, the same views), at
+# the CFG its evaluation chose (doodl.world.evaluate), with the flows' mixing weight for photos. Its clips and
+# one-step scales are its own, chosen as the UNet's were, by each method's guidance loss on pilot prompts
+# (`python -m benchmarks.quality --tune --generator flow`: benchmarks/results/quality-flow/
+# quality-tune-flow.md): it takes steps up to ten times the UNet's, several at the top of the grid tried.
 EMBEDDED_FLOW_GUIDANCE = 4.0
+_FLOW_STRENGTHS = {
+    "text": (0.03, 10.0),
+    "vocabulary": (0.1, 10.0),
+    "personalization": (0.1, 3.0),
+    "aesthetic": (0.1, 10.0),
+}
 EMBEDDED_FLOW_PRESETS = {
     name: replace(
-        preset, settings=replace(preset.settings, guidance_scale=EMBEDDED_FLOW_GUIDANCE, p=FLOW_MIX)
+        preset,
+        settings=replace(
+            preset.settings,
+            guidance_scale=EMBEDDED_FLOW_GUIDANCE,
+            p=FLOW_MIX,
+            grad_clip=_FLOW_STRENGTHS[name][0],
+        ),
+        one_step_scale=_FLOW_STRENGTHS[name][1],
     )
     for name, preset in EMBEDDED_PRESETS.items()
 }
 
-# Each capability's examples: prompt, the tab's target (a shade, reference images, a photo) if it has one,
-# and seed. The app's (the first is shown on arrival) and the runs the cost benchmark times. Chosen by
-# `python -m benchmarks.examples` among seeded candidates: in each, at the tab's preset, the evaluator reads
-# the unguided image as wrong and DOODL's as right (benchmarks/results/examples.md, which also says how
-# rarely candidates do); tests/test_examples.py holds every stored run to it. An illustration:
-# benchmarks/quality.py is the evidence.
-EXAMPLES = {
-    "text": [
-        ["a blue triangle below a cyan square", 6074],
-        ["a purple triangle left of a red triangle", 8920],
-    ],
-    "vocabulary": [["a red star", "scarlet", 3338], ["a red square", "maroon", 4814]],
-    "personalization": [
-        ["a triangle", [str(EXAMPLE_IMAGES / f"personalization-24-{k}.png") for k in range(3)], 693],
-        ["a square", [str(EXAMPLE_IMAGES / f"personalization-26-{k}.png") for k in range(3)], 6054],
-    ],
-    "aesthetic": [["a yellow circle", None, 9188]],
-}
 
-# What each example's stored run shows, as the judge of benchmarks/examples.py reads it; shown under the
-# examples.
-EXAMPLE_NOTES = {
-    "text": [
-        "Unguided (the best of 4 samples), two cyan squares, one above the other; DOODL turns the lower one "
-        "into a blue triangle, below the cyan square as the caption says. One-step guidance changes nothing.",
-        "Unguided (the best of 4 samples), the red triangle stands left of the purple one; DOODL swaps them, "
-        "the purple triangle at the left, as the caption says. One-step guidance changes nothing.",
-    ],
-    "vocabulary": [
-        "Unguided (the best of 4 samples), a crimson star; DOODL turns it scarlet, an orange red no caption "
-        "names. One-step guidance leaves it crimson.",
-        "Unguided (the best of 4 samples), a crimson square; DOODL darkens it to maroon. One-step guidance "
-        "breaks the image.",
-    ],
-    "personalization": [
-        "The references: a dark red triangle. Unguided (the best of 4 samples), a pink triangle; DOODL turns "
-        "it red, the references' color, though lighter than their dark red. One-step guidance draws a blue "
-        "triangle instead.",
-        "The references: a cyan square. Unguided (the best of 4 samples), a dark blue square; DOODL turns it "
-        "teal-cyan, the references' color, and keeps the square. One-step guidance changes nothing.",
-    ],
-    "aesthetic": [
-        "Unguided (the best of 4 samples: here the seed's own), a large yellow circle pressed against the "
-        "left edge; DOODL brings it in, centred (beauty 8.4 to 10.0 by the benchmark's rule). One-step "
-        "guidance pushes it into the corner (5.0).",
-    ],
-}
+@dataclass(frozen=True)
+class Examples:
+    """A generator's examples: each capability's rows (prompt, the tab's target if it has one, seed), and what
+    each one's stored run shows. Chosen by `python -m benchmarks.examples` among seeded candidates: in each,
+    at the tab's preset, the evaluator reads the unguided image as wrong and DOODL's as right (`report`,
+    which also says how rarely candidates do); tests/test_examples.py holds every stored run to it. The
+    app's (the UNet's first is shown on arrival) and the runs the cost benchmark times. An illustration:
+    benchmarks/quality.py is the evidence."""
+
+    drawn_by: str
+    report: str
+    rows: dict[str, list[list[Any]]]
+    notes: dict[str, list[str]]
+
+
+EXAMPLES = Examples(
+    "the embedded UNet",
+    "benchmarks/results/examples.md",
+    rows={
+        "text": [
+            ["a blue triangle below a cyan square", 6074],
+            ["a purple triangle left of a red triangle", 8920],
+        ],
+        "vocabulary": [["a red star", "scarlet", 3338], ["a red square", "maroon", 4814]],
+        "personalization": [
+            ["a triangle", [str(EXAMPLE_IMAGES / f"personalization-24-{k}.png") for k in range(3)], 693],
+            ["a square", [str(EXAMPLE_IMAGES / f"personalization-26-{k}.png") for k in range(3)], 6054],
+        ],
+        "aesthetic": [["a yellow circle", None, 9188]],
+    },
+    notes={
+        "text": [
+            "Unguided (the best of 4 samples), two cyan squares, one above the other; DOODL turns the lower "
+            "one into a blue triangle, below the cyan square as the caption says. One-step guidance changes "
+            "nothing.",
+            "Unguided (the best of 4 samples), the red triangle stands left of the purple one; DOODL swaps "
+            "them, the purple triangle at the left, as the caption says. One-step guidance changes nothing.",
+        ],
+        "vocabulary": [
+            "Unguided (the best of 4 samples), a crimson star; DOODL turns it scarlet, an orange red no "
+            "caption names. One-step guidance leaves it crimson.",
+            "Unguided (the best of 4 samples), a crimson square; DOODL darkens it to maroon. One-step "
+            "guidance breaks the image.",
+        ],
+        "personalization": [
+            "The references: a dark red triangle. Unguided (the best of 4 samples), a pink triangle; DOODL "
+            "turns it red, the references' color, though lighter than their dark red. One-step guidance "
+            "draws a blue triangle instead.",
+            "The references: a cyan square. Unguided (the best of 4 samples), a dark blue square; DOODL "
+            "turns it teal-cyan, the references' color, and keeps the square. One-step guidance changes "
+            "nothing.",
+        ],
+        "aesthetic": [
+            "Unguided (the best of 4 samples: here the seed's own), a large yellow circle pressed against "
+            "the left edge; DOODL brings it in, centred (beauty 8.4 to 10.0 by the benchmark's rule). "
+            "One-step guidance pushes it into the corner (5.0).",
+        ],
+    },
+)
+
+FLOW_EXAMPLES = Examples(
+    "the embedded flow transformer",
+    "benchmarks/results/examples-flow.md",
+    rows={
+        "text": [],  # none of 48 candidates: it draws two objects' shapes right too rarely
+        "vocabulary": [["a red star", "scarlet", 3338], ["a red circle", "maroon", 2271]],
+        "personalization": [
+            ["a triangle", [str(EXAMPLE_IMAGES / f"personalization-19-{k}.png") for k in range(3)], 799],
+            ["a triangle", [str(EXAMPLE_IMAGES / f"personalization-12-{k}.png") for k in range(3)], 4702],
+        ],
+        "aesthetic": [["a yellow circle", None, 9188]],
+    },
+    notes={
+        "text": [],
+        "vocabulary": [
+            "Unguided (the best of 4 samples), a maroon star; DOODL turns it scarlet, an orange red no "
+            "caption names, on a lighter ground, its points blurred. One-step guidance makes it crimson.",
+            "Unguided (the best of 4 samples), a crimson blob beside a yellow one on green; DOODL draws one "
+            "maroon circle on a light ground. One-step guidance leaves no red object (a black image).",
+        ],
+        "personalization": [
+            "The references: a cyan triangle. Unguided (the best of 4 samples), a blue star-like shape; "
+            "DOODL turns it cyan, the references' color, and a rough triangle. One-step guidance changes "
+            "nothing.",
+            "The references: a pale cyan triangle. Unguided (the best of 4 samples), a small blue triangle; "
+            "DOODL turns it cyan and larger, its edges rough. One-step guidance leaves it blue, star-like.",
+        ],
+        "aesthetic": [
+            "Unguided (the best of 4 samples), a yellow circle so large it touches the edges (beauty 5.2 by "
+            "the benchmark's rule); DOODL shrinks it to a fair size in the middle (9.2). One-step guidance, "
+            "at this generator's scale 10, does nearly as well (9.0).",
+        ],
+    },
+)
 
 
 def is_embedded(model: str | Path) -> bool:
@@ -148,10 +213,18 @@ def is_embedded(model: str | Path) -> bool:
     return Path(model).expanduser().resolve() in (SD.resolve(), FLOW.resolve())
 
 
+def is_embedded_flow(model: str | Path) -> bool:
+    return Path(model).expanduser().resolve() == FLOW.resolve()
+
+
 def presets(model: str | Path) -> dict[str, Preset]:
     """Each capability's settings for a model: the embedded models' own, else the paper's with the steps
     and guidance its makers publish (SD3, FLUX: `LatentDiffusion.published_settings`)."""
     if is_embedded(model):
-        flow = Path(model).expanduser().resolve() == FLOW.resolve()
-        return dict(EMBEDDED_FLOW_PRESETS if flow else EMBEDDED_PRESETS)
+        return dict(EMBEDDED_FLOW_PRESETS if is_embedded_flow(model) else EMBEDDED_PRESETS)
     return dict.fromkeys(CAPABILITIES, Preset(replace(PAPER.settings, **published_settings(model))))
+
+
+def examples(model: str | Path) -> Examples:
+    """A generator's examples: the embedded flow transformer's own; any other model runs the UNet's."""
+    return FLOW_EXAMPLES if is_embedded_flow(model) else EXAMPLES

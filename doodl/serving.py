@@ -33,7 +33,7 @@ from doodl.capabilities import (
     weighted_terms,
 )
 from doodl.edict import FEW_STEPS
-from doodl.embedded import FLOW, PAPER, SD, Preset, is_embedded, presets
+from doodl.embedded import FLOW, PAPER, SD, Examples, Preset, examples, is_embedded, presets
 from doodl.gradient import MODES
 from doodl.guides import HPS_ARCHITECTURE, IMAGEREWARD_TOKENIZER
 from doodl.pipeline import LatentDiffusion, load_pipeline
@@ -503,6 +503,14 @@ class Serving:
         for the embedded models, else the paper's; cut down to the budget."""
         chosen = locate(model or self.names.sd)
         return {name: self.within_budget(preset) for name, preset in presets(chosen).items()}
+
+    def examples(self) -> Examples:
+        """The examples the host's generator shows (the embedded flow transformer's own, else the UNet's)."""
+        return examples(locate(self.names.sd))
+
+    def with_generator(self, model: str) -> Serving:
+        """The same host serving another of its generators (`generators`) as its own."""
+        return replace(self, names=replace(self.names, sd=model))
 
     def generators(self) -> tuple[str, ...]:
         """The generators a visitor picks from: the host's, and beside the embedded UNet the embedded flow

@@ -22,7 +22,7 @@ from PIL import Image
 
 from doodl.baseline import one_step_guidance
 from doodl.capabilities import Crops, build_weighted, load_guides
-from doodl.embedded import EXAMPLE_NOTES, EXAMPLES, FLOW, SD, Preset
+from doodl.embedded import FLOW, SD, Examples, Preset
 from doodl.optimize import Result, Step, doodl, invert_image, result_of
 from doodl.serving import ROOT, ModelCache, Request, Serving, locate, preset_values, request
 
@@ -189,19 +189,26 @@ LOOK_AT = {
 }
 
 
-def example_notes(tab: str) -> str:
-    """What each of a tab's examples shows, as `benchmarks/examples.py` judged its stored run."""
-    notes = "\n".join(f"{i}. {note}" for i, note in enumerate(EXAMPLE_NOTES[tab], 1))
-    said = (
-        "What the examples show, drawn by the embedded UNet (judged from the pixels: "
-        "benchmarks/results/examples.md)"
-    )
-    return f"{said}:\n\n{notes}"
+def example_notes(tab: str, shown: Sequence[Examples]) -> str:
+    """What each of a tab's examples shows, numbered as the page lists them, as `benchmarks/examples.py`
+    judged its stored run."""
+    parts, first = [], 1
+    for examples in shown:
+        notes = examples.notes[tab]
+        if not notes:
+            parts.append(f"Drawn by {examples.drawn_by}: none, no candidate shows DOODL ({examples.report}).")
+            continue
+        numbered = "\n".join(f"{i}. {note}" for i, note in enumerate(notes, first))
+        parts.append(
+            f"Drawn by {examples.drawn_by} (judged from the pixels: {examples.report}):\n\n{numbered}"
+        )
+        first += len(notes)
+    return "What the examples show. " + "\n\n".join(parts)
 
 
 def example_request(serving: Serving, tab: str, row: Sequence[Any], preset: Preset) -> Request:
-    """An example of a tab (a row of `doodl.embedded.EXAMPLES`: prompt, the tab's input if it has one,
-    seed) as a run of the host's models at the tab's preset."""
+    """An example of a tab (a row of `doodl.embedded.Examples`: prompt, the tab's input if it has one, seed)
+    as a run of the host's models at the tab's preset."""
     prompt, seed, given = row[0], row[-1], row[1] if len(row) > 2 else None
     settings = {**preset_values(preset), "compare": True, "seed": seed}
     extra = {
@@ -247,7 +254,7 @@ def store_key(serving: Serving) -> str:
     """Names the examples' runs by all they depend on: the models, each tab's settings and the examples.
     Another model or budget never shows stale images."""
     presets = {tab: preset.key() for tab, preset in serving.presets().items()}
-    key = repr((serving.names, presets, EXAMPLES, models_digest(serving), STORE_FORMAT))
+    key = repr((serving.names, presets, serving.examples().rows, models_digest(serving), STORE_FORMAT))
     return hashlib.sha256(key.replace(str(ROOT), ".").encode()).hexdigest()[:16]
 
 
@@ -319,9 +326,56 @@ class ExampleStore:
             staging.rename(place)
         shutil.rmtree(staging, ignore_errors=True)
 
-    def complete(self) -> bool:
+    def complete(self, rows: dict[str, list[list[Any]]]) -> bool:
         """Whether every example of every tab is stored."""
-        return all(self.load(tab, i) is not None for tab, rows in EXAMPLES.items() for i in range(len(rows)))
+        return all(self.load(tab, i) is not None for tab, each in rows.items() for i in range(len(each)))
+
+
+@dataclass(frozen=True)
+class Showcase:
+    """The examples a page lists: those of each generator the host serves (`Serving.generators`), the host's
+    first, each generator with the serving that runs its examples and the store of their runs."""
+
+    servings: tuple[Serving, ...]
+    stores: tuple[ExampleStore, ...]
+
+    @classmethod
+    def of(cls, serving: Serving) -> Showcase:
+        servings = tuple(serving.with_generator(generator) for generator in serving.generators())
+        return cls(servings, tuple(ExampleStore.of(each) for each in servings))
+
+    def several(self) -> bool:
+        """Whether the page lists the examples of more than one generator (each row then names its own)."""
+        return len(self.servings) > 1
+
+    def rows(self, tab: str) -> list[list[Any]]:
+        """A tab's examples as the page lists them: the generator first where there are several."""
+        lead = self.several()
+        return [
+            [serving.names.sd, *row] if lead else row
+            for serving in self.servings
+            for row in serving.examples().rows[tab]
+        ]
+
+    def find(self, tab: str, index: int) -> tuple[Serving, ExampleStore, int]:
+        """The example listed at `index`: its generator's serving and store, and its place among that
+        generator's examples."""
+        for serving, store in zip(self.servings, self.stores, strict=True):
+            count = len(serving.examples().rows[tab])
+            if index < count:
+                return serving, store, index
+            index -= count
+        raise IndexError(f"no example {index} in the {tab} tab")
+
+    def complete(self) -> bool:
+        """Whether every example's run is stored."""
+        return all(
+            store.complete(serving.examples().rows)
+            for serving, store in zip(self.servings, self.stores, strict=True)
+        )
+
+    def notes(self, tab: str) -> str:
+        return example_notes(tab, [serving.examples() for serving in self.servings])
 
 
 def final(updates: Iterator[Shown]) -> Shown:
@@ -330,8 +384,11 @@ def final(updates: Iterator[Shown]) -> Shown:
 
 
 def build_examples(serving: Serving, store: ExampleStore, models: ModelCache) -> None:
-    """Run every example of every tab at the tab's preset and store it."""
+    """Run every example of every tab not stored yet at the tab's preset, and store it (a store is keyed by
+    all its runs depend on: those stored are today's)."""
     for tab, preset in serving.presets().items():
-        for index, row in enumerate(EXAMPLES[tab]):
+        for index, row in enumerate(serving.examples().rows[tab]):
+            if store.load(tab, index) is not None:
+                continue
             shown = final(run(example_request(serving, tab, row, preset), models))
             store.save(tab, index, shown)

@@ -17,9 +17,9 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from doodl.embedded import EXAMPLES
 from doodl.flow import FLOW_MIX
 from doodl.serving import EMBEDDED, Serving
+from doodl.showcase import Showcase
 from tests.test_app import prepare_models, serve
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -136,7 +136,7 @@ def wait_for_another_run(page, panel, before: tuple[str, str | None]) -> tuple[s
 def test_every_example_shows_its_run(page, tab):
     panel = open_tab(page, tab)
     rows = example_rows(panel)
-    assert rows.count() == len(EXAMPLES[tab])
+    assert rows.count() == len(Showcase.of(Serving()).rows(tab))  # the UNet's, then the flow's
     expect_run_shown(panel)
     first = shown_run(panel)  # on arrival, the first example's run
     shown = [first]
@@ -192,6 +192,26 @@ def test_stop_ends_a_run_and_keeps_the_best_image(page):
     best = panel.locator(".best img")
     playwright.expect(best).to_be_visible()
     assert best.get_attribute("src")
+
+
+def test_a_flow_example_chooses_the_flow_generator_and_its_settings(page):
+    """The flow transformer's examples are listed after the UNet's; a click on one sets the Generator, its
+    settings follow, and its stored run is shown."""
+    showcase = Showcase.of(Serving())
+    tab = next(
+        name for name in TABS if len(showcase.rows(name)) > len(showcase.servings[0].examples().rows[name])
+    )
+    panel = open_tab(page, tab)
+    expect_run_shown(panel)
+    before = shown_run(panel)
+    rows = example_rows(panel)
+    rows.nth(rows.count() - 1).click()
+    wait_for_another_run(page, panel, before)
+    expect_run_shown(panel)
+    playwright.expect(page.get_by_label("Generator")).to_have_value(f"{EMBEDDED}/flow", timeout=WAIT)
+    panel.get_by_text("Settings").first.click()
+    mixing = panel.get_by_label("EDICT mixing weight p", exact=False).first
+    playwright.expect(mixing).to_have_value(str(FLOW_MIX), timeout=WAIT)
 
 
 def test_a_visitor_picks_the_flow_generator_and_its_settings_follow(page):

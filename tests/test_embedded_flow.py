@@ -9,7 +9,15 @@ from dataclasses import replace
 import pytest
 import torch
 
-from doodl.embedded import EMBEDDED_FLOW_PRESETS, EMBEDDED_PRESETS, FLOW, FLOW_CAVEAT, SD, presets
+from doodl.embedded import (
+    EMBEDDED_FLOW_GUIDANCE,
+    EMBEDDED_FLOW_PRESETS,
+    EMBEDDED_PRESETS,
+    FLOW,
+    FLOW_CAVEAT,
+    SD,
+    presets,
+)
 from doodl.flow import FLOW_MIX, StableDiffusion3
 from doodl.pipeline import load_pipeline
 from doodl.serving import EMBEDDED, ModelNames, Serving
@@ -66,14 +74,20 @@ def test_training_reads_a_prompt_exactly_as_the_pipeline_does(trained):
     torch.testing.assert_close(pooled, pooled_embeds, rtol=0, atol=0)
 
 
-def test_the_flow_generator_has_the_unets_presets_at_its_own_guidance_and_mixing():
+def test_the_flow_generator_has_the_unets_presets_at_its_own_guidance_mixing_and_strengths():
+    """Steps, iterations, chain, views, start and photo settings are the UNet's; CFG, the mixing weight and
+    the two strengths (`--tune` chose them on this generator) its own."""
     flow, unet = presets(FLOW), presets(SD)
     assert flow == EMBEDDED_FLOW_PRESETS and unet == EMBEDDED_PRESETS
     for name, preset in flow.items():
-        assert preset.settings.p == FLOW_MIX
-        assert replace(preset.settings, guidance_scale=4.0, p=unet[name].settings.p) == replace(
-            unet[name].settings, guidance_scale=4.0
-        )
+        own = {
+            "guidance_scale": EMBEDDED_FLOW_GUIDANCE,
+            "p": FLOW_MIX,
+            "grad_clip": preset.settings.grad_clip,
+        }
+        assert preset.settings == replace(unet[name].settings, **own)
+        assert preset.cutouts == unet[name].cutouts
+        assert preset.settings.grad_clip >= unet[name].settings.grad_clip  # the flow takes larger steps
 
 
 def test_a_public_app_of_the_embedded_world_offers_both_generators_and_nothing_else():

@@ -10,10 +10,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from doodl.embedded import CAPABILITIES, EXAMPLE_NOTES, EXAMPLES, Preset
+from doodl.embedded import CAPABILITIES, Examples, Preset
 from doodl.optimize import DoodlSettings
 from doodl.serving import ModelCache, Serving
-from doodl.showcase import ExampleStore, example_request, final, folder_digest, run
+from doodl.showcase import (
+    ExampleStore,
+    Showcase,
+    example_notes,
+    example_request,
+    final,
+    folder_digest,
+    run,
+)
 from doodl.world import shapes
 from doodl.world.evaluators import verdict
 
@@ -22,17 +30,22 @@ def test_an_example_run_again_by_todays_code_still_shows_doodl():
     """The stored runs above were made by the code of their day; the first vocabulary example (the
     cheapest guide) is run again, as a click on a configuration without stored runs would."""
     serving, tab = Serving(), "vocabulary"
-    row = EXAMPLES[tab][0]
+    row = serving.examples().rows[tab][0]
     asked = example_request(serving, tab, row, serving.presets()[tab])
     judged = verdict(tab, row, final(run(asked, ModelCache("cpu", torch.float32))).gallery)
     assert judged["shows_doodl"], judged
 
 
+# Each embedded generator's examples, as the page lists them: the UNet's, then the flow transformer's.
+GENERATORS = Showcase.of(Serving()).servings
+
+
+@pytest.mark.parametrize("serving", GENERATORS, ids=lambda serving: Path(serving.names.sd).name)
 @pytest.mark.parametrize("tab", CAPABILITIES)
-def test_every_shipped_example_shows_doodl_in_its_stored_run(tab):
-    store = ExampleStore.shipped(Serving())
-    assert EXAMPLES[tab], "a tab without examples"
-    for index, row in enumerate(EXAMPLES[tab]):
+def test_every_shipped_example_shows_doodl_in_its_stored_run(tab, serving):
+    store, rows = ExampleStore.shipped(serving), serving.examples().rows[tab]
+    assert rows or serving is not GENERATORS[0], "a tab without examples"
+    for index, row in enumerate(rows):
         shown = store.load(tab, index)
         assert shown is not None, f"{tab} example {index} has no stored run: python app.py --cache-examples"
         judged = verdict(tab, row, shown.gallery)
@@ -40,9 +53,22 @@ def test_every_shipped_example_shows_doodl_in_its_stored_run(tab):
 
 
 def test_every_example_has_a_note_saying_what_changed():
-    for tab in CAPABILITIES:
-        assert len(EXAMPLE_NOTES[tab]) == len(EXAMPLES[tab]), tab
-        assert all(note.strip() for note in EXAMPLE_NOTES[tab]), tab
+    assert len(GENERATORS) == 2, "the flow transformer is missing from assets/embedded"
+    for serving in GENERATORS:
+        examples = serving.examples()
+        for tab in CAPABILITIES:
+            assert len(examples.notes[tab]) == len(examples.rows[tab]), tab
+            assert all(note.strip() for note in examples.notes[tab]), tab
+
+
+def test_the_notes_number_the_examples_as_listed_and_say_where_a_generator_has_none():
+    first = Examples("the first generator", "a.md", {"text": [["p", 1], ["q", 2]]}, {"text": ["A", "B"]})
+    empty = Examples("the second generator", "b.md", {"text": []}, {"text": []})
+    last = Examples("the third generator", "c.md", {"text": [["r", 3]]}, {"text": ["C"]})
+    notes = example_notes("text", [first, empty, last])
+    assert "1. A\n2. B" in notes and "\n3. C" in notes and "2. C" not in notes
+    assert "the second generator: none, no candidate shows DOODL (b.md)" in notes
+    assert notes.index("the first") < notes.index("the second") < notes.index("the third")
 
 
 def scene(first: str, relation: str, second: str) -> shapes.Scene:

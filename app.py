@@ -737,7 +737,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     except ValueError as error:  # a model named two ways at once: the host's flags, said as argparse does
         raise SystemExit(f"app.py: error: {error}") from None
     if args.cache_examples:
-        for generator in Showcase.of(serving).servings:
+        for generator in map(serving.with_generator, serving.generators()):
             store = ExampleStore.shipped(generator)
             build_examples(generator, store, MODELS)
             print(f"examples of {generator.names.sd} stored in {store.folder}")

@@ -44,30 +44,43 @@ TODAY = "sgd/renormalize"  # the paper's rule and regularizer, the presets'
 def parse_config(text: str) -> tuple[dict, int]:
     """(settings it changes, samples DOODL starts from the best of) of 'RULE/REGULARIZER[@CLIP][,start=K]
     [,iterations=N]': 'adam/white@0.03' -> ({'step_rule': 'adam', 'regularizer': 'white', 'grad_clip': 0.03},
-    1); ',start=20,iterations=10' searches 20 samples (400 UNet passes at 20 steps) before 10 iterations."""
+    1); '@x10' scales each tab's preset clip by 10 ({'clip_scale': 10.0}); ',start=20,iterations=10'
+    searches 20 samples (400 UNet passes at 20 steps) before 10 iterations."""
     head, *options = text.split(",")
     rule_and_regularizer, _, clip = head.partition("@")
     rule, _, regularizer = rule_and_regularizer.partition("/")
     given = dict(option.partition("=")[::2] for option in options)
+    scaled = clip.startswith("x")
     if (
         rule not in STEP_RULES
         or (regularizer or "renormalize") not in REGULARIZERS
         or not set(given) <= {"start", "iterations"}
         or not all(value.isdigit() and int(value) >= 1 for value in given.values())
+        or (clip and not _positive_number(clip.removeprefix("x")))
     ):
         raise argparse.ArgumentTypeError(
-            f"{text!r}: expected RULE/REGULARIZER[@CLIP][,start=K][,iterations=N], RULE one of "
+            f"{text!r}: expected RULE/REGULARIZER[@CLIP or @xSCALE][,start=K][,iterations=N], RULE one of "
             f"{', '.join(STEP_RULES)}, REGULARIZER one of {', '.join(REGULARIZERS)}"
         )
     config = {"step_rule": rule, "regularizer": regularizer or "renormalize"}
-    config |= {"grad_clip": float(clip)} if clip else {}
+    if clip:
+        config |= {"clip_scale" if scaled else "grad_clip": float(clip.removeprefix("x"))}
     config |= {"iterations": int(given["iterations"])} if "iterations" in given else {}
     return config, int(given.get("start", 1))
+
+
+def _positive_number(text: str) -> bool:
+    try:
+        return float(text) > 0
+    except ValueError:
+        return False
 
 
 def configured(settings: DoodlSettings, config: str) -> tuple[DoodlSettings, int]:
     """The settings a configuration runs with, and the samples its start is the best of."""
     changes, start = parse_config(config)
+    if "clip_scale" in changes:
+        changes["grad_clip"] = settings.grad_clip * changes.pop("clip_scale")
     return dataclasses.replace(settings, **changes), start
 
 
@@ -87,15 +100,15 @@ def store(
 def run_capability(
     model, guides, capability: Capability, index: int, args, out: Path
 ) -> tuple[dict[str, list], dict[str, list]]:
-    """({method or configuration: [score per prompt]}, {the same: [UNet passes per prompt]})."""
+    """({method or configuration: [score per prompt]}, {the same: [its record per prompt]})."""
     rng = np.random.default_rng(args.seed + index)
     preset = measured_preset(args, capability)
     scores: dict[str, list] = {name: [] for name in ("unguided", "best-of-k", *args.configs)}
-    passes: dict[str, list] = {name: [] for name in scores}
+    records_of: dict[str, list] = {name: [] for name in scores}
 
     def add(name: str, record: dict) -> None:
         scores[name].append(record["score"])
-        passes[name].append(record["unet_calls"])
+        records_of[name].append(record)
 
     for i in range(args.n):
         task = capability.make_task(guides, rng, preset_of(args, capability).cutouts)
@@ -119,11 +132,11 @@ def run_capability(
             held = store(out, capability, args, config, tried, start)
             add(config, dict(run_trial(contest, trial, (method,), held, scored))[method])
         print(capability.name, i, task.prompt, {name: s[-1] for name, s in scores.items()}, flush=True)
-    return scores, passes
+    return scores, records_of
 
 
 def rows(
-    capability: str, scores: dict[str, list], passes: dict[str, list], configs: list[str]
+    capability: str, scores: dict[str, list], records: dict[str, list], configs: list[str]
 ) -> list[list[str]]:
     def mean(values: list) -> str:
         m, se = mean_se(values)
@@ -134,7 +147,9 @@ def rows(
         return f"{p.mean:+.2f} ± {p.se:.2f} ({p.word}; {p.higher} up, {p.lower} down)"
 
     def row(name: str, *comparisons: str) -> list[str]:
-        return [capability, name, mean(scores[name]), f"{statistics.fmean(passes[name]):.0f}", *comparisons]
+        passes = statistics.fmean(r["unet_calls"] for r in records[name])
+        loss = statistics.fmean(r["loss"] for r in records[name])
+        return [capability, name, mean(scores[name]), f"{loss:.3f}", f"{passes:.0f}", *comparisons]
 
     out = [row("unguided", "", "", ""), row("best-of-k", "", "", "")]
     for config in configs:
@@ -188,17 +203,18 @@ def main() -> None:
     table, all_scores = [], {}
     for index, capability in enumerate(CAPABILITIES):  # the index seeds prompts, whatever --only says
         if args.only is None or capability.name in args.only:
-            scores, passes = run_capability(model, guides, capability, index, args, out)
+            scores, records = run_capability(model, guides, capability, index, args, out)
             all_scores[capability.name] = scores
-            table += rows(capability.name, scores, passes, args.configs)
-    headers = ["tab", "method", "evaluator's score", "UNet passes", "vs best-of-k", "vs unguided"]
-    headers.append(f"vs {TODAY}")
+            table += rows(capability.name, scores, records, args.configs)
+    headers = ["tab", "method", "evaluator's score", "guide's loss", "UNet passes"]
+    headers += ["vs best-of-k", "vs unguided", f"vs {TODAY}"]
     notes = (
         f"Embedded {args.generator} generator, each tab's preset (doodl/embedded.py) but for the step rule "
         f"and regularizer; {args.n} held-out prompts per tab drawn from seed {args.seed}; DOODL from the "
         "prompt's own noise, or with start=K from the best of K samples by the guide; best-of-k at the "
-        "UNet passes of the preset's DOODL. Paired differences of the evaluator's "
-        "score, mean ± standard error, a tie within 2 SE."
+        "UNet passes of the preset's DOODL. The guide's loss: of the final image, mean over prompts (what "
+        "the optimizer lowers). Paired differences of the evaluator's score, mean ± standard error, a tie "
+        "within 2 SE."
     )
     name = "optimizers" + ("" if args.generator == "sd" else f"-{args.generator}")
     write_report(

@@ -366,6 +366,9 @@ def test_optimizer_outcomes_of_every_prompt_share_one_store(tmp_path):
     # A search first: the best of 20 samples, then 10 iterations.
     hybrid, start = configured(second, "sgd/renormalize,start=20,iterations=10")
     assert (hybrid.step_rule, hybrid.iterations, start) == ("sgd", 10, 20)
-    for bad in ("sgd/white,start=0", "sgd,steps=3", "lion/white"):
+    # A clip relative to each tab's preset: x10 its own clip.
+    scaled, _ = configured(second, "adam/renormalize@x10")
+    assert scaled.grad_clip == pytest.approx(10 * second.grad_clip) and scaled.step_rule == "adam"
+    for bad in ("sgd/white,start=0", "sgd,steps=3", "lion/white", "sgd/white@x0", "adam/white@fast"):
         with pytest.raises(ArgumentTypeError, match="expected RULE/REGULARIZER"):
             configured(second, bad)

@@ -151,10 +151,16 @@ def rows(
         loss = statistics.fmean(r["loss"] for r in records[name])
         return [capability, name, mean(scores[name]), f"{loss:.3f}", f"{passes:.0f}", *comparisons]
 
-    out = [row("unguided", "", "", ""), row("best-of-k", "", "", "")]
+    def lower_loss(name: str) -> str:
+        """On how many prompts the method's image has a lower guide's loss than random search's."""
+        pairs = zip(records[name], records["best-of-k"])
+        return f"{sum(mine['loss'] < theirs['loss'] for mine, theirs in pairs)} of {len(records[name])}"
+
+    out = [row("unguided", "", "", "", ""), row("best-of-k", "", "", "", "")]
     for config in configs:
         today = against(config, TODAY) if TODAY in scores and config != TODAY else ""
-        out.append(row(config, against(config, "best-of-k"), against(config, "unguided"), today))
+        comparisons = lower_loss(config), against(config, "best-of-k"), against(config, "unguided"), today
+        out.append(row(config, *comparisons))
     return out
 
 
@@ -206,7 +212,7 @@ def main() -> None:
             scores, records = run_capability(model, guides, capability, index, args, out)
             all_scores[capability.name] = scores
             table += rows(capability.name, scores, records, args.configs)
-    headers = ["tab", "method", "evaluator's score", "guide's loss", "UNet passes"]
+    headers = ["tab", "method", "evaluator's score", "guide's loss", "UNet passes", "loss below best-of-k's"]
     headers += ["vs best-of-k", "vs unguided", f"vs {TODAY}"]
     notes = (
         f"Embedded {args.generator} generator, each tab's preset (doodl/embedded.py) but for the step rule "

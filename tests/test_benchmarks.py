@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from benchmarks.common import EMBEDDED
-from benchmarks.optimizers import configured, store
+from benchmarks.optimizers import configured, rows, store
 from benchmarks.quality import ASSETS, CAPABILITIES, OVERRIDES, Outcome, store_of, verdict
 from doodl.experiment import METHODS, Trial
 from doodl.settings import DoodlSettings
@@ -347,6 +347,22 @@ def test_sdxl_verdict_holds_a_whole_iteration_to_one_unet_vjp_plus_ten_percent(t
     said = xl_extrapolation(cases, [2.0, 2.1, 1.5, 1.0, 2.2], tmp_path, tmp_path / "guide")
     assert "UNet VJP 4.00 GB, decode (float32) 6.00 GB, guide 0.50 GB" in said
     assert "1.10x its largest piece" in said and "about 6.6 GB above" in said
+
+
+def test_optimizer_report_counts_prompts_where_the_guide_prefers_a_method_to_random_search():
+    """The report says on how many prompts DOODL's image has a lower guide's loss than best-of-k's: whether
+    the optimizer, not the evaluator, is what falls short."""
+
+    def records(*losses: float) -> list[dict]:
+        return [{"loss": loss, "unet_calls": 800, "score": 1.0} for loss in losses]
+
+    scores = {"unguided": [0.0, 0.0, 0.5], "best-of-k": [1.0, 0.5, 0.5], "sgd/white": [1.0, 1.0, 0.0]}
+    kept = {"unguided": records(3, 3, 3), "best-of-k": records(1, 2, 0.5), "sgd/white": records(0.5, 2, 1)}
+    unguided, best, white = rows("text", scores, kept, ["sgd/white"])
+    assert unguided[:5] == ["text", "unguided", "0.17 ± 0.17", "3.000", "800"]
+    assert best[3] == "1.167" and white[3] == "1.167"
+    assert white[5] == "1 of 3"  # 0.5 < 1 only: an equal loss is not lower
+    assert white[6].startswith("+0.00 ± 0.29") and "1 up, 1 down" in white[6]
 
 
 def test_optimizer_outcomes_of_every_prompt_share_one_store(tmp_path):

@@ -43,7 +43,7 @@ class DoodlSettings:
     guidance_scale: float = 7.5  # classifier-free guidance (official: sd_guidance_scale)
     leapfrog: bool = True  # alternate the update order of the pair (official EDICT)
     # The step rule: "sgd", the paper's (element-wise clip, momentum); "nesterov", ReNO's (norm clip,
-    # Nesterov momentum); "adam". Each steps about grad_clip per element at most (`doodl.update.Update`).
+    # Nesterov momentum); "adam". grad_clip bounds what each is fed per element (`doodl.update.Update`).
     step_rule: str = "sgd"
     # What keeps the noise a likely draw of N(0, I): "renormalize", the paper's (each latent keeps its
     # start's norm); "norm", ReNO's penalty on an unlikely norm, of weight regularizer_weight (ReNO: 0.01);

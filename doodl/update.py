@@ -71,7 +71,9 @@ def ring_powers(z: torch.Tensor) -> torch.Tensor:
 class Update:
     """The optimizer's state across iterations: turns (latents, gradient) into the next latents.
 
-    Step rules (`DoodlSettings.step_rule`), each with a step of at most about `grad_clip` per element:
+    Step rules (`DoodlSettings.step_rule`), each feeding its optimizer about `grad_clip` per element at most
+    (with momentum 0.9, SGD's and Nesterov's steps grow to ten times that on a steady gradient; Adam's stay
+    about grad_clip, so Adam wants a larger clip: benchmarks/results/optimizers-pilot):
     - sgd: the paper's: learning_rate x gradient, clipped element-wise to grad_clip, with momentum;
     - nesterov: ReNO's: learning_rate x gradient with its norm clipped to grad_clip x sqrt(elements) (the
       norm of a step whose every element sits at the clip), Nesterov momentum;

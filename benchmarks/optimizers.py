@@ -6,9 +6,11 @@ Prompts are drawn as the quality benchmark draws them (its tasks, evaluators and
 (--seed, default 7031; the quality benchmark's prompts come from 2024 + k, its pilots' from 2124 + k), so no
 setting was chosen on them. For each tab and prompt: the unguided sample, best-of-k with as many UNet passes
 as DOODL's (the chain is the same for every configuration, so are the passes), and DOODL from the prompt's
-own noise with each configuration `RULE/REGULARIZER[@CLIP]` (CLIP: the gradient clip, default the preset's).
-Every image is judged by the quality benchmark's evaluator of its tab (higher is better); paired differences
-at 2 standard errors. Outcomes are kept under OUT/optimizers-raw/ (a stopped run resumes).
+own noise with each configuration `RULE/REGULARIZER[@CLIP]` (CLIP: the gradient clip, or xK: K times the
+tab's preset clip; default the preset's). Every image is judged by the quality benchmark's evaluator of its
+tab (higher is better); paired differences at 2 standard errors. `--seed 2124` draws the quality benchmark's
+pilot prompts, where a configuration may be chosen. Outcomes are kept under OUT/optimizers-raw/ (a stopped
+run resumes).
 """
 
 from __future__ import annotations

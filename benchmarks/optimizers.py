@@ -99,18 +99,11 @@ def store(
     return OutcomeStore.open(out / "optimizers-raw" / capability.name / folder, key, replace_other=True)
 
 
-def run_capability(
-    model, guides, capability: Capability, index: int, args, out: Path
-) -> tuple[dict[str, list], dict[str, list]]:
-    """({method or configuration: [score per prompt]}, {the same: [its record per prompt]})."""
+def run_capability(model, guides, capability: Capability, index: int, args, out: Path) -> dict[str, list]:
+    """{method or configuration: [its record per prompt]}, each record with its evaluator's score."""
     rng = np.random.default_rng(args.seed + index)
     preset = measured_preset(args, capability)
-    scores: dict[str, list] = {name: [] for name in ("unguided", "best-of-k", *args.configs)}
-    records_of: dict[str, list] = {name: [] for name in scores}
-
-    def add(name: str, record: dict) -> None:
-        scores[name].append(record["score"])
-        records_of[name].append(record)
+    kept: dict[str, list] = {name: [] for name in ("unguided", "best-of-k", *args.configs)}
 
     for i in range(args.n):
         task = capability.make_task(guides, rng, preset_of(args, capability).cutouts)
@@ -121,25 +114,30 @@ def run_capability(
         contest = Contest(model, task.loss_of, settings, preset.one_step_scale)
         reference = store(out, capability, args, "reference", settings)
         records = dict(run_trial(contest, trial, ("unguided", "doodl", "best-of-k"), reference, scored))
-        add("unguided", records["unguided"])
-        add("best-of-k", records["best-of-k"])
+        kept["unguided"].append(records["unguided"])
+        kept["best-of-k"].append(records["best-of-k"])
         for config in args.configs:
             tried, start = configured(settings, config)
             if tried == settings and start == 1:  # the presets' own: the reference's DOODL
-                add(config, records["doodl"])
+                kept[config].append(records["doodl"])
                 continue
             # A search first: DOODL from the best of `start` samples, their passes counted.
             method = "doodl" if start == 1 else "best-of-k+doodl"
             contest = Contest(model, task.loss_of, tried, preset.one_step_scale, start_k=start)
             held = store(out, capability, args, config, tried, start)
-            add(config, dict(run_trial(contest, trial, (method,), held, scored))[method])
-        print(capability.name, i, task.prompt, {name: s[-1] for name, s in scores.items()}, flush=True)
-    return scores, records_of
+            kept[config].append(dict(run_trial(contest, trial, (method,), held, scored))[method])
+        print(capability.name, i, task.prompt, {name: r[-1]["score"] for name, r in kept.items()}, flush=True)
+    return kept
 
 
-def rows(
-    capability: str, scores: dict[str, list], records: dict[str, list], configs: list[str]
-) -> list[list[str]]:
+def scores_of(records: dict[str, list]) -> dict[str, list]:
+    """{method: [evaluator's score per prompt]} of `run_capability`'s records."""
+    return {name: [record["score"] for record in kept] for name, kept in records.items()}
+
+
+def rows(capability: str, records: dict[str, list], configs: list[str]) -> list[list[str]]:
+    scores = scores_of(records)
+
     def mean(values: list) -> str:
         m, se = mean_se(values)
         return f"{m:.2f} ± {se:.2f}"
@@ -211,9 +209,9 @@ def main() -> None:
     table, all_scores = [], {}
     for index, capability in enumerate(CAPABILITIES):  # the index seeds prompts, whatever --only says
         if args.only is None or capability.name in args.only:
-            scores, records = run_capability(model, guides, capability, index, args, out)
-            all_scores[capability.name] = scores
-            table += rows(capability.name, scores, records, args.configs)
+            records = run_capability(model, guides, capability, index, args, out)
+            all_scores[capability.name] = scores_of(records)
+            table += rows(capability.name, records, args.configs)
     headers = ["tab", "method", "evaluator's score", "guide's loss", "UNet passes", "loss below best-of-k's"]
     headers += ["vs best-of-k", "vs unguided", f"vs {TODAY}"]
     notes = (

@@ -353,12 +353,15 @@ def test_optimizer_report_counts_prompts_where_the_guide_prefers_a_method_to_ran
     """The report says on how many prompts DOODL's image has a lower guide's loss than best-of-k's: whether
     the optimizer, not the evaluator, is what falls short."""
 
-    def records(*losses: float) -> list[dict]:
-        return [{"loss": loss, "unet_calls": 800, "score": 1.0} for loss in losses]
+    def records(scores: list[float], losses: list[float]) -> list[dict]:
+        return [{"score": score, "loss": loss, "unet_calls": 800} for score, loss in zip(scores, losses)]
 
-    scores = {"unguided": [0.0, 0.0, 0.5], "best-of-k": [1.0, 0.5, 0.5], "sgd/white": [1.0, 1.0, 0.0]}
-    kept = {"unguided": records(3, 3, 3), "best-of-k": records(1, 2, 0.5), "sgd/white": records(0.5, 2, 1)}
-    unguided, best, white = rows("text", scores, kept, ["sgd/white"])
+    kept = {
+        "unguided": records([0.0, 0.0, 0.5], [3, 3, 3]),
+        "best-of-k": records([1.0, 0.5, 0.5], [1, 2, 0.5]),
+        "sgd/white": records([1.0, 1.0, 0.0], [0.5, 2, 1]),
+    }
+    unguided, best, white = rows("text", kept, ["sgd/white"])
     assert unguided[:5] == ["text", "unguided", "0.17 ± 0.17", "3.000", "800"]
     assert best[3] == "1.167" and white[3] == "1.167"
     assert white[5] == "1 of 3"  # 0.5 < 1 only: an equal loss is not lower
